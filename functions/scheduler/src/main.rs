@@ -1,0 +1,26 @@
+//! The scheduler Lambda, invoked by EventBridge every minute. It accepts any
+//! JSON: EventBridge rules send their envelope, EventBridge Scheduler only
+//! the configured input.
+
+use lambda_runtime::{run, service_fn, Error, LambdaEvent};
+use offload::config::Config;
+use offload::handlers::Registry;
+use offload::startup::Services;
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    offload::telemetry::init();
+    let config = Config::from_env().map_err(|e| {
+        tracing::error!("configuration: {e}");
+        e
+    })?;
+    let services = Services::connect(config, Registry::builtin()).await?;
+    let scheduler = services.scheduler();
+    let scheduler = &scheduler;
+    run(service_fn(move |_: LambdaEvent<Value>| async move {
+        let report = scheduler.run_once().await;
+        Ok::<Value, Error>(serde_json::to_value(report)?)
+    }))
+    .await
+}

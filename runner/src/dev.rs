@@ -1,0 +1,225 @@
+//! `offload dev`: everything on one laptop.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use chrono::Utc;
+use offload::auth::Keys;
+use offload::config::{Config, QueueBackend};
+use offload::handlers::Registry;
+use offload::ids::{UserId, WorkspaceId};
+use offload::job::QueueName;
+use offload::queue::{Queue, ReceivedMessage};
+use offload::startup::Services;
+use offload::worker::Worker;
+use offload::workspace::{self, Role, Tier};
+use tokio::sync::watch;
+use uuid::uuid;
+
+/// The demo workspace and its admin: the same on every start, so a token
+/// printed yesterday still names a member today (until it expires).
+pub const DEMO_WORKSPACE: WorkspaceId = WorkspaceId(uuid!("0ff10ad0-0000-4000-8000-00000000d3e0"));
+pub const DEMO_USER: UserId = UserId(uuid!("0ff10ad0-0000-4000-8000-0000000000a1"));
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    if config.jwt_secret_is_default {
+        eprintln!(
+            "WARNING: OFFLOAD_JWT_SECRET is unset; tokens are signed with the public \
+             development secret. Never expose this server beyond your machine."
+        );
+    }
+    for m in crate::migrate(&config).await? {
+        eprintln!("applied migration {m}");
+    }
+    let services = Services::connect(config.clone(), Registry::builtin()).await?;
+    {
+        let db = services.store.pool().get().await?;
+        workspace::ensure_workspace(&**db, DEMO_WORKSPACE, "Demo", Tier::Enterprise).await?;
+        workspace::add_member(&**db, DEMO_WORKSPACE, DEMO_USER, Role::Admin).await?;
+    }
+    let now = Utc::now();
+    let token =
+        Keys::new(&config.jwt_secret).issue(DEMO_USER, now, now + chrono::Duration::hours(24));
+    let url = format!("http://{}", config.bind);
+    println!("export OFFLOAD_URL={url}");
+    println!("export OFFLOAD_WORKSPACE={DEMO_WORKSPACE}");
+    println!("export OFFLOAD_TOKEN={token}");
+    println!(
+        "# try it:\n\
+         # curl -s -X POST \"$OFFLOAD_URL/api/workspaces/$OFFLOAD_WORKSPACE/jobs\" \\\n\
+         #   -H \"Authorization: Bearer $OFFLOAD_TOKEN\" -H 'Content-Type: application/json' \\\n\
+         #   -d '{{\"type\":\"sleep\",\"payload\":{{\"ms\":3000,\"steps\":6}}}}'\n\
+         # curl -s \"$OFFLOAD_URL/api/workspaces/$OFFLOAD_WORKSPACE/jobs\" -H \"Authorization: Bearer $OFFLOAD_TOKEN\""
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("OFFLOAD_BIND: cannot listen on {}: {e}", config.bind))?;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let listener_task = services
+        .pg_queue
+        .as_ref()
+        .map(|pg| pg.listen(&config.database_url));
+    let worker = Arc::new(services.worker("offload-dev"));
+    let batch = config
+        .runner
+        .batch_size
+        .min(services.queue.max_receive_batch());
+    let wait = match config.queue {
+        QueueBackend::Postgres => Duration::from_secs(1),
+        QueueBackend::Sqs(_) => Duration::from_secs(5),
+    };
+    for q in QueueName::WORK {
+        for _ in 0..config.runner.loops_per_queue {
+            let source = EventSource {
+                queue: services.queue.clone(),
+                worker: worker.clone(),
+                name: q,
+                batch,
+                visibility: config.worker.lease,
+                wait,
+                invocation_timeout: config.runner.invocation_timeout,
+            };
+            let stop = stop_rx.clone();
+            tasks.spawn(async move { source.run(stop).await });
+        }
+    }
+    let scheduler = services.scheduler();
+    let every = config.runner.scheduler_interval;
+    let mut stop = stop_rx.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => { scheduler.run_once().await; }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+
+    tracing::info!(%url, queue = ?backend_name(&config), batch, "offload dev is running; Ctrl-C stops it");
+    let app = offload::api::router(services.api_state());
+    let mut stop = stop_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown_signal().await;
+    eprintln!("stopping: finishing in-flight batches…");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    // The event sources and the scheduler stop once their current batch is
+    // done; the LISTEN connection never ends on its own.
+    while tasks.join_next().await.is_some() {}
+    if let Some(l) = listener_task {
+        l.abort();
+    }
+    Ok(())
+}
+
+fn backend_name(config: &Config) -> &'static str {
+    match config.queue {
+        QueueBackend::Postgres => "postgres",
+        QueueBackend::Sqs(_) => "sqs",
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Plays the Lambda SQS event source mapping for one queue: receive a
+/// batch, invoke the worker with it as an `SqsEvent`, delete every message
+/// it did not report as failed.
+pub struct EventSource {
+    pub queue: Arc<dyn Queue>,
+    pub worker: Arc<Worker>,
+    pub name: QueueName,
+    pub batch: usize,
+    pub visibility: Duration,
+    pub wait: Duration,
+    pub invocation_timeout: Duration,
+}
+
+impl EventSource {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            let received = tokio::select! {
+                r = self.queue.receive(self.name, self.batch, self.visibility, self.wait) => r,
+                _ = stop.changed() => break,
+            };
+            match received {
+                Ok(messages) if messages.is_empty() => {}
+                Ok(messages) => self.invoke(messages).await,
+                Err(e) => {
+                    tracing::warn!(queue = %self.name, error = %e, "receive failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One worker invocation; the batch always runs to its end.
+    pub async fn invoke(&self, messages: Vec<ReceivedMessage>) {
+        let event = to_event(&messages, &self.queue.arn(self.name));
+        let deadline = tokio::time::Instant::now() + self.invocation_timeout;
+        let response = self.worker.handle(event, deadline).await;
+        let failed: HashSet<String> = response
+            .batch_item_failures
+            .into_iter()
+            .map(|f| f.item_identifier)
+            .collect();
+        let done: Vec<String> = messages
+            .iter()
+            .filter(|m| !failed.contains(&m.message_id))
+            .map(|m| m.receipt_handle.clone())
+            .collect();
+        if let Err(e) = self.queue.delete_batch(self.name, &done).await {
+            tracing::warn!(queue = %self.name, error = %e, "delete failed; messages will be redelivered");
+        }
+    }
+}
+
+/// Builds the event Lambda would deliver for these messages.
+pub fn to_event(messages: &[ReceivedMessage], arn: &str) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = messages
+        .iter()
+        .map(|m| {
+            let mut r = SqsMessage::default();
+            r.message_id = Some(m.message_id.clone());
+            r.receipt_handle = Some(m.receipt_handle.clone());
+            r.body = Some(m.body.clone());
+            r.attributes = HashMap::from([
+                (
+                    "ApproximateReceiveCount".to_string(),
+                    m.receive_count.to_string(),
+                ),
+                (
+                    "SentTimestamp".to_string(),
+                    m.sent_at.timestamp_millis().to_string(),
+                ),
+            ]);
+            r.event_source = Some("aws:sqs".into());
+            r.event_source_arn = Some(arn.to_string());
+            r
+        })
+        .collect();
+    event
+}

@@ -1,0 +1,82 @@
+# Shared by the scripts: start the machine's PostgreSQL (unless DATABASE_URL is set) and
+# prepare the Python tools (moto's SQS server, cfn-lint) in a private virtualenv.
+# Sourced, not run.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+mkdir -p "$LOCAL"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Sets DATABASE_URL to a running server: the one given, or the machine's own cluster, started
+# if it is stopped (Debian's pg_ctlcluster; PostgreSQL 15 on these machines).
+ensure_postgres() {
+  if [ -n "${DATABASE_URL:-}" ]; then
+    say "using DATABASE_URL from the environment"
+    return
+  fi
+  local url="postgres://postgres:postgres@127.0.0.1:5432/offload"
+  if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
+    export DATABASE_URL="$url"
+    say "PostgreSQL is already running on 127.0.0.1:5432"
+    return
+  fi
+  if ! command -v pg_lsclusters >/dev/null; then
+    die "PostgreSQL is not installed. Install it (Debian/Ubuntu: apt-get install postgresql; \
+macOS: brew install postgresql@15 && brew services start postgresql@15) or set DATABASE_URL \
+to a server you have, e.g. postgres://user:pass@host:5432/offload"
+  fi
+  local ver cluster
+  read -r ver cluster _ < <(pg_lsclusters -h | head -n 1) || true
+  [ -n "${ver:-}" ] || die "PostgreSQL is installed but has no cluster: run 'pg_createcluster 15 main'"
+  say "starting PostgreSQL $ver/$cluster"
+  if [ "$(id -u)" = 0 ]; then
+    pg_ctlcluster "$ver" "$cluster" start || true
+  else
+    sudo -n pg_ctlcluster "$ver" "$cluster" start || pg_ctlcluster "$ver" "$cluster" start || true
+  fi
+  for _ in $(seq 1 30); do
+    pg_isready -q -h 127.0.0.1 -p 5432 && break
+    sleep 0.5
+  done
+  pg_isready -q -h 127.0.0.1 -p 5432 || die "PostgreSQL did not start; see /var/log/postgresql/"
+  # The local superuser gets the well-known development password so TCP logins work.
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- psql -q -c "ALTER USER postgres PASSWORD 'postgres'" >/dev/null
+  else
+    sudo -n -u postgres psql -q -c "ALTER USER postgres PASSWORD 'postgres'" >/dev/null 2>&1 || true
+  fi
+  export DATABASE_URL="$url"
+}
+
+# Puts moto (SQS API server) and cfn-lint in $LOCAL/venv and on PATH.
+ensure_python_tools() {
+  local venv="$LOCAL/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    say "creating $venv"
+    python3 -m venv "$venv" || die "python3 with venv is needed (apt-get install python3-venv)"
+  fi
+  if ! "$venv/bin/python" -c 'import moto.server, cfnlint, flask_cors' 2>/dev/null; then
+    say "installing moto[server] and cfn-lint from PyPI"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'cfn-lint>=1,<2'
+  fi
+  export PATH="$venv/bin:$PATH"
+}
+
+# Starts moto's server on a free loopback port; exports OFFLOAD_TEST_SQS_ENDPOINT and MOTO_PID.
+start_moto() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$LOCAL/venv/bin/python" -m moto.server -H 127.0.0.1 -p "$port" >"$LOCAL/moto.log" 2>&1 &
+  MOTO_PID=$!
+  for _ in $(seq 1 60); do
+    if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/moto-api/')" 2>/dev/null; then
+      export OFFLOAD_TEST_SQS_ENDPOINT="http://127.0.0.1:$port"
+      say "moto SQS server on $OFFLOAD_TEST_SQS_ENDPOINT"
+      return
+    fi
+    sleep 0.5
+  done
+  die "moto's server did not start; see $LOCAL/moto.log"
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Command 2: the same set-up as dev.sh, then every check: format, clippy (warnings are errors),
+# all tests against a real PostgreSQL and moto's SQS server, and cfn-lint on template.yaml.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+ensure_postgres
+ensure_python_tools
+cd "$ROOT"
+
+say "cargo fmt --check"
+cargo fmt --all -- --check
+
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+say "cfn-lint template.yaml"
+cfn-lint template.yaml
+
+start_moto
+trap 'kill "$MOTO_PID" 2>/dev/null || true' EXIT
+
+# Each test makes its own database from a migrated template; drop what earlier runs left.
+psql "${DATABASE_URL%/*}/postgres" -Atqc \
+  "SELECT 'DROP DATABASE IF EXISTS \"' || datname || '\" WITH (FORCE);' FROM pg_database WHERE datname LIKE 'offload_t_%'" \
+  2>/dev/null | psql "${DATABASE_URL%/*}/postgres" -q >/dev/null 2>&1 || true
+
+say "cargo test"
+export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
+cargo test --workspace --locked

@@ -1,0 +1,138 @@
+//! Request extractors: the authenticated member of the workspace in the
+//! path, and JSON bodies whose every rejection is a problem body.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::auth::{self, AuthError, GatewayClaims};
+use crate::ids::{UserId, WorkspaceId};
+use crate::workspace::{self, Role};
+
+/// The caller, proven a member of the workspace named in the path. A
+/// non-member gets 404 for everything in it, so the workspace's existence
+/// is not revealed.
+#[derive(Clone, Copy, Debug)]
+pub struct Member {
+    pub user: UserId,
+    pub workspace: WorkspaceId,
+    pub role: Role,
+}
+
+impl Member {
+    /// 403 unless the member is an admin.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.role == Role::Admin {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("only a workspace admin may do this"))
+        }
+    }
+}
+
+fn user_of(parts: &Parts, state: &AppState) -> Result<UserId, ApiError> {
+    if let Some(claims) = parts.extensions.get::<GatewayClaims>() {
+        return auth::user_from_sub(&claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()));
+    }
+    let header = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized(AuthError::Missing.to_string()))?;
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized(AuthError::Missing.to_string()))?;
+    state
+        .keys
+        .verify(token)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))
+}
+
+impl FromRequestParts<AppState> for Member {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let user = user_of(parts, state)?;
+        let Path(params): Path<Vec<(String, String)>> = Path::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let ws = params
+            .iter()
+            .find(|(k, _)| k == "ws")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        let workspace: WorkspaceId = ws.parse().map_err(|_| {
+            ApiError::bad_request(format!("workspace id {ws:?} is not a UUID")).with_field("ws")
+        })?;
+        let db = state
+            .store
+            .pool()
+            .get()
+            .await
+            .map_err(crate::db::DbError::from)?;
+        match workspace::member_role(&**db, workspace, user).await? {
+            Some(role) => Ok(Member {
+                user,
+                workspace,
+                role,
+            }),
+            None => Err(ApiError::not_found("workspace")),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections (wrong content type, malformed JSON, a body
+/// that does not fit `T`) are problem bodies naming what is wrong.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-media-type",
+                    "Unsupported media type",
+                    "send the body as JSON with `Content-Type: application/json`",
+                ))
+            }
+            Err(JsonRejection::BytesRejection(e)) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload-too-large",
+                    "Payload too large",
+                    format!("the body could not be read: {}", e.body_text()),
+                ))
+            }
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "the body is not valid JSON: {}",
+                    e.body_text()
+                )))
+            }
+        };
+        serde_path_to_error::deserialize(bytes)
+            .map(JsonBody)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let err = ApiError::invalid(&path, e.into_inner().to_string());
+                if path == "." {
+                    ApiError { field: None, ..err }
+                } else {
+                    err
+                }
+            })
+    }
+}

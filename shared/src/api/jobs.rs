@@ -1,0 +1,482 @@
+//! The job routes: create, list, get (with long-poll and ETag), cancel,
+//! retry, delete, logs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::extract::{JsonBody, Member};
+use super::AppState;
+use crate::enqueue;
+use crate::ids::JobId;
+use crate::job::{Job, JobStatus, QueueName};
+use crate::store::{ListFilter, NewJob};
+
+/// How far ahead `run_at` may be.
+const MAX_RUN_AT_AHEAD: chrono::Duration = chrono::Duration::days(365);
+/// How far in the past a `run_at` may be and still count as "now" (clock skew).
+const RUN_AT_SKEW: chrono::Duration = chrono::Duration::seconds(30);
+const MAX_TAGS: usize = 20;
+const MAX_TAG_LEN: usize = 100;
+const MAX_KEY_LEN: usize = 255;
+/// Longest `?wait=` for a long-poll.
+const MAX_WAIT_SECS: u64 = 25;
+
+/// The body of `POST /api/workspaces/{ws}/jobs`.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    #[serde(rename = "type")]
+    pub job_type: String,
+    #[serde(default = "empty_object")]
+    pub payload: Value,
+    pub queue: Option<String>,
+    pub priority: Option<i64>,
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: Option<i64>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn empty_object() -> Value {
+    json!({})
+}
+
+/// Checks a create request against every rule, naming the field at fault.
+fn validate(
+    state: &AppState,
+    member: &Member,
+    body: CreateJob,
+    idempotency_key: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<NewJob, ApiError> {
+    state
+        .registry
+        .validate(&body.job_type, &body.payload)
+        .map_err(|e| {
+            let field = match e.field.as_deref() {
+                Some("type") => "type".to_string(),
+                Some(f) => format!("payload.{f}"),
+                None => "payload".to_string(),
+            };
+            ApiError::invalid(&field, e.message)
+        })?;
+    let queue = match body.queue.as_deref() {
+        None => QueueName::Default,
+        Some(q) => q
+            .parse()
+            .map_err(|e: String| ApiError::invalid("queue", e))?,
+    };
+    let priority = body.priority.unwrap_or(0);
+    if !(0..=10).contains(&priority) {
+        return Err(ApiError::invalid(
+            "priority",
+            format!("priority must be from 0 to 10, got {priority}"),
+        ));
+    }
+    let max_attempts = body.max_attempts.unwrap_or(5);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::invalid(
+            "max_attempts",
+            format!("max_attempts must be from 1 to 100, got {max_attempts}"),
+        ));
+    }
+    let run_at = match body.run_at {
+        None => now,
+        Some(t) if t < now - RUN_AT_SKEW => {
+            return Err(ApiError::invalid(
+                "run_at",
+                format!("run_at {t} is in the past"),
+            ))
+        }
+        Some(t) if t > now + MAX_RUN_AT_AHEAD => {
+            return Err(ApiError::invalid(
+                "run_at",
+                "run_at may be at most one year ahead",
+            ))
+        }
+        Some(t) => t.max(now),
+    };
+    if body.tags.len() > MAX_TAGS {
+        return Err(ApiError::invalid(
+            "tags",
+            format!("at most {MAX_TAGS} tags, got {}", body.tags.len()),
+        ));
+    }
+    for (i, t) in body.tags.iter().enumerate() {
+        if t.is_empty() || t.chars().count() > MAX_TAG_LEN || t.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                &format!("tags[{i}]"),
+                format!("a tag is 1 to {MAX_TAG_LEN} printable characters"),
+            ));
+        }
+    }
+    Ok(NewJob {
+        id: JobId::new(),
+        workspace_id: member.workspace,
+        created_by: Some(member.user),
+        job_type: body.job_type,
+        queue,
+        priority: priority as i16,
+        payload: body.payload,
+        max_attempts: max_attempts as i32,
+        run_at,
+        idempotency_key,
+        tags: body.tags,
+    })
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+            ))
+            .with_field("Idempotency-Key")
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+/// `POST /api/workspaces/{ws}/jobs`: 202 with the new job; the same
+/// `Idempotency-Key` again answers 200 with the job it created.
+pub async fn create(
+    State(state): State<AppState>,
+    member: Member,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateJob>,
+) -> Result<Response, ApiError> {
+    let now = state.clock.now();
+    let key = idempotency_key(&headers)?;
+    let new = validate(&state, &member, body, key, now)?;
+    let db = state
+        .store
+        .pool()
+        .get()
+        .await
+        .map_err(crate::db::DbError::from)?;
+    let (mut job, created) = state
+        .store
+        .insert(&**db, std::slice::from_ref(&new), now)
+        .await?
+        .pop()
+        .expect("insert returns one row per job");
+    drop(db);
+    if !created {
+        if job.job_type != new.job_type || job.payload != new.payload || job.queue != new.queue {
+            return Err(ApiError::conflict(
+                "this Idempotency-Key was already used for a different job",
+            )
+            .with_field("Idempotency-Key"));
+        }
+        return Ok((StatusCode::OK, Json(job)).into_response());
+    }
+    // The row is committed; a queue failure leaves it `pending` for the
+    // scheduler's outbox, and the client still gets its 202.
+    match enqueue::send_jobs(&state.store, &*state.queue, &[&job], now).await {
+        Ok(sent) => {
+            if sent.sent.contains(&job.id) {
+                job.status = JobStatus::Queued;
+            }
+            if let Some(e) = sent.error {
+                tracing::warn!(job_id = %job.id, workspace_id = %job.workspace_id, error = %e,
+                    "queue refused the new job's message; the scheduler will send it");
+            }
+        }
+        Err(e) => tracing::warn!(job_id = %job.id, error = %e, "cannot mark job queued"),
+    }
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+/// A page of jobs.
+#[derive(Serialize)]
+pub struct JobList {
+    pub jobs: Vec<Job>,
+    pub next_cursor: Option<String>,
+}
+
+fn cursor_of(job: &Job) -> String {
+    format!(
+        "{}.{}",
+        job.created_at.timestamp_micros(),
+        job.id.0.simple()
+    )
+}
+
+fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, JobId), ApiError> {
+    let bad = || ApiError::bad_request("cursor is not one this API returned").with_field("cursor");
+    let (micros, id) = c.split_once('.').ok_or_else(bad)?;
+    let t = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    Ok((t, id.parse().map_err(|_| bad())?))
+}
+
+fn parse_time(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
+    q.get(name)
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    ApiError::bad_request(format!("{name} must be an RFC 3339 time, got {v:?}"))
+                        .with_field(name)
+                })
+        })
+        .transpose()
+}
+
+/// `GET /api/workspaces/{ws}/jobs?status=&type=&tag=&created_after=&created_before=&cursor=&limit=`
+pub async fn list(
+    State(state): State<AppState>,
+    member: Member,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<JobList>, ApiError> {
+    const KNOWN: [&str; 7] = [
+        "status",
+        "type",
+        "tag",
+        "created_after",
+        "created_before",
+        "cursor",
+        "limit",
+    ];
+    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter {k:?}; known: {}",
+            KNOWN.join(", ")
+        ))
+        .with_field(k.clone()));
+    }
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=200).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request("limit must be a whole number from 1 to 200")
+                    .with_field("limit")
+            })?,
+    };
+    let filter = ListFilter {
+        status: q
+            .get("status")
+            .map(|s| s.parse::<JobStatus>())
+            .transpose()
+            .map_err(|e| ApiError::bad_request(e).with_field("status"))?,
+        job_type: q.get("type").cloned(),
+        tag: q.get("tag").cloned(),
+        created_after: parse_time(&q, "created_after")?,
+        created_before: parse_time(&q, "created_before")?,
+        before: q.get("cursor").map(|c| parse_cursor(c)).transpose()?,
+        limit: limit + 1,
+    };
+    let mut jobs = state.store.list(member.workspace, &filter).await?;
+    let next_cursor = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last().map(cursor_of)
+    } else {
+        None
+    };
+    Ok(Json(JobList { jobs, next_cursor }))
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse().map_err(|_| {
+        ApiError::bad_request(format!("job id {raw:?} is not a UUID")).with_field("id")
+    })
+}
+
+fn etag(job: &Job) -> String {
+    format!("\"{}-{}\"", job.updated_at.timestamp_micros(), job.status)
+}
+
+/// `GET /api/workspaces/{ws}/jobs/{id}[?wait=N]`: with `wait`, answers as
+/// soon as the job changes (or after N seconds, at most 25) relative to the
+/// `If-None-Match` ETag (or to its state when the request arrived);
+/// `If-None-Match` with the current ETag and no change is 304.
+pub async fn get_one(
+    State(state): State<AppState>,
+    member: Member,
+    Path((_, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let wait = match q.get("wait") {
+        None => 0,
+        Some(w) => w
+            .parse::<u64>()
+            .ok()
+            .filter(|w| *w <= MAX_WAIT_SECS)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "wait must be a whole number of seconds from 0 to {MAX_WAIT_SECS}"
+                ))
+                .with_field("wait")
+            })?,
+    };
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut job = state
+        .store
+        .get(member.workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    let baseline = if_none_match.clone().unwrap_or_else(|| etag(&job));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    while wait > 0 && etag(&job) == baseline && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = state
+            .store
+            .get(member.workspace, id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("job"))?;
+    }
+    let tag = etag(&job);
+    if if_none_match.as_deref() == Some(tag.as_str()) {
+        let mut resp = StatusCode::NOT_MODIFIED.into_response();
+        resp.headers_mut().insert(
+            header::ETAG,
+            HeaderValue::from_str(&tag).expect("etag is ASCII"),
+        );
+        return Ok(resp);
+    }
+    let mut resp = Json(job).into_response();
+    resp.headers_mut().insert(
+        header::ETAG,
+        HeaderValue::from_str(&tag).expect("etag is ASCII"),
+    );
+    Ok(resp)
+}
+
+/// `POST …/jobs/{id}/cancel`: 200 with the cancelled job when it had not
+/// started; 202 when it is running (it stops at its next step).
+pub async fn cancel(
+    State(state): State<AppState>,
+    member: Member,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    match state
+        .store
+        .request_cancel(member.workspace, id, state.clock.now())
+        .await?
+    {
+        Some(job) if job.status == JobStatus::Running => {
+            Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+        }
+        Some(job) => Ok((StatusCode::OK, Json(job)).into_response()),
+        None => match state.store.get(member.workspace, id).await? {
+            Some(job) => Err(ApiError::conflict(format!(
+                "the job is already {}; only pending, queued or running jobs can be cancelled",
+                job.status
+            ))),
+            None => Err(ApiError::not_found("job")),
+        },
+    }
+}
+
+/// `POST …/jobs/{id}/retry`: re-runs a dead or cancelled job from scratch.
+pub async fn retry(
+    State(state): State<AppState>,
+    member: Member,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_job_id(&id)?;
+    let now = state.clock.now();
+    let Some(mut job) = state.store.manual_retry(member.workspace, id, now).await? else {
+        return match state.store.get(member.workspace, id).await? {
+            Some(job) => Err(ApiError::conflict(format!(
+                "the job is {}; only dead or cancelled jobs can be retried",
+                job.status
+            ))),
+            None => Err(ApiError::not_found("job")),
+        };
+    };
+    if let Ok(sent) = enqueue::send_jobs(&state.store, &*state.queue, &[&job], now).await {
+        if sent.sent.contains(&job.id) {
+            job.status = JobStatus::Queued;
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+/// `DELETE …/jobs/{id}`: removes a finished job and its logs (admins only).
+pub async fn delete(
+    State(state): State<AppState>,
+    member: Member,
+    Path((_, id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    member.require_admin()?;
+    let id = parse_job_id(&id)?;
+    if state.store.delete_finished(member.workspace, id).await? {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    match state.store.get(member.workspace, id).await? {
+        Some(job) => Err(ApiError::conflict(format!(
+            "the job is {}; only finished jobs can be deleted (cancel it first)",
+            job.status
+        ))),
+        None => Err(ApiError::not_found("job")),
+    }
+}
+
+/// `GET …/jobs/{id}/logs?cursor=&limit=`
+pub async fn logs(
+    State(state): State<AppState>,
+    member: Member,
+    Path((_, id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_job_id(&id)?;
+    if state.store.get(member.workspace, id).await?.is_none() {
+        return Err(ApiError::not_found("job"));
+    }
+    let after = match q.get("cursor") {
+        None => 0,
+        Some(c) => c.parse::<i64>().map_err(|_| {
+            ApiError::bad_request("cursor is not one this API returned").with_field("cursor")
+        })?,
+    };
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(l) => l
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=500).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request("limit must be a whole number from 1 to 500")
+                    .with_field("limit")
+            })?,
+    };
+    let rows = state
+        .store
+        .logs(member.workspace, id, after, limit + 1)
+        .await?;
+    let more = rows.len() as i64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    let next_cursor = more.then(|| rows.last().map(|r| r.0.to_string())).flatten();
+    let logs: Vec<Value> = rows
+        .iter()
+        .map(|(_, attempt, level, message, metadata, at)| {
+            json!({ "attempt": attempt, "level": level, "message": message,
+                    "metadata": metadata, "created_at": at })
+        })
+        .collect();
+    Ok(Json(json!({ "logs": logs, "next_cursor": next_cursor })))
+}

@@ -1,0 +1,323 @@
+//! Configuration, read once from the environment at start-up and validated
+//! there: nothing deeper in the code reads the environment. Every variable
+//! has a default for local use; a bad value stops the binary with one line
+//! that names the variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// The development secret used when `OFFLOAD_JWT_SECRET` is unset. Tokens
+/// signed with it are worthless outside a laptop; start-up warns loudly.
+pub const DEV_JWT_SECRET: &str = "offload-local-development-secret-do-not-use-in-production";
+
+/// The local database used when `DATABASE_URL` is unset.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/offload";
+
+#[derive(Debug, Error, PartialEq)]
+#[error("{variable}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub reason: String,
+}
+
+/// Which queue backend carries job messages.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QueueBackend {
+    /// The `queue_messages` table in the same database.
+    Postgres,
+    /// Amazon SQS, or a local server speaking its API when `endpoint` is set.
+    Sqs(SqsConfig),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SqsConfig {
+    /// `OFFLOAD_SQS_ENDPOINT`: a local SQS API server (moto, ElasticMQ).
+    pub endpoint: Option<String>,
+    /// `OFFLOAD_SQS_PREFIX`: queue names are `<prefix>-high|default|low|dlq`.
+    pub prefix: String,
+    /// Queue URLs given by the deployment (`OFFLOAD_SQS_{HIGH,DEFAULT,LOW,DLQ}_URL`);
+    /// when absent they are looked up (or, with an endpoint, created) by name.
+    pub urls: Option<[String; 4]>,
+    pub region: String,
+}
+
+/// Settings of the worker's delivery rules.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerConfig {
+    /// How long a claim holds a job before the scheduler may rescue it.
+    pub lease: Duration,
+    /// How often a running job's lease and message visibility are renewed.
+    pub heartbeat: Duration,
+    /// First retry delay; doubles per attempt up to `backoff_cap`, with full jitter.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// A handler is told to hand off when less than this remains before the deadline.
+    pub handoff_margin: Duration,
+    /// Delay before a message over its workspace's concurrency limit comes back.
+    pub fairness_delay: Duration,
+    /// Print one CloudWatch Embedded Metric Format line per finished job.
+    pub emit_metrics: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(15),
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(3600),
+            handoff_margin: Duration::from_secs(30),
+            fairness_delay: Duration::from_secs(5),
+            emit_metrics: false,
+        }
+    }
+}
+
+/// Settings of the local runner's event-source loop and scheduler clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunnerConfig {
+    /// Messages per worker invocation (Lambda allows up to 10 000 with a
+    /// batching window; the SQS backend is capped at 10 per receive).
+    pub batch_size: usize,
+    /// Concurrent receive loops per queue.
+    pub loops_per_queue: usize,
+    /// The invocation time limit the worker sees (Lambda's timeout).
+    pub invocation_timeout: Duration,
+    pub scheduler_interval: Duration,
+}
+
+/// Everything a binary needs, parsed once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub database_url: String,
+    pub db_pool_size: usize,
+    pub bind: SocketAddr,
+    pub jwt_secret: String,
+    pub jwt_secret_is_default: bool,
+    pub queue: QueueBackend,
+    /// Receives after which a message moves to the dead-letter queue.
+    pub max_receive_count: u32,
+    pub worker: WorkerConfig,
+    pub runner: RunnerConfig,
+    /// Finished jobs and their logs older than this are pruned.
+    pub retention: Duration,
+    /// Allowed CORS origins (`OFFLOAD_CORS_ORIGINS`, comma-separated; empty: none).
+    pub cors_origins: Vec<String>,
+    /// Maximum request body (`OFFLOAD_MAX_BODY_BYTES`).
+    pub max_body_bytes: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get`, so tests need not touch the
+    /// process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let var = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+
+        let database_url = var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        crate::db::parse_url(&database_url).map_err(|e| ConfigError {
+            variable: "DATABASE_URL",
+            reason: e.to_string(),
+        })?;
+
+        let bind = match var("OFFLOAD_BIND") {
+            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+            Some(v) => v.parse().map_err(|_| ConfigError {
+                variable: "OFFLOAD_BIND",
+                reason: format!("{v:?} is not an address like 127.0.0.1:3000"),
+            })?,
+        };
+
+        let (jwt_secret, jwt_secret_is_default) = match var("OFFLOAD_JWT_SECRET") {
+            Some(s) if s.len() < 32 => {
+                return Err(ConfigError {
+                    variable: "OFFLOAD_JWT_SECRET",
+                    reason: format!("must be at least 32 characters for HS256, got {}", s.len()),
+                })
+            }
+            Some(s) => (s, false),
+            None => (DEV_JWT_SECRET.to_string(), true),
+        };
+
+        let queue = match var("OFFLOAD_QUEUE").as_deref() {
+            None | Some("postgres") => QueueBackend::Postgres,
+            Some("sqs") => {
+                let urls = [
+                    "OFFLOAD_SQS_HIGH_URL",
+                    "OFFLOAD_SQS_DEFAULT_URL",
+                    "OFFLOAD_SQS_LOW_URL",
+                    "OFFLOAD_SQS_DLQ_URL",
+                ]
+                .map(&var);
+                let urls = if urls.iter().all(Option::is_some) {
+                    Some(urls.map(Option::unwrap))
+                } else if urls.iter().any(Option::is_some) {
+                    return Err(ConfigError {
+                        variable: "OFFLOAD_SQS_HIGH_URL",
+                        reason: "set all four of OFFLOAD_SQS_{HIGH,DEFAULT,LOW,DLQ}_URL, or none"
+                            .into(),
+                    });
+                } else {
+                    None
+                };
+                QueueBackend::Sqs(SqsConfig {
+                    endpoint: var("OFFLOAD_SQS_ENDPOINT"),
+                    prefix: var("OFFLOAD_SQS_PREFIX").unwrap_or_else(|| "offload".into()),
+                    urls,
+                    region: var("AWS_REGION")
+                        .or_else(|| var("AWS_DEFAULT_REGION"))
+                        .unwrap_or_else(|| "us-east-1".into()),
+                })
+            }
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "OFFLOAD_QUEUE",
+                    reason: format!("unknown queue backend {other:?}; expected postgres or sqs"),
+                })
+            }
+        };
+
+        let lease = secs(&var, "OFFLOAD_LEASE_SECS", 60, 5..=43_200)?;
+        let worker = WorkerConfig {
+            lease,
+            heartbeat: lease / 4,
+            backoff_base: Duration::from_millis(num(
+                &var,
+                "OFFLOAD_BACKOFF_BASE_MS",
+                2_000,
+                1..=3_600_000,
+            )?),
+            backoff_cap: secs(&var, "OFFLOAD_BACKOFF_CAP_SECS", 3_600, 1..=1_209_600)?,
+            handoff_margin: secs(&var, "OFFLOAD_HANDOFF_MARGIN_SECS", 30, 1..=600)?,
+            fairness_delay: secs(&var, "OFFLOAD_FAIRNESS_DELAY_SECS", 5, 1..=900)?,
+            emit_metrics: var("OFFLOAD_EMIT_METRICS")
+                .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+                .unwrap_or(false),
+        };
+
+        let runner = RunnerConfig {
+            batch_size: num(&var, "OFFLOAD_BATCH_SIZE", 100, 1..=10_000)? as usize,
+            loops_per_queue: num(&var, "OFFLOAD_LOOPS_PER_QUEUE", 2, 1..=64)? as usize,
+            invocation_timeout: secs(&var, "OFFLOAD_INVOCATION_TIMEOUT_SECS", 900, 1..=900)?,
+            scheduler_interval: secs(&var, "OFFLOAD_SCHEDULER_INTERVAL_SECS", 5, 1..=3_600)?,
+        };
+
+        Ok(Config {
+            database_url,
+            db_pool_size: num(&var, "OFFLOAD_DB_POOL_SIZE", 16, 1..=1_000)? as usize,
+            bind,
+            jwt_secret,
+            jwt_secret_is_default,
+            queue,
+            max_receive_count: num(&var, "OFFLOAD_MAX_RECEIVE_COUNT", 5, 1..=1_000)? as u32,
+            worker,
+            runner,
+            retention: Duration::from_secs(
+                num(&var, "OFFLOAD_RETENTION_DAYS", 7, 1..=3_650)? * 86_400,
+            ),
+            cors_origins: var("OFFLOAD_CORS_ORIGINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            max_body_bytes: num(&var, "OFFLOAD_MAX_BODY_BYTES", 1 << 20, 1_024..=(64 << 20))?
+                as usize,
+        })
+    }
+}
+
+fn num(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let Some(raw) = var(name) else {
+        return Ok(default);
+    };
+    match raw.trim().parse::<u64>() {
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            variable: name,
+            reason: format!(
+                "{raw:?} is not a whole number from {} to {}",
+                range.start(),
+                range.end()
+            ),
+        }),
+    }
+}
+
+fn secs(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
+    num(var, name, default, range).map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_for_a_laptop() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.bind.to_string(), "127.0.0.1:3000");
+        assert_eq!(c.queue, QueueBackend::Postgres);
+        assert!(c.jwt_secret_is_default);
+        assert_eq!(c.database_url, DEFAULT_DATABASE_URL);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases = [
+            ("DATABASE_URL", "mysql://nope"),
+            ("OFFLOAD_QUEUE", "rabbit"),
+            ("OFFLOAD_BIND", "localhost"),
+            ("OFFLOAD_JWT_SECRET", "short"),
+            ("OFFLOAD_BATCH_SIZE", "0"),
+            ("OFFLOAD_LEASE_SECS", "ten"),
+        ];
+        for (k, v) in cases {
+            let err = parse(&[(k, v)]).unwrap_err();
+            assert_eq!(err.variable, k, "{err}");
+            assert!(err.to_string().starts_with(k), "{err}");
+        }
+    }
+
+    #[test]
+    fn sqs_backend_takes_endpoint_and_all_or_no_urls() {
+        let c = parse(&[
+            ("OFFLOAD_QUEUE", "sqs"),
+            ("OFFLOAD_SQS_ENDPOINT", "http://127.0.0.1:5000"),
+        ])
+        .unwrap();
+        let QueueBackend::Sqs(sqs) = c.queue else {
+            panic!("expected sqs")
+        };
+        assert_eq!(sqs.endpoint.as_deref(), Some("http://127.0.0.1:5000"));
+        assert_eq!(sqs.urls, None);
+        let err = parse(&[("OFFLOAD_QUEUE", "sqs"), ("OFFLOAD_SQS_HIGH_URL", "x")]).unwrap_err();
+        assert!(err.reason.contains("all four"));
+    }
+}

@@ -1,0 +1,225 @@
+//! Connecting to Postgres and keeping its schema in step with the code.
+//! Migrations are the SQL files of `migrations/`, embedded at build time and
+//! applied by refinery; binaries refuse to start against an older schema.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use thiserror::Error;
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("not a valid PostgreSQL connection URL ({0}); expected postgres://user:password@host:port/database")]
+    BadUrl(String),
+    #[error("cannot reach the database at {target}: {source}")]
+    Unreachable {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("migration failed: {0}")]
+    Migration(#[from] refinery::Error),
+    #[error(
+        "the database schema is at version {have} but this build needs version {need}; \
+         run `offload migrate` (or `cargo run --release --bin offload -- migrate`) first"
+    )]
+    SchemaBehind { have: i64, need: i64 },
+    #[error("database error: {}", pg_message(.0))]
+    Query(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("no database connection available: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+}
+
+/// The server's own message for an error (tokio-postgres's Display says
+/// only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// Parses a connection URL without connecting.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(DbError::BadUrl("it must start with postgres://".into()));
+    }
+    tokio_postgres::Config::from_str(url).map_err(|e| DbError::BadUrl(e.to_string()))
+}
+
+/// Where a URL points, for messages (never the password).
+pub fn describe(url: &str) -> String {
+    match parse_url(url) {
+        Ok(cfg) => {
+            let host = cfg
+                .get_hosts()
+                .first()
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                })
+                .unwrap_or_default();
+            let port = cfg.get_ports().first().copied().unwrap_or(5432);
+            format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""))
+        }
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+/// Builds a pool whose connections are checked before reuse: a Lambda that
+/// was frozen comes back with dead sockets, and "verified" recycling replaces
+/// them instead of failing the first query.
+pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+    let mut cfg = parse_url(url)?;
+    cfg.connect_timeout(Duration::from_secs(5));
+    cfg.application_name("offload");
+    // Plans over `unnest` of hundreds of ids go bad at the default
+    // random_page_cost; and a forgotten open transaction must not hold back
+    // vacuum of the hot tables for long.
+    cfg.options("-c random_page_cost=1.1 -c idle_in_transaction_session_timeout=60000");
+    let mgr = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Verified,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(10)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .map_err(|e| DbError::BadUrl(e.to_string()))
+}
+
+/// Opens one connection outside any pool (migrations, LISTEN).
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
+    let mut cfg = parse_url(url)?;
+    cfg.connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|source| DbError::Unreachable {
+            target: describe(url),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Applies every pending migration and returns the names of those applied.
+pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
+    let mut client = connect(url).await?;
+    let report = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut client)
+        .await?;
+    Ok(report
+        .applied_migrations()
+        .iter()
+        .map(|m| format!("V{}__{}", m.version(), m.name()))
+        .collect())
+}
+
+/// The schema version this build was compiled against.
+pub fn required_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version() as i64)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Fails with [`DbError::SchemaBehind`] unless every migration of this build
+/// has been applied, and with [`DbError::Unreachable`] when the database
+/// cannot be reached.
+pub async fn check_schema(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let have: i64 = if exists {
+        client
+            .query_one(
+                "SELECT coalesce(max(version), 0)::int8 FROM refinery_schema_history",
+                &[],
+            )
+            .await?
+            .get(0)
+    } else {
+        0
+    };
+    let need = required_version();
+    if have < need {
+        return Err(DbError::SchemaBehind { have, need });
+    }
+    Ok(())
+}
+
+/// Whether an error is the server or network going away (as opposed to a
+/// bad statement): callers treat those as "database unreachable".
+pub fn is_connection_error(e: &DbError) -> bool {
+    match e {
+        DbError::Unreachable { .. } | DbError::Pool(_) => true,
+        DbError::Query(q) => q.is_closed() || q.code().is_none(),
+        _ => false,
+    }
+}
+
+/// Creates the database named in `url` when it does not exist, connecting
+/// to the server's `postgres` database to do so. Returns whether it created it.
+pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
+    let cfg = parse_url(url)?;
+    let name = cfg
+        .get_dbname()
+        .ok_or_else(|| DbError::BadUrl("it names no database".into()))?
+        .to_string();
+    let mut admin = cfg.clone();
+    admin.dbname("postgres");
+    admin.connect_timeout(Duration::from_secs(5));
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .map_err(|source| DbError::Unreachable {
+            target: describe(url),
+            source,
+        })?;
+    tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if exists {
+        return Ok(false);
+    }
+    let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+    match client
+        .batch_execute(&format!("CREATE DATABASE {quoted}"))
+        .await
+    {
+        Ok(()) => Ok(true),
+        // Another process created it first.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

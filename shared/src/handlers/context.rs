@@ -1,0 +1,243 @@
+//! What a running handler can see and do: its lease-guarded writes
+//! (progress, checkpoint, log lines), the cancel flag, a rate limiter, and
+//! the time left before the invocation's deadline.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{JobError, Outcome};
+use crate::clock::Clock;
+use crate::ids::{JobId, WorkspaceId};
+use crate::job::Progress;
+use crate::ratelimit;
+use crate::store::{Lease, LogLine, Store};
+
+/// Progress is written at most this often; the last value is always kept
+/// and written when the job finishes.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// The cancel flag is re-read from the database at most this often (the
+/// heartbeat and progress writes refresh it too).
+const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// The context of one run of one job.
+pub struct JobContext {
+    store: Store,
+    clock: Clock,
+    lease: Lease,
+    workspace_id: WorkspaceId,
+    job_type: String,
+    checkpoint: Option<Value>,
+    progress: Option<Progress>,
+    progress_written_at: Option<Instant>,
+    progress_dirty: bool,
+    cancel: Arc<AtomicBool>,
+    cancel_checked_at: Instant,
+    deadline: Instant,
+    handoff_margin: Duration,
+}
+
+impl JobContext {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        store: Store,
+        clock: Clock,
+        lease: Lease,
+        workspace_id: WorkspaceId,
+        job_type: String,
+        checkpoint: Option<Value>,
+        cancel: Arc<AtomicBool>,
+        deadline: Instant,
+        handoff_margin: Duration,
+    ) -> Self {
+        JobContext {
+            store,
+            clock,
+            lease,
+            workspace_id,
+            job_type,
+            checkpoint,
+            progress: None,
+            progress_written_at: None,
+            progress_dirty: false,
+            cancel,
+            cancel_checked_at: Instant::now(),
+            deadline,
+            handoff_margin,
+        }
+    }
+
+    pub fn job_id(&self) -> JobId {
+        self.lease.job_id
+    }
+
+    pub fn workspace_id(&self) -> WorkspaceId {
+        self.workspace_id
+    }
+
+    pub fn job_type(&self) -> &str {
+        &self.job_type
+    }
+
+    /// This run's attempt number, starting at 1.
+    pub fn attempt(&self) -> i32 {
+        self.lease.attempt
+    }
+
+    /// The database, for the handler's own tables. Write effects idempotently
+    /// (unique keys, `ON CONFLICT DO NOTHING`): a job may run again after a crash.
+    pub fn db(&self) -> &Pool {
+        self.store.pool()
+    }
+
+    /// The checkpoint saved by an earlier run of this job, if any.
+    pub fn checkpoint<T: DeserializeOwned>(&self) -> Option<T> {
+        self.checkpoint
+            .as_ref()
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
+    /// Saves a checkpoint now, so a crash resumes from here.
+    pub async fn save_checkpoint<T: Serialize>(&mut self, checkpoint: &T) -> Result<(), JobError> {
+        let value = serde_json::to_value(checkpoint)
+            .map_err(|e| JobError::Permanent(format!("checkpoint does not serialize: {e}")))?;
+        if !self
+            .store
+            .save_checkpoint(&self.lease, &value, self.clock.now())
+            .await?
+        {
+            return Err(JobError::LeaseLost);
+        }
+        self.checkpoint = Some(value);
+        Ok(())
+    }
+
+    /// Stops here and continues in a fresh invocation from `checkpoint`.
+    pub fn hand_off<T: Serialize>(&mut self, checkpoint: &T) -> Outcome {
+        self.checkpoint = serde_json::to_value(checkpoint).ok();
+        Outcome::HandOff
+    }
+
+    pub(crate) fn take_checkpoint(&mut self) -> Option<Value> {
+        self.checkpoint.take()
+    }
+
+    /// Reports progress. Writes are throttled; the latest value is written
+    /// when the job ends whatever the throttle.
+    pub async fn progress(&mut self, progress: Progress) -> Result<(), JobError> {
+        let progress = progress.with_percentage();
+        let due = self
+            .progress_written_at
+            .is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
+        self.progress = Some(progress);
+        self.progress_dirty = true;
+        if due {
+            self.flush_progress().await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush_progress(&mut self) -> Result<(), JobError> {
+        let Some(p) = self.progress.as_ref().filter(|_| self.progress_dirty) else {
+            return Ok(());
+        };
+        match self
+            .store
+            .set_progress(&self.lease, p, self.clock.now())
+            .await?
+        {
+            None => return Err(JobError::LeaseLost),
+            Some(cancel) => {
+                if cancel {
+                    self.cancel.store(true, Ordering::Relaxed);
+                }
+                self.cancel_checked_at = Instant::now();
+            }
+        }
+        self.progress_written_at = Some(Instant::now());
+        self.progress_dirty = false;
+        Ok(())
+    }
+
+    pub(crate) fn last_progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
+    }
+
+    /// Whether a cancel was requested; check between steps and stop with
+    /// [`Outcome::Cancelled`] when it is.
+    pub async fn cancelled(&mut self) -> Result<bool, JobError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        if self.cancel_checked_at.elapsed() >= CANCEL_CHECK_EVERY {
+            self.cancel_checked_at = Instant::now();
+            match self.store.cancel_requested(&self.lease).await? {
+                None => return Err(JobError::LeaseLost),
+                Some(true) => self.cancel.store(true, Ordering::Relaxed),
+                Some(false) => {}
+            }
+        }
+        Ok(self.cancel.load(Ordering::Relaxed))
+    }
+
+    /// Time left before the invocation's deadline.
+    pub fn time_left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// True when the deadline is near enough that the handler should save a
+    /// checkpoint and return [`JobContext::hand_off`].
+    pub fn should_hand_off(&self) -> bool {
+        self.time_left() < self.handoff_margin
+    }
+
+    /// Writes one line to the job's log (`job_logs`), which support reads.
+    pub async fn log(
+        &self,
+        level: &'static str,
+        message: impl Into<String>,
+        metadata: Option<Value>,
+    ) -> Result<(), JobError> {
+        let message = message.into();
+        tracing::info!(job_id = %self.lease.job_id, workspace_id = %self.workspace_id,
+            attempt = self.lease.attempt, job_type = %self.job_type, level, "{message}");
+        self.store
+            .append_logs(
+                &[LogLine {
+                    job_id: self.lease.job_id,
+                    workspace_id: self.workspace_id,
+                    attempt: self.lease.attempt,
+                    level,
+                    message,
+                    metadata,
+                }],
+                self.clock.now(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes one token from the bucket `key` (created full with `capacity`
+    /// tokens, refilled at `per_second`). `false`: empty; the handler should
+    /// return [`Outcome::Snooze`] with [`ratelimit::wait_for_token`].
+    pub async fn take_token(
+        &self,
+        key: &str,
+        capacity: f64,
+        per_second: f64,
+    ) -> Result<bool, JobError> {
+        let db = self
+            .store
+            .pool()
+            .get()
+            .await
+            .map_err(crate::db::DbError::from)?;
+        Ok(ratelimit::take(&**db, key, capacity, per_second, 1.0).await?)
+    }
+}

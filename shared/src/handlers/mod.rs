@@ -1,0 +1,203 @@
+//! Job handlers: the trait a job type implements, the context it runs with,
+//! the registry that maps a job's `type` to its handler, and the built-in
+//! types.
+//!
+//! A handler declares a typed payload. The API validates a new job's payload
+//! by deserializing it into that type (unknown fields and out-of-range values
+//! are rejected there, before anything reaches a queue), and the worker hands
+//! the handler the same typed value.
+
+mod context;
+mod noop;
+mod sleep;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use thiserror::Error;
+
+pub use context::JobContext;
+pub use noop::Noop;
+pub use sleep::{Sleep, SleepPayload};
+
+use crate::db::DbError;
+
+/// How a run ended when it did not fail.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Done; the value becomes the job's `result`.
+    Completed(Option<Value>),
+    /// Stopped on a cancel request; the value (what was done so far) becomes
+    /// the job's `result`.
+    Cancelled(Option<Value>),
+    /// The invocation's deadline is near: continue from the saved checkpoint
+    /// in a fresh message. Does not use an attempt.
+    HandOff,
+    /// Not now (a rate limit is empty): try again after the delay. Does not
+    /// use an attempt.
+    Snooze(Duration),
+}
+
+/// How a run failed.
+#[derive(Debug, Error, PartialEq)]
+pub enum JobError {
+    /// Worth trying again after a backoff (a timeout, a 5xx, a lost connection).
+    #[error("{0}")]
+    Retryable(String),
+    /// Will fail the same way every time (bad input, a 4xx): the job is `dead`.
+    #[error("{0}")]
+    Permanent(String),
+    /// This worker no longer holds the job (its lease expired and the job was
+    /// rescued); nothing it does now is written.
+    #[error("the job's lease was lost to another worker")]
+    LeaseLost,
+}
+
+impl From<DbError> for JobError {
+    fn from(e: DbError) -> Self {
+        JobError::Retryable(format!("database: {e}"))
+    }
+}
+
+/// A payload that does not fit its job type's schema.
+#[derive(Debug, Error, PartialEq)]
+#[error("{message}")]
+pub struct PayloadError {
+    /// The offending field as a path (`contact_ids[3]`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl PayloadError {
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        PayloadError {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// A job type. Implement it for a new kind of background work and register
+/// it in [`Registry`]; see README "Adding a job type".
+#[async_trait]
+pub trait JobHandler: Send + Sync + 'static {
+    /// The input, deserialized from the job's `payload`. Use
+    /// `#[serde(deny_unknown_fields)]` so typos are caught at creation.
+    type Payload: DeserializeOwned + Send + Sync + 'static;
+
+    /// The name clients pass as the job's `type`.
+    const TYPE: &'static str;
+
+    /// Checks what serde cannot (ranges, sizes); runs at creation and before
+    /// each run.
+    fn validate(&self, _payload: &Self::Payload) -> Result<(), PayloadError> {
+        Ok(())
+    }
+
+    /// Does the work. Long work goes in steps: between steps, check
+    /// [`JobContext::cancelled`] and [`JobContext::should_hand_off`], report
+    /// [`JobContext::progress`], and save a checkpoint.
+    async fn run(&self, payload: Self::Payload, ctx: &mut JobContext) -> Result<Outcome, JobError>;
+}
+
+/// Parses a payload into `T`, naming the offending field on failure.
+pub fn parse_payload<T: DeserializeOwned>(payload: &Value) -> Result<T, PayloadError> {
+    serde_path_to_error::deserialize(payload).map_err(|e| {
+        let path = e.path().to_string();
+        PayloadError {
+            field: (path != ".").then_some(path),
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// The object-safe face of a [`JobHandler`], so handlers with different
+/// payload types live in one registry.
+#[async_trait]
+trait ErasedHandler: Send + Sync {
+    fn validate(&self, payload: &Value) -> Result<(), PayloadError>;
+    async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError>;
+}
+
+#[async_trait]
+impl<H: JobHandler> ErasedHandler for H {
+    fn validate(&self, payload: &Value) -> Result<(), PayloadError> {
+        let typed: H::Payload = parse_payload(payload)?;
+        JobHandler::validate(self, &typed)
+    }
+
+    async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        // A payload that passed validation at creation but fails now (the
+        // type changed under it) will never pass: a permanent error.
+        let typed: H::Payload = parse_payload(payload)
+            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+        JobHandler::validate(self, &typed)
+            .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
+        JobHandler::run(self, typed, ctx).await
+    }
+}
+
+/// The job types a deployment knows, by name. Cloning is shallow.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: BTreeMap<&'static str, Arc<dyn ErasedHandler>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// The built-in types: `noop` and `sleep` (for trying the system and for tests).
+    pub fn builtin() -> Self {
+        Registry::new().with(Noop).with(Sleep)
+    }
+
+    /// Adds a handler under its `TYPE`.
+    pub fn with<H: JobHandler>(mut self, handler: H) -> Self {
+        self.handlers.insert(H::TYPE, Arc::new(handler));
+        self
+    }
+
+    /// The registered type names, sorted.
+    pub fn types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.handlers.keys().copied()
+    }
+
+    pub fn contains(&self, job_type: &str) -> bool {
+        self.handlers.contains_key(job_type)
+    }
+
+    /// Validates a payload for a type; unknown types are an error too.
+    pub fn validate(&self, job_type: &str, payload: &Value) -> Result<(), PayloadError> {
+        match self.handlers.get(job_type) {
+            Some(h) => h.validate(payload),
+            None => Err(PayloadError::field(
+                "type",
+                format!(
+                    "unknown job type {job_type:?}; known types: {}",
+                    self.types().collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Runs a job's handler.
+    pub async fn run(
+        &self,
+        job_type: &str,
+        payload: &Value,
+        ctx: &mut JobContext,
+    ) -> Result<Outcome, JobError> {
+        match self.handlers.get(job_type) {
+            Some(h) => h.run(payload, ctx).await,
+            None => Err(JobError::Permanent(format!(
+                "no handler is registered for job type {job_type:?} in this worker"
+            ))),
+        }
+    }
+}

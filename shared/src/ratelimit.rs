@@ -1,0 +1,46 @@
+//! Token buckets in Postgres (`rate_limits`), shared by every worker and API
+//! instance: one row per key (`apollo:<workspace>`, `create:<user>`), refilled
+//! continuously from the time elapsed since its last take.
+
+use std::time::Duration;
+
+use tokio_postgres::GenericClient;
+
+use crate::db::DbError;
+
+/// Takes `n` tokens from bucket `key`, creating it full when absent. One
+/// statement, so concurrent takers cannot overdraw it. `false`: not enough
+/// tokens (nothing is taken).
+pub async fn take(
+    db: &impl GenericClient,
+    key: &str,
+    capacity: f64,
+    per_second: f64,
+    n: f64,
+) -> Result<bool, DbError> {
+    let row = db
+        .query_opt(
+            "INSERT INTO rate_limits AS r (key, tokens, capacity, refill_per_sec, updated_at) \
+             SELECT $1, $2 - $4, $2, $3, clock_timestamp() WHERE $4 <= $2 \
+             ON CONFLICT (key) DO UPDATE SET \
+               tokens = least(r.capacity, r.tokens + extract(epoch FROM clock_timestamp() - r.updated_at) \
+                 * r.refill_per_sec) - $4, \
+               capacity = EXCLUDED.capacity, refill_per_sec = EXCLUDED.refill_per_sec, \
+               updated_at = clock_timestamp() \
+             WHERE least(r.capacity, r.tokens + extract(epoch FROM clock_timestamp() - r.updated_at) \
+                 * r.refill_per_sec) >= $4 \
+             RETURNING tokens",
+            &[&key, &capacity, &per_second, &n],
+        )
+        .await?;
+    Ok(row.is_some())
+}
+
+/// How long until one token is back, for a snooze delay.
+pub fn wait_for_token(per_second: f64) -> Duration {
+    if per_second <= 0.0 {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs_f64((1.0 / per_second).clamp(0.1, 900.0))
+    }
+}

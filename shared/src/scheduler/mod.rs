@@ -1,0 +1,107 @@
+//! The scheduler: periodic duties, one module each, every one idempotent and
+//! safe to run in overlapping invocations (each works on rows it locked with
+//! `SKIP LOCKED` or changes them with a compare-and-set). EventBridge calls
+//! it every minute in AWS; the local runner every few seconds.
+
+mod dead_letters;
+mod outbox;
+mod prune;
+mod rescue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::queue::Queue;
+use crate::store::Store;
+
+/// Settings of the scheduler's duties.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// A `pending` job younger than this is left to the request that created
+    /// it, which is probably sending it right now.
+    pub outbox_grace: Duration,
+    /// Rows one duty handles per invocation at most (work is in bounded batches).
+    pub batch_limit: i64,
+    /// Finished jobs older than this are pruned.
+    pub retention: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            outbox_grace: Duration::from_secs(10),
+            batch_limit: 1_000,
+            retention: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// Everything the scheduler needs, built once per process.
+pub struct Scheduler {
+    pub store: Store,
+    pub queue: Arc<dyn Queue>,
+    pub clock: Clock,
+    pub config: SchedulerConfig,
+}
+
+/// What one run did, duty by duty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// Running jobs whose lease expired, put back to be sent again.
+    pub rescued: u64,
+    /// Running jobs whose lease expired on their last attempt.
+    pub rescued_dead: u64,
+    /// Pending jobs (new, delayed, rescued, handed off) sent to a queue.
+    pub sent: u64,
+    /// Messages drained from the dead-letter queue.
+    pub dead_lettered: u64,
+    /// Finished jobs deleted after the retention period.
+    pub pruned: u64,
+    /// Duties that failed this run (each is retried next run).
+    pub errors: Vec<String>,
+}
+
+impl Scheduler {
+    /// Runs every duty once and logs one summary line. A failing duty does
+    /// not stop the others.
+    pub async fn run_once(&self) -> Report {
+        let mut report = Report::default();
+        match rescue::run(self).await {
+            Ok(r) => {
+                report.rescued = r.requeued;
+                report.rescued_dead = r.dead;
+            }
+            Err(e) => report.errors.push(format!("rescue: {e}")),
+        }
+        match outbox::run(self).await {
+            Ok(n) => report.sent = n,
+            Err(e) => report.errors.push(format!("outbox: {e}")),
+        }
+        match dead_letters::run(self).await {
+            Ok(n) => report.dead_lettered = n,
+            Err(e) => report.errors.push(format!("dead letters: {e}")),
+        }
+        match prune::run(self).await {
+            Ok(n) => report.pruned = n,
+            Err(e) => report.errors.push(format!("prune: {e}")),
+        }
+        if report.errors.is_empty() {
+            tracing::info!(
+                rescued = report.rescued,
+                rescued_dead = report.rescued_dead,
+                sent = report.sent,
+                dead_lettered = report.dead_lettered,
+                pruned = report.pruned,
+                "scheduler run"
+            );
+        } else {
+            tracing::warn!(rescued = report.rescued, rescued_dead = report.rescued_dead,
+                sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned,
+                errors = ?report.errors, "scheduler run with errors");
+        }
+        report
+    }
+}

@@ -1,0 +1,111 @@
+//! Builds the application from a [`Config`]: the pool, the schema check,
+//! the queue backend, and from those the API state, the worker and the
+//! scheduler. Every binary (three Lambdas, the local runner) starts here, so
+//! they are wired the same way.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::api::{ApiSettings, AppState};
+use crate::auth::Keys;
+use crate::clock::Clock;
+use crate::config::{Config, QueueBackend};
+use crate::db::{self, DbError};
+use crate::handlers::Registry;
+use crate::queue::{PgQueue, Queue, QueueError, SqsQueue};
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::store::Store;
+use crate::worker::Worker;
+
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("DATABASE_URL: {0}")]
+    Database(#[from] DbError),
+    #[error("OFFLOAD_QUEUE: {0}")]
+    Queue(#[from] QueueError),
+}
+
+/// The long-lived clients of a process, made once in `main`.
+#[derive(Clone)]
+pub struct Services {
+    pub config: Config,
+    pub store: Store,
+    pub queue: Arc<dyn Queue>,
+    pub registry: Arc<Registry>,
+    pub clock: Clock,
+    /// Set with the Postgres backend, so the local runner can start its
+    /// LISTEN connection.
+    pub pg_queue: Option<PgQueue>,
+}
+
+impl Services {
+    /// Connects to the database (refusing an outdated schema) and to the
+    /// configured queue backend.
+    pub async fn connect(config: Config, registry: Registry) -> Result<Services, StartupError> {
+        let pool = db::pool(&config.database_url, config.db_pool_size)?;
+        db::check_schema(&pool).await.map_err(|e| match e {
+            DbError::Pool(p) => DbError::Inconsistent(format!(
+                "cannot reach the database at {}: {p}",
+                db::describe(&config.database_url)
+            )),
+            other => other,
+        })?;
+        let (queue, pg_queue): (Arc<dyn Queue>, _) = match &config.queue {
+            QueueBackend::Postgres => {
+                let q = PgQueue::new(pool.clone(), config.max_receive_count);
+                (Arc::new(q.clone()), Some(q))
+            }
+            QueueBackend::Sqs(sqs) => (
+                Arc::new(SqsQueue::connect(sqs, config.max_receive_count).await?),
+                None,
+            ),
+        };
+        Ok(Services {
+            store: Store::new(pool),
+            queue,
+            registry: Arc::new(registry),
+            clock: Clock::System,
+            pg_queue,
+            config,
+        })
+    }
+
+    pub fn api_state(&self) -> AppState {
+        AppState {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            registry: self.registry.clone(),
+            keys: Keys::new(&self.config.jwt_secret),
+            clock: self.clock.clone(),
+            settings: ApiSettings {
+                max_body_bytes: self.config.max_body_bytes,
+                cors_origins: self.config.cors_origins.clone(),
+                ..ApiSettings::default()
+            },
+        }
+    }
+
+    pub fn worker(&self, name: &str) -> Worker {
+        Worker {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            registry: self.registry.clone(),
+            config: self.config.worker.clone(),
+            clock: self.clock.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    pub fn scheduler(&self) -> Scheduler {
+        Scheduler {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            clock: self.clock.clone(),
+            config: SchedulerConfig {
+                retention: self.config.retention,
+                ..SchedulerConfig::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,840 @@
+//! Every read and write of `jobs` and `job_logs`. Each state transition of
+//! DESIGN.md "States" is one conditional UPDATE that names the state it
+//! leaves (and, for a worker, the attempt and worker id it holds): a writer
+//! that lost the race, or its lease, changes nothing and learns so from the
+//! returned row count.
+
+use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio_postgres::GenericClient;
+
+use crate::db::DbError;
+use crate::ids::{JobId, UserId, WorkspaceId};
+use crate::job::{ErrorKind, Job, JobStatus, Progress, QueueName};
+use crate::job_columns;
+
+/// A job to insert, already validated.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: JobId,
+    pub workspace_id: WorkspaceId,
+    pub created_by: Option<UserId>,
+    pub job_type: String,
+    pub queue: QueueName,
+    pub priority: i16,
+    pub payload: Value,
+    pub max_attempts: i32,
+    pub run_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+    pub tags: Vec<String>,
+}
+
+impl NewJob {
+    /// A job of `job_type` with the defaults of DESIGN.md (queue `default`,
+    /// priority 0, 5 attempts, due now).
+    pub fn new(workspace_id: WorkspaceId, job_type: &str, payload: Value) -> Self {
+        NewJob {
+            id: JobId::new(),
+            workspace_id,
+            created_by: None,
+            job_type: job_type.into(),
+            queue: QueueName::Default,
+            priority: 0,
+            payload,
+            max_attempts: 5,
+            run_at: Utc::now(),
+            idempotency_key: None,
+            tags: Vec::new(),
+        }
+    }
+}
+
+/// What a worker holds while it runs a job: every write it makes names all
+/// three, so a worker whose lease was rescued (the row's attempt or worker id
+/// moved on) writes nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: JobId,
+    pub attempt: i32,
+    pub worker_id: String,
+}
+
+/// Filters and cursor of a job listing.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub job_type: Option<String>,
+    pub tag: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only jobs strictly older than this (created_at, id): the cursor.
+    pub before: Option<(DateTime<Utc>, JobId)>,
+    pub limit: i64,
+}
+
+/// One line of a job's execution log.
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub job_id: JobId,
+    pub workspace_id: WorkspaceId,
+    pub attempt: i32,
+    pub level: &'static str,
+    pub message: String,
+    pub metadata: Option<Value>,
+}
+
+/// Counts returned by the lease rescuer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rescued {
+    pub requeued: u64,
+    pub dead: u64,
+}
+
+/// Handle to the jobs tables. Cloning is shallow (the pool is shared).
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// Claims the jobs of a batch of messages in one statement. A job is
+/// claimable when it is waiting (`pending` or `queued`) and due, or when it
+/// is `running` under a lease that expired with attempts left (its worker
+/// died; the redelivered message takes it over before the scheduler does).
+/// `attempts + 1` starts the new attempt and `worker_id` names this claim,
+/// which together form the lease every later write checks.
+const CLAIM: &str = concat!(
+    "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = $2, \
+       started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
+       updated_at = $3 \
+     FROM (SELECT DISTINCT claim_id FROM unnest($1::uuid[]) AS c(claim_id)) AS c \
+     WHERE id = c.claim_id AND run_at <= $3 \
+       AND (status IN ('pending', 'queued') \
+            OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
+     RETURNING ",
+    job_columns!()
+);
+
+/// Completes many jobs in one statement; each row names its own lease.
+const COMPLETE: &str = "UPDATE jobs SET status = 'completed', result = u.res, \
+       progress = coalesce(u.prog, jobs.progress), finished_at = $3, updated_at = $3, \
+       lease_expires_at = NULL, error_message = NULL, error_kind = NULL \
+     FROM unnest($1::uuid[], $2::int4[], $4::jsonb[], $5::jsonb[]) AS u(uid, attempt, res, prog) \
+     WHERE id = u.uid AND status = 'running' AND attempts = u.attempt AND worker_id = $6 \
+     RETURNING id";
+
+impl Store {
+    pub fn new(pool: Pool) -> Self {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Inserts jobs as `pending` in one statement. A job whose idempotency
+    /// key already exists in its workspace is not inserted; the existing job
+    /// is returned in its place with `false`.
+    pub async fn insert(
+        &self,
+        db: &impl GenericClient,
+        jobs: &[NewJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, bool)>, DbError> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<_> = jobs.iter().map(|j| j.id.0).collect();
+        let wss: Vec<_> = jobs.iter().map(|j| j.workspace_id.0).collect();
+        let by: Vec<_> = jobs.iter().map(|j| j.created_by.map(|u| u.0)).collect();
+        let types: Vec<_> = jobs.iter().map(|j| j.job_type.as_str()).collect();
+        let queues: Vec<_> = jobs.iter().map(|j| j.queue.as_str()).collect();
+        let prios: Vec<_> = jobs.iter().map(|j| j.priority).collect();
+        let payloads: Vec<_> = jobs.iter().map(|j| &j.payload).collect();
+        let statuses: Vec<_> = jobs.iter().map(|_| JobStatus::Pending.as_str()).collect();
+        let maxes: Vec<_> = jobs.iter().map(|j| j.max_attempts).collect();
+        let run_ats: Vec<_> = jobs.iter().map(|j| j.run_at).collect();
+        let keys: Vec<_> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
+        // Postgres has no arrays of arrays of varying length, so each job's
+        // tags travel as one string joined by the unit separator.
+        let tags: Vec<String> = jobs.iter().map(|j| j.tags.join("\u{1f}")).collect();
+        let rows = db
+            .query(
+                concat!(
+                    "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
+                       payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
+                       updated_at) \
+                     SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
+                       n.run_at, n.ikey, \
+                       CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
+                       $13, $13 \
+                     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
+                       $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
+                       $11::text[], $12::text[]) \
+                       AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags) \
+                     ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+                       DO NOTHING \
+                     RETURNING ",
+                    job_columns!()
+                ),
+                &[
+                    &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes,
+                    &run_ats, &keys, &tags, &now,
+                ],
+            )
+            .await?;
+        let mut inserted: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            if let Some(pos) = inserted.iter().position(|i| i.id == j.id) {
+                out.push((inserted.swap_remove(pos), true));
+            } else {
+                let key = j.idempotency_key.as_deref().unwrap_or_default();
+                let existing = self
+                    .by_idempotency_key(db, j.workspace_id, key)
+                    .await?
+                    .ok_or_else(|| {
+                        DbError::Inconsistent(format!(
+                            "job {} was neither inserted nor found",
+                            j.id
+                        ))
+                    })?;
+                out.push((existing, false));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The job created earlier with this idempotency key, if any.
+    pub async fn by_idempotency_key(
+        &self,
+        db: &impl GenericClient,
+        workspace: WorkspaceId,
+        key: &str,
+    ) -> Result<Option<Job>, DbError> {
+        let row = db
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE workspace_id = $1 AND idempotency_key = $2"
+                ),
+                &[&workspace.0, &key],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// One job of one workspace; another workspace's id reads as absent.
+    pub async fn get(&self, workspace: WorkspaceId, id: JobId) -> Result<Option<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE id = $1 AND workspace_id = $2"
+                ),
+                &[&id.0, &workspace.0],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// A job by id alone, for the worker and the scheduler, which act for
+    /// every workspace.
+    pub async fn get_any(&self, id: JobId) -> Result<Option<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1"),
+                &[&id.0],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// A page of a workspace's jobs, newest first, after `filter.before`.
+    pub async fn list(
+        &self,
+        workspace: WorkspaceId,
+        filter: &ListFilter,
+    ) -> Result<Vec<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let mut sql = String::from(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE workspace_id = $1"
+        ));
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
+            vec![Box::new(workspace.0)];
+        let mut push = |clause: &str, p: Box<dyn tokio_postgres::types::ToSql + Sync + Send>| {
+            params.push(p);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(st) = filter.status {
+            push(" AND status = ?", Box::new(st.as_str()));
+        }
+        if let Some(t) = &filter.job_type {
+            push(" AND job_type = ?", Box::new(t.clone()));
+        }
+        if let Some(tag) = &filter.tag {
+            push(" AND tags @> ARRAY[?::text]", Box::new(tag.clone()));
+        }
+        if let Some(t) = filter.created_after {
+            push(" AND created_at >= ?", Box::new(t));
+        }
+        if let Some(t) = filter.created_before {
+            push(" AND created_at < ?", Box::new(t));
+        }
+        if let Some((t, id)) = filter.before {
+            params.push(Box::new(t));
+            params.push(Box::new(id.0));
+            let n = params.len();
+            sql.push_str(&format!(" AND (created_at, id) < (${}, ${n})", n - 1));
+        }
+        params.push(Box::new(filter.limit));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ${}",
+            params.len()
+        ));
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| &**p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = db.query(&sql, &refs).await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a finished job of the workspace. `Ok(false)` when it does not
+    /// exist or is not finished (the caller tells the two apart).
+    pub async fn delete_finished(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "DELETE FROM jobs WHERE id = $1 AND workspace_id = $2 \
+                 AND status IN ('completed', 'cancelled', 'dead')",
+                &[&id.0, &workspace.0],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `pending → queued` once the queue accepted the jobs' messages.
+    pub async fn mark_enqueued(&self, ids: &[JobId], now: DateTime<Utc>) -> Result<u64, DbError> {
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        Ok(db
+            .execute(
+                "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
+                 WHERE id = ANY($1) AND status = 'pending'",
+                &[&ids, &now],
+            )
+            .await?)
+    }
+
+    /// `pending|queued → running` (or an expired `running` lease taken over)
+    /// for every claimable job among `ids`, in one statement.
+    pub async fn claim(
+        &self,
+        ids: &[JobId],
+        worker_id: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Vec<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(CLAIM, &[&ids, &worker_id, &now, &(now + lease)])
+            .await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Renews the leases of jobs still held by `worker_id` and returns, for
+    /// each lease still held, whether a cancel was requested.
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        leases: &[(JobId, i32)],
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Vec<(JobId, bool)>, DbError> {
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = leases.iter().map(|l| l.0 .0).collect();
+        let attempts: Vec<_> = leases.iter().map(|l| l.1).collect();
+        let rows = db
+            .query(
+                "UPDATE jobs SET heartbeat_at = $3, lease_expires_at = $4 \
+                 FROM unnest($1::uuid[], $2::int4[]) AS u(uid, attempt) \
+                 WHERE id = u.uid AND status = 'running' AND attempts = u.attempt \
+                   AND worker_id = $5 \
+                 RETURNING id, cancel_requested_at IS NOT NULL",
+                &[&ids, &attempts, &now, &(now + lease), &worker_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (JobId(r.get(0)), r.get(1))).collect())
+    }
+
+    /// `running → completed` for many jobs at once; returns the ids whose
+    /// lease was still held (only those changed).
+    pub async fn complete(
+        &self,
+        worker_id: &str,
+        done: &[(Lease, Option<Value>, Option<Progress>)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, DbError> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = done.iter().map(|d| d.0.job_id.0).collect();
+        let attempts: Vec<_> = done.iter().map(|d| d.0.attempt).collect();
+        let results: Vec<_> = done.iter().map(|d| d.1.clone()).collect();
+        let progress: Vec<Option<Value>> = done
+            .iter()
+            .map(|d| {
+                d.2.as_ref()
+                    .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+            })
+            .collect();
+        let rows = db
+            .query(
+                COMPLETE,
+                &[&ids, &attempts, &now, &results, &progress, &worker_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    /// `running → queued` after a retryable failure, due again at `run_at`.
+    /// With `via_outbox` the job goes to `pending` with no message instead,
+    /// for delays longer than a queue can hold a message invisible; the
+    /// scheduler sends it when due.
+    pub async fn retry_later(
+        &self,
+        lease: &Lease,
+        run_at: DateTime<Utc>,
+        error: &str,
+        via_outbox: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let status = if via_outbox {
+            JobStatus::Pending
+        } else {
+            JobStatus::Queued
+        };
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = $4, run_at = $5, error_message = $6, \
+                   error_kind = 'retryable', lease_expires_at = NULL, updated_at = $7, \
+                   enqueued_at = CASE WHEN $4 = 'pending' THEN NULL ELSE enqueued_at END \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &status.as_str(),
+                    &run_at,
+                    &error,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `running → dead`: a permanent error, or the last attempt failed.
+    pub async fn bury(
+        &self,
+        lease: &Lease,
+        error: &str,
+        kind: ErrorKind,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = 'dead', error_message = $4, error_kind = $5, \
+                   finished_at = $6, updated_at = $6, lease_expires_at = NULL \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &error,
+                    &kind.as_str(),
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `running → cancelled` when the handler stopped on a cancel request,
+    /// keeping what it did so far in `result`.
+    pub async fn finish_cancelled(
+        &self,
+        lease: &Lease,
+        partial: Option<Value>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = 'cancelled', result = $4, finished_at = $5, \
+                   updated_at = $5, lease_expires_at = NULL \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &partial,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `running → pending` near the invocation deadline: the checkpoint is
+    /// saved, and the attempt is given back (a hand-off is not a failure), so
+    /// a job may need any number of invocations. The next claim is a new
+    /// `worker_id`, so the lease guard still tells the two apart.
+    pub async fn hand_off(
+        &self,
+        lease: &Lease,
+        checkpoint: &Value,
+        progress: Option<&Progress>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = 'pending', attempts = attempts - 1, checkpoint = $4, \
+                   progress = coalesce($5, progress), run_at = $6, enqueued_at = NULL, \
+                   lease_expires_at = NULL, updated_at = $6 \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    checkpoint,
+                    &progress,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `running → queued`, due at `run_at`, giving the attempt back: the job
+    /// was not run (a rate limit was empty, or its workspace is at its
+    /// concurrency limit).
+    pub async fn snooze(
+        &self,
+        lease: &Lease,
+        run_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = $4, \
+                   lease_expires_at = NULL, updated_at = $5 \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &run_at,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// `queued → pending` for a job whose message was lost (the queue refused
+    /// to delay it), so the scheduler's outbox sends it a new one.
+    pub async fn to_outbox(&self, id: JobId, now: DateTime<Utc>) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "UPDATE jobs SET status = 'pending', enqueued_at = NULL, updated_at = $2 \
+                 WHERE id = $1 AND status = 'queued'",
+                &[&id.0, &now],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Status and due time of jobs, for deciding what to do with messages
+    /// whose job could not be claimed.
+    pub async fn peek(
+        &self,
+        ids: &[JobId],
+    ) -> Result<Vec<(JobId, JobStatus, DateTime<Utc>)>, DbError> {
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "SELECT id, status, run_at FROM jobs WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    JobId(r.get(0)),
+                    r.get::<_, &str>(1).parse().unwrap_or(JobStatus::Dead),
+                    r.get(2),
+                )
+            })
+            .collect())
+    }
+
+    /// Saves a running job's checkpoint; `false` when the lease is lost.
+    pub async fn save_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &Value,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = self.pool.get().await?;
+        let n = db
+            .execute(
+                "UPDATE jobs SET checkpoint = $4, updated_at = $5 \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    checkpoint,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Writes a running job's progress. Returns `None` when the lease is
+    /// lost, else whether a cancel was requested (so progress writes double
+    /// as the cancel check).
+    pub async fn set_progress(
+        &self,
+        lease: &Lease,
+        progress: &Progress,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, DbError> {
+        let db = self.pool.get().await?;
+        let value = serde_json::to_value(progress).unwrap_or(Value::Null);
+        let row = db
+            .query_opt(
+                "UPDATE jobs SET progress = $4, updated_at = $5 \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3 \
+                 RETURNING cancel_requested_at IS NOT NULL",
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &value,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Whether a cancel was requested for a job this lease still holds
+    /// (`None`: the lease is lost).
+    pub async fn cancel_requested(&self, lease: &Lease) -> Result<Option<bool>, DbError> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                "SELECT cancel_requested_at IS NOT NULL FROM jobs \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+                &[&lease.job_id.0, &lease.attempt, &lease.worker_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Cancels a job: one that has not started (`pending`, `queued`) is
+    /// `cancelled` at once; a `running` one gets `cancel_requested_at`, which
+    /// its handler sees between steps. Returns the job as it now is, or
+    /// `None` when no unfinished job of the workspace has that id.
+    pub async fn request_cancel(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "UPDATE jobs SET \
+                       status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, \
+                       finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $3 END, \
+                       cancel_requested_at = coalesce(cancel_requested_at, $3), updated_at = $3 \
+                     WHERE id = $1 AND workspace_id = $2 \
+                       AND status IN ('pending', 'queued', 'running') \
+                     RETURNING ",
+                    job_columns!()
+                ),
+                &[&id.0, &workspace.0, &now],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// `dead|cancelled → pending` for a manual re-run: attempts, errors,
+    /// result, progress and checkpoint start afresh. `None` when no such
+    /// finished-but-failed job exists in the workspace.
+    pub async fn manual_retry(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Job>, DbError> {
+        let db = self.pool.get().await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "UPDATE jobs SET status = 'pending', attempts = 0, run_at = $3, \
+                       error_message = NULL, error_kind = NULL, result = NULL, progress = NULL, \
+                       checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
+                       finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
+                       heartbeat_at = NULL, lease_expires_at = NULL, updated_at = $3 \
+                     WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
+                     RETURNING ",
+                    job_columns!()
+                ),
+                &[&id.0, &workspace.0, &now],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// Rescues up to `limit` `running` jobs whose lease expired: back to
+    /// `pending` (the outbox sends them a fresh message) when attempts
+    /// remain, else `dead`. The row is re-checked under its lock, so a job
+    /// its worker finished or renewed in the meantime is left alone.
+    pub async fn rescue_expired(&self, now: DateTime<Utc>, limit: i64) -> Result<Rescued, DbError> {
+        let db = self.pool.get().await?;
+        let rows = db
+            .query(
+                "UPDATE jobs SET \
+                   status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END, \
+                   error_message = CASE WHEN attempts < max_attempts \
+                     THEN 'lease expired: the worker stopped heartbeating; retrying' \
+                     ELSE 'lease expired on the last attempt: the worker stopped heartbeating' END, \
+                   error_kind = CASE WHEN attempts < max_attempts THEN 'retryable' ELSE 'permanent' END, \
+                   finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE $1 END, \
+                   run_at = CASE WHEN attempts < max_attempts THEN $1 ELSE run_at END, \
+                   enqueued_at = NULL, lease_expires_at = NULL, updated_at = $1 \
+                 WHERE id = ANY(ARRAY( \
+                     SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+                   AND status = 'running' AND lease_expires_at < $1 \
+                 RETURNING status",
+                &[&now, &limit],
+            )
+            .await?;
+        let dead = rows
+            .iter()
+            .filter(|r| r.get::<_, &str>(0) == "dead")
+            .count() as u64;
+        Ok(Rescued {
+            requeued: rows.len() as u64 - dead,
+            dead,
+        })
+    }
+
+    /// `non-terminal → dead` for jobs whose message reached the dead-letter
+    /// queue. Returns the ids changed.
+    pub async fn bury_dead_lettered(
+        &self,
+        ids: &[JobId],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, DbError> {
+        let db = self.pool.get().await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "UPDATE jobs SET status = 'dead', error_message = $2, error_kind = 'permanent', \
+                   finished_at = $3, updated_at = $3, lease_expires_at = NULL \
+                 WHERE id = ANY($1) AND status IN ('pending', 'queued', 'running') \
+                 RETURNING id",
+                &[&ids, &reason, &now],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    /// Appends log lines in one statement.
+    pub async fn append_logs(&self, lines: &[LogLine], now: DateTime<Utc>) -> Result<(), DbError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let db = self.pool.get().await?;
+        let job_ids: Vec<_> = lines.iter().map(|l| l.job_id.0).collect();
+        let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
+        let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
+        let levels: Vec<_> = lines.iter().map(|l| l.level).collect();
+        let messages: Vec<_> = lines.iter().map(|l| l.message.as_str()).collect();
+        let metadata: Vec<_> = lines.iter().map(|l| l.metadata.clone()).collect();
+        db.execute(
+            "INSERT INTO job_logs (job_id, workspace_id, attempt, level, message, metadata, created_at) \
+             SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::text[], \
+               $6::jsonb[]) AS u",
+            &[&job_ids, &wss, &attempts, &levels, &messages, &metadata, &now],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A job's log lines in order, after line `after` (a cursor), at most `limit`.
+    pub async fn logs(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, i32, String, String, Option<Value>, DateTime<Utc>)>, DbError> {
+        let db = self.pool.get().await?;
+        let rows = db
+            .query(
+                "SELECT id, attempt, level, message, metadata, created_at FROM job_logs \
+                 WHERE job_id = $1 AND workspace_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+                &[&id.0, &workspace.0, &after, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect())
+    }
+
+    /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
+    /// that finished before `before`.
+    pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {
+        let db = self.pool.get().await?;
+        Ok(db
+            .execute(
+                "DELETE FROM jobs WHERE id = ANY(ARRAY( \
+                   SELECT id FROM jobs WHERE status IN ('completed', 'cancelled', 'dead') \
+                     AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                &[&before, &limit],
+            )
+            .await?)
+    }
+}

@@ -1,0 +1,26 @@
+//! Logging set-up: JSON lines in Lambda (CloudWatch parses them), readable
+//! lines on a laptop. `RUST_LOG` filters either way.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber once; later calls are no-ops.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
+    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
+    // Logs go to stderr: stdout is for what a command prints (the lines
+    // `offload dev` prints to paste into a shell, a token, an id).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if in_lambda {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .without_time()
+            .try_init()
+    } else {
+        builder.with_target(false).compact().try_init()
+    };
+}

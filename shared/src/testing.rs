@@ -1,0 +1,351 @@
+//! Test helpers (feature `testing`): every test gets its own database, made
+//! from a migrated template in milliseconds, so tests run in parallel
+//! without sharing state; and helpers that read like the promises the tests
+//! check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use tokio::sync::OnceCell;
+
+use crate::api::{ApiSettings, AppState};
+use crate::auth::Keys;
+use crate::clock::Clock;
+use crate::config::{SqsConfig, WorkerConfig};
+use crate::db;
+use crate::handlers::Registry;
+use crate::ids::{JobId, UserId, WorkspaceId};
+use crate::job::{Job, JobStatus};
+use crate::queue::{PgQueue, Queue, SqsQueue};
+use crate::store::{NewJob, Store};
+use crate::worker::Worker;
+use crate::workspace::{self, Role, Tier};
+
+/// The secret test tokens are signed with.
+pub const TEST_SECRET: &str = "offload-test-secret-offload-test-secret";
+
+/// The server tests use: `OFFLOAD_TEST_DATABASE_URL`, else `DATABASE_URL`,
+/// else the local default.
+pub fn server_url() -> String {
+    std::env::var("OFFLOAD_TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| crate::config::DEFAULT_DATABASE_URL.to_string())
+}
+
+fn with_db(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+    format!("{base}/{name}{query}")
+}
+
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+
+/// The migrated template database, made once per schema version across
+/// all test processes (an advisory lock keeps two from making it at once).
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let server = server_url();
+            let name = format!("offload_tpl_v{}_{}", db::required_version(), schema_hash());
+            let admin = db::connect(&with_db(&server, "postgres"))
+                .await
+                .unwrap_or_else(|e| panic!("tests need PostgreSQL ({e}); run scripts/test.sh"));
+            admin
+                .execute("SELECT pg_advisory_lock(7_114_244)", &[])
+                .await
+                .expect("advisory lock");
+            let exists = admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                .await
+                .expect("query pg_database")
+                .is_some();
+            if !exists {
+                let building = format!("{name}_building");
+                admin
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {building}; CREATE DATABASE {building}"
+                    ))
+                    .await
+                    .expect("create template");
+                db::migrate(&with_db(&server, &building))
+                    .await
+                    .expect("migrate template");
+                retry_in_use(
+                    &admin,
+                    &format!("ALTER DATABASE {building} RENAME TO {name}"),
+                )
+                .await;
+            }
+            admin
+                .execute("SELECT pg_advisory_unlock(7_114_244)", &[])
+                .await
+                .expect("advisory unlock");
+            name
+        })
+        .await
+}
+
+/// A short fingerprint of the migrations, so a changed migration gets a new template.
+fn schema_hash() -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("migrations folder")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in files {
+        for b in std::fs::read(&f).unwrap_or_default() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{:08x}", h as u32)
+}
+
+/// Runs a statement that fails while another session is still attached to
+/// the database it names (a just-closed connection lingers for a moment).
+async fn retry_in_use(client: &tokio_postgres::Client, sql: &str) {
+    for _ in 0..100 {
+        match client.batch_execute(sql).await {
+            Ok(()) => return,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{sql}: {e:?}"),
+        }
+    }
+    panic!("{sql}: database stayed in use");
+}
+
+/// A fresh, migrated database of this test's own.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    pub pool: Pool,
+    pub store: Store,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let template = template().await;
+        let server = server_url();
+        let name = format!("offload_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = db::connect(&with_db(&server, "postgres"))
+            .await
+            .expect("connect to postgres");
+        retry_in_use(
+            &admin,
+            &format!("CREATE DATABASE {name} TEMPLATE {template}"),
+        )
+        .await;
+        let url = with_db(&server, &name);
+        let pool = db::pool(&url, 8).expect("pool");
+        TestDb {
+            store: Store::new(pool.clone()),
+            url,
+            name,
+            pool,
+        }
+    }
+
+    /// A workspace of `tier` with one admin; returns both ids.
+    pub async fn workspace(&self, tier: Tier) -> (WorkspaceId, UserId) {
+        let ws = WorkspaceId::new();
+        let user = UserId::new();
+        let db = self.pool.get().await.expect("connection");
+        workspace::ensure_workspace(&**db, ws, "Test", tier)
+            .await
+            .expect("workspace");
+        workspace::add_member(&**db, ws, user, Role::Admin)
+            .await
+            .expect("member");
+        (ws, user)
+    }
+
+    /// Inserts jobs as the API would, without sending messages.
+    pub async fn insert(&self, jobs: &[NewJob]) -> Vec<Job> {
+        let db = self.pool.get().await.expect("connection");
+        self.store
+            .insert(&**db, jobs, Utc::now())
+            .await
+            .expect("insert")
+            .into_iter()
+            .map(|(j, _)| j)
+            .collect()
+    }
+
+    pub async fn job(&self, id: JobId) -> Job {
+        self.store
+            .get_any(id)
+            .await
+            .expect("read job")
+            .expect("job exists")
+    }
+
+    /// Polls until the job reaches `status` or `timeout` passes; returns it.
+    pub async fn wait_for_status(&self, id: JobId, status: JobStatus, timeout: Duration) -> Job {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let job = self.job(id).await;
+            if job.status == status {
+                return job;
+            }
+            if tokio::time::Instant::now() > end {
+                panic!(
+                    "job {id} is {} after {timeout:?}, expected {status}: {job:?}",
+                    job.status
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn scalar_i64(&self, sql: &str) -> i64 {
+        let db = self.pool.get().await.expect("connection");
+        db.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+
+    /// A Postgres queue in this database.
+    pub fn pg_queue(&self, max_receive_count: u32) -> PgQueue {
+        PgQueue::new(self.pool.clone(), max_receive_count)
+    }
+
+    pub fn worker(&self, queue: Arc<dyn Queue>, config: WorkerConfig) -> Worker {
+        Worker {
+            store: self.store.clone(),
+            queue,
+            registry: Arc::new(Registry::builtin()),
+            config,
+            clock: Clock::System,
+            name: "test-worker".into(),
+        }
+    }
+
+    pub fn api_state(&self, queue: Arc<dyn Queue>) -> AppState {
+        AppState {
+            store: self.store.clone(),
+            queue,
+            registry: Arc::new(Registry::builtin()),
+            keys: Keys::new(TEST_SECRET),
+            clock: Clock::System,
+            settings: ApiSettings::default(),
+        }
+    }
+}
+
+/// The SQS API server the tests use (moto, started by scripts/test.sh).
+pub fn sqs_endpoint() -> String {
+    std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "OFFLOAD_TEST_SQS_ENDPOINT is not set: SQS tests need moto's server; \
+             run them through scripts/test.sh, which starts it"
+        )
+    })
+}
+
+/// Fresh SQS queues (a unique prefix) on the test server, with redrive to a
+/// dead-letter queue after `max_receive_count` receives.
+pub async fn sqs_queue(max_receive_count: u32) -> SqsQueue {
+    let cfg = SqsConfig {
+        endpoint: Some(sqs_endpoint()),
+        prefix: format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        urls: None,
+        region: "us-east-1".into(),
+    };
+    SqsQueue::connect(&cfg, max_receive_count)
+        .await
+        .expect("create SQS queues on the test server")
+}
+
+/// A token for `user` valid for an hour, signed with [`TEST_SECRET`].
+pub fn token(user: UserId) -> String {
+    let now = Utc::now();
+    Keys::new(TEST_SECRET).issue(user, now, now + chrono::Duration::hours(1))
+}
+
+/// A job of `job_type` with `payload`, for `workspace`.
+pub fn new_job(workspace: WorkspaceId, job_type: &str, payload: Value) -> NewJob {
+    NewJob::new(workspace, job_type, payload)
+}
+
+/// The API served on a free loopback port; dropped with the test.
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    pub workspace: WorkspaceId,
+    pub user: UserId,
+    pub token: String,
+    pub queue: Arc<dyn Queue>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl TestApp {
+    /// A fresh database, an enterprise workspace with an admin, the Postgres
+    /// queue, and the router listening on 127.0.0.1:0.
+    pub async fn spawn() -> TestApp {
+        let db = TestDb::new().await;
+        let queue: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+        Self::spawn_with(db, queue).await
+    }
+
+    pub async fn spawn_with(db: TestDb, queue: Arc<dyn Queue>) -> TestApp {
+        let (workspace, user) = db.workspace(Tier::Enterprise).await;
+        let app = crate::api::router(db.api_state(queue.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("serve");
+        });
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            token: token(user),
+            db,
+            workspace,
+            user,
+            queue,
+            server,
+        }
+    }
+
+    pub fn jobs_url(&self) -> String {
+        format!("{}/api/workspaces/{}/jobs", self.base, self.workspace)
+    }
+
+    /// `POST …/jobs` with `body`, as the workspace's admin.
+    pub async fn create_job(&self, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.jobs_url())
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// `GET …/jobs/{id}` as the workspace's admin.
+    pub async fn get_job(&self, id: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}/{id}", self.jobs_url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("request")
+    }
+}

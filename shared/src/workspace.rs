@@ -1,0 +1,175 @@
+//! Workspaces (tenants), their members and their tier limits.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tokio_postgres::GenericClient;
+
+use crate::db::DbError;
+use crate::ids::{UserId, WorkspaceId};
+
+/// A workspace's plan; it sets the defaults of its limits (DESIGN.md "Tiers").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Free,
+    #[default]
+    Standard,
+    Enterprise,
+    /// No limits: self-hosted teams and benchmarks.
+    Unlimited,
+}
+
+/// The limits in force for one workspace; `None` means unlimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_running: Option<i64>,
+    pub max_created_per_user_hour: Option<i64>,
+    pub max_unfinished: Option<i64>,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Standard => "standard",
+            Tier::Enterprise => "enterprise",
+            Tier::Unlimited => "unlimited",
+        }
+    }
+
+    pub fn limits(self) -> Limits {
+        let l = |a, b, c| Limits {
+            max_running: Some(a),
+            max_created_per_user_hour: Some(b),
+            max_unfinished: Some(c),
+        };
+        match self {
+            Tier::Free => l(1, 10, 100),
+            Tier::Standard => l(5, 1_000, 10_000),
+            Tier::Enterprise => l(20, 100_000, 1_000_000),
+            Tier::Unlimited => Limits {
+                max_running: None,
+                max_created_per_user_hour: None,
+                max_unfinished: None,
+            },
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Tier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Tier::Free,
+            Tier::Standard,
+            Tier::Enterprise,
+            Tier::Unlimited,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+        .ok_or_else(|| {
+            format!("unknown tier {s:?}; expected free, standard, enterprise or unlimited")
+        })
+    }
+}
+
+/// A member's role in a workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Member,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Creates a workspace, or leaves an existing one with the same id as it is.
+pub async fn ensure_workspace(
+    db: &impl GenericClient,
+    id: WorkspaceId,
+    name: &str,
+    tier: Tier,
+) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO workspaces (id, name, tier) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        &[&id.0, &name, &tier.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes `user` a member of `workspace` with `role` (updating the role if
+/// they already are one).
+pub async fn add_member(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+    user: UserId,
+    role: Role,
+) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO workspace_members (workspace_id, user_id, role) VALUES ($1, $2, $3) \
+         ON CONFLICT (workspace_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+        &[&workspace.0, &user.0, &role.as_str()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The user's role in the workspace, or `None` when they are not a member
+/// (or the workspace does not exist: the two are indistinguishable on purpose).
+pub async fn member_role(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+    user: UserId,
+) -> Result<Option<Role>, DbError> {
+    let row = db
+        .query_opt(
+            "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
+            &[&workspace.0, &user.0],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        if r.get::<_, &str>(0) == "admin" {
+            Role::Admin
+        } else {
+            Role::Member
+        }
+    }))
+}
+
+/// The limits in force for a workspace: its tier's, with its overrides.
+pub async fn limits(db: &impl GenericClient, workspace: WorkspaceId) -> Result<Limits, DbError> {
+    let row = db
+        .query_opt(
+            "SELECT tier, max_running, max_created_per_user_hour, max_unfinished \
+             FROM workspaces WHERE id = $1",
+            &[&workspace.0],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Tier::Free.limits());
+    };
+    let tier: Tier = row.get::<_, &str>(0).parse().unwrap_or_default();
+    let base = tier.limits();
+    let over = |i: usize, d: Option<i64>| row.get::<_, Option<i32>>(i).map(i64::from).or(d);
+    Ok(Limits {
+        max_running: over(1, base.max_running),
+        max_created_per_user_hour: over(2, base.max_created_per_user_hour),
+        max_unfinished: over(3, base.max_unfinished),
+    })
+}

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound, Utc};
 
 /// A source of the current time. Cloning is shallow.
 #[derive(Clone, Debug)]
@@ -21,10 +21,11 @@ impl Clock {
         Clock::Manual(Arc::new(Mutex::new(start)))
     }
 
-    /// The current time.
+    /// The current time, to the microsecond (Postgres's precision, so a
+    /// time read back from a row equals the one written).
     pub fn now(&self) -> DateTime<Utc> {
         match self {
-            Clock::System => Utc::now(),
+            Clock::System => Utc::now().trunc_subsecs(6),
             Clock::Manual(t) => *t.lock().expect("clock mutex poisoned"),
         }
     }

@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod enqueue;
+pub mod event_source;
 pub mod handlers;
 pub mod ids;
 pub mod job;

@@ -84,10 +84,11 @@ pub struct LogLine {
     pub metadata: Option<Value>,
 }
 
-/// Counts returned by the lease rescuer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What the lease rescuer did.
+#[derive(Clone, Debug, Default)]
 pub struct Rescued {
-    pub requeued: u64,
+    /// Jobs put back to `pending`, to be sent a fresh message.
+    pub requeued: Vec<Job>,
     pub dead: u64,
 }
 
@@ -731,6 +732,7 @@ impl Store {
         let db = self.pool.get().await?;
         let rows = db
             .query(
+                concat!(
                 "UPDATE jobs SET \
                    status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END, \
                    error_message = CASE WHEN attempts < max_attempts \
@@ -744,17 +746,18 @@ impl Store {
                      SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
                      LIMIT $2 FOR UPDATE SKIP LOCKED)) \
                    AND status = 'running' AND lease_expires_at < $1 \
-                 RETURNING status",
+                 RETURNING ",
+                    job_columns!()
+                ),
                 &[&now, &limit],
             )
             .await?;
-        let dead = rows
-            .iter()
-            .filter(|r| r.get::<_, &str>(0) == "dead")
-            .count() as u64;
+        let jobs: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
+        let (dead, requeued): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| j.status == JobStatus::Dead);
         Ok(Rescued {
-            requeued: rows.len() as u64 - dead,
-            dead,
+            requeued,
+            dead: dead.len() as u64,
         })
     }
 

@@ -16,9 +16,10 @@ use crate::auth::Keys;
 use crate::clock::Clock;
 use crate::config::{SqsConfig, WorkerConfig};
 use crate::db;
+use crate::event_source::EventSource;
 use crate::handlers::Registry;
 use crate::ids::{JobId, UserId, WorkspaceId};
-use crate::job::{Job, JobStatus};
+use crate::job::{Job, JobStatus, QueueName};
 use crate::queue::{PgQueue, Queue, SqsQueue};
 use crate::store::{NewJob, Store};
 use crate::worker::Worker;
@@ -57,7 +58,7 @@ async fn template() -> &'static str {
                 .await
                 .unwrap_or_else(|e| panic!("tests need PostgreSQL ({e}); run scripts/test.sh"));
             admin
-                .execute("SELECT pg_advisory_lock(7_114_244)", &[])
+                .execute("SELECT pg_advisory_lock(7114244)", &[])
                 .await
                 .expect("advisory lock");
             let exists = admin
@@ -67,12 +68,12 @@ async fn template() -> &'static str {
                 .is_some();
             if !exists {
                 let building = format!("{name}_building");
-                admin
-                    .batch_execute(&format!(
-                        "DROP DATABASE IF EXISTS {building}; CREATE DATABASE {building}"
-                    ))
-                    .await
-                    .expect("create template");
+                for sql in [
+                    format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+                    format!("CREATE DATABASE {building}"),
+                ] {
+                    admin.batch_execute(&sql).await.expect("create template");
+                }
                 db::migrate(&with_db(&server, &building))
                     .await
                     .expect("migrate template");
@@ -83,7 +84,7 @@ async fn template() -> &'static str {
                 .await;
             }
             admin
-                .execute("SELECT pg_advisory_unlock(7_114_244)", &[])
+                .execute("SELECT pg_advisory_unlock(7114244)", &[])
                 .await
                 .expect("advisory unlock");
             name
@@ -218,10 +219,19 @@ impl TestDb {
     }
 
     pub fn worker(&self, queue: Arc<dyn Queue>, config: WorkerConfig) -> Worker {
+        self.worker_with(queue, config, Registry::builtin())
+    }
+
+    pub fn worker_with(
+        &self,
+        queue: Arc<dyn Queue>,
+        config: WorkerConfig,
+        registry: Registry,
+    ) -> Worker {
         Worker {
             store: self.store.clone(),
             queue,
-            registry: Arc::new(Registry::builtin()),
+            registry: Arc::new(registry),
             config,
             clock: Clock::System,
             name: "test-worker".into(),
@@ -237,6 +247,19 @@ impl TestDb {
             clock: Clock::System,
             settings: ApiSettings::default(),
         }
+    }
+}
+
+/// An event source over the `default` queue, as the local runner builds it.
+pub fn event_source(queue: Arc<dyn Queue>, worker: Worker) -> EventSource {
+    EventSource {
+        queue,
+        worker: Arc::new(worker),
+        name: QueueName::Default,
+        batch: 10,
+        visibility: Duration::from_secs(30),
+        wait: Duration::ZERO,
+        invocation_timeout: Duration::from_secs(60),
     }
 }
 

@@ -70,9 +70,9 @@ impl Scheduler {
     pub async fn run_once(&self) -> Report {
         let mut report = Report::default();
         match rescue::run(self).await {
-            Ok(r) => {
-                report.rescued = r.requeued;
-                report.rescued_dead = r.dead;
+            Ok((requeued, dead)) => {
+                report.rescued = requeued;
+                report.rescued_dead = dead;
             }
             Err(e) => report.errors.push(format!("rescue: {e}")),
         }

@@ -1,12 +1,25 @@
 //! Rescues `running` jobs whose lease expired (their worker died or froze):
-//! back to the outbox when attempts remain, else `dead`.
+//! back to `pending` and sent a fresh message at once when attempts remain,
+//! else `dead`.
 
 use super::Scheduler;
 use crate::db::DbError;
-use crate::store::Rescued;
+use crate::enqueue;
+use crate::job::Job;
 
-pub(super) async fn run(s: &Scheduler) -> Result<Rescued, DbError> {
-    s.store
-        .rescue_expired(s.clock.now(), s.config.batch_limit)
-        .await
+/// Returns (rescued and sent or left for the outbox, dead-lettered).
+pub(super) async fn run(s: &Scheduler) -> Result<(u64, u64), DbError> {
+    let now = s.clock.now();
+    let rescued = s.store.rescue_expired(now, s.config.batch_limit).await?;
+    if !rescued.requeued.is_empty() {
+        let refs: Vec<&Job> = rescued.requeued.iter().collect();
+        // What the queue refuses stays pending for the outbox's next run.
+        let sent = enqueue::send_jobs(&s.store, &*s.queue, &refs, now)
+            .await
+            .map_err(|enqueue::EnqueueError::Db(e)| e)?;
+        if let Some(e) = sent.error {
+            tracing::warn!(error = %e, "rescue: queue refused some messages");
+        }
+    }
+    Ok((rescued.requeued.len() as u64, rescued.dead))
 }

@@ -1,0 +1,117 @@
+//! Plays the Lambda SQS event source mapping on a laptop (and in tests):
+//! receive a batch, invoke the worker with it as a real `SqsEvent`, delete
+//! every message the worker did not report as failed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use tokio::sync::watch;
+
+use crate::job::QueueName;
+use crate::queue::{Queue, ReceivedMessage};
+use crate::worker::Worker;
+
+/// Plays the Lambda SQS event source mapping for one queue: receive a
+/// batch, invoke the worker with it as an `SqsEvent`, delete every message
+/// it did not report as failed.
+pub struct EventSource {
+    pub queue: Arc<dyn Queue>,
+    pub worker: Arc<Worker>,
+    pub name: QueueName,
+    pub batch: usize,
+    pub visibility: Duration,
+    pub wait: Duration,
+    pub invocation_timeout: Duration,
+}
+
+impl EventSource {
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        while !*stop.borrow() {
+            let received = tokio::select! {
+                r = self.queue.receive(self.name, self.batch, self.visibility, self.wait) => r,
+                _ = stop.changed() => break,
+            };
+            match received {
+                Ok(messages) if messages.is_empty() => {}
+                Ok(messages) => {
+                    self.invoke(messages).await;
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.name, error = %e, "receive failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One worker invocation; the batch always runs to its end.
+    pub async fn invoke(&self, messages: Vec<ReceivedMessage>) -> usize {
+        let event = to_event(&messages, &self.queue.arn(self.name));
+        let deadline = tokio::time::Instant::now() + self.invocation_timeout;
+        let response = self.worker.handle(event, deadline).await;
+        let failed: HashSet<String> = response
+            .batch_item_failures
+            .into_iter()
+            .map(|f| f.item_identifier)
+            .collect();
+        let done: Vec<String> = messages
+            .iter()
+            .filter(|m| !failed.contains(&m.message_id))
+            .map(|m| m.receipt_handle.clone())
+            .collect();
+        if let Err(e) = self.queue.delete_batch(self.name, &done).await {
+            tracing::warn!(queue = %self.name, error = %e, "delete failed; messages will be redelivered");
+        }
+        failed.len()
+    }
+
+    /// Receives and invokes until a receive comes back empty; returns the
+    /// number of invocations. For tests and one-shot drains.
+    pub async fn drain(&self) -> usize {
+        let mut invocations = 0;
+        loop {
+            match self
+                .queue
+                .receive(self.name, self.batch, self.visibility, Duration::ZERO)
+                .await
+            {
+                Ok(m) if m.is_empty() => return invocations,
+                Ok(m) => {
+                    self.invoke(m).await;
+                    invocations += 1;
+                }
+                Err(e) => panic!("receive failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Builds the event Lambda would deliver for these messages.
+pub fn to_event(messages: &[ReceivedMessage], arn: &str) -> SqsEvent {
+    let mut event = SqsEvent::default();
+    event.records = messages
+        .iter()
+        .map(|m| {
+            let mut r = SqsMessage::default();
+            r.message_id = Some(m.message_id.clone());
+            r.receipt_handle = Some(m.receipt_handle.clone());
+            r.body = Some(m.body.clone());
+            r.attributes = HashMap::from([
+                (
+                    "ApproximateReceiveCount".to_string(),
+                    m.receive_count.to_string(),
+                ),
+                (
+                    "SentTimestamp".to_string(),
+                    m.sent_at.timestamp_millis().to_string(),
+                ),
+            ]);
+            r.event_source = Some("aws:sqs".into());
+            r.event_source_arn = Some(arn.to_string());
+            r
+        })
+        .collect();
+    event
+}

@@ -1,0 +1,369 @@
+//! The worker against a real Postgres and the Postgres queue: what happens
+//! to each message of a batch, and to each job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use offload::config::WorkerConfig;
+use offload::enqueue::send_jobs;
+use offload::event_source::to_event;
+use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
+use offload::job::{ErrorKind, JobStatus, QueueName};
+use offload::queue::Queue;
+use offload::store::Store;
+use offload::testing::{event_source, new_job, TestDb};
+use offload::workspace::Tier;
+use offload::Job;
+use serde_json::json;
+
+fn quick() -> WorkerConfig {
+    WorkerConfig {
+        backoff_base: Duration::from_secs(10),
+        ..WorkerConfig::default()
+    }
+}
+
+async fn enqueue(db: &TestDb, q: &dyn Queue, jobs: &[Job]) {
+    let refs: Vec<&Job> = jobs.iter().collect();
+    let sent = send_jobs(&db.store, q, &refs, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(sent.sent.len(), jobs.len());
+}
+
+fn deadline(secs: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(secs)
+}
+
+#[tokio::test]
+async fn a_batch_of_noops_completes_and_reports_no_failures() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let jobs = db
+        .insert(
+            &(0..10)
+                .map(|_| new_job(ws, "noop", json!({})))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    enqueue(&db, &*q, &jobs).await;
+    let source = event_source(q.clone(), db.worker(q.clone(), quick()));
+    assert_eq!(
+        source.drain().await,
+        1,
+        "one invocation for the batch of 10"
+    );
+    for j in &jobs {
+        let j = db.job(j.id).await;
+        assert_eq!((j.status, j.attempts), (JobStatus::Completed, 1));
+    }
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM queue_messages").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_garbage_body_fails_only_its_own_record() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
+    let mut event = SqsEvent::default();
+    for (id, body) in [
+        (
+            "good",
+            format!(r#"{{"job_id":"{}","workspace_id":"{}"}}"#, job.id, ws),
+        ),
+        ("bad", "\u{0}not json".to_string()),
+        ("empty", String::new()),
+        ("wrong-shape", r#"{"job_id": 42}"#.to_string()),
+    ] {
+        let mut m = SqsMessage::default();
+        m.message_id = Some(id.into());
+        m.body = Some(body);
+        event.records.push(m);
+    }
+    let resp = db
+        .worker(q.clone(), quick())
+        .handle(event, deadline(60))
+        .await;
+    let mut failed: Vec<_> = resp
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    failed.sort();
+    assert_eq!(failed, ["bad", "empty", "wrong-shape"]);
+    assert_eq!(db.job(job.id).await.status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn duplicate_messages_in_one_batch_run_the_job_once() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
+    for _ in 0..3 {
+        enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    }
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    assert_eq!(msgs.len(), 3);
+    let resp = db
+        .worker(q.clone(), quick())
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "duplicates are acknowledged"
+    );
+    let j = db.job(job.id).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Completed, 1));
+}
+
+#[tokio::test]
+async fn a_retryable_failure_comes_back_after_a_backoff_and_the_last_one_is_dead() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(10));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let mut nj = new_job(ws, "sleep", json!({"ms": 0, "fail_attempts": 9}));
+    nj.max_attempts = 2;
+    let job = db.insert(&[nj]).await.remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    let worker = db.worker(q.clone(), quick());
+
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let before = chrono::Utc::now();
+    let resp = worker
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    assert_eq!(
+        resp.batch_item_failures.len(),
+        1,
+        "a retry is reported failed"
+    );
+    let j = db.job(job.id).await;
+    assert_eq!(
+        (j.status, j.attempts, j.error_kind),
+        (JobStatus::Queued, 1, Some(ErrorKind::Retryable))
+    );
+    let wait = (j.run_at - before).num_milliseconds();
+    assert!((4_000..=10_500).contains(&wait), "first backoff {wait}ms");
+    // The message is hidden until the retry is due.
+    assert!(q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO
+        )
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Make it due now and deliver it again: the second (last) attempt fails for good.
+    q.change_visibility(QueueName::Default, &msgs[0].receipt_handle, Duration::ZERO)
+        .await
+        .unwrap();
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute("UPDATE jobs SET run_at = now()", &[])
+        .await
+        .unwrap();
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let resp = worker
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "a dead job's message is deleted"
+    );
+    let j = db.job(job.id).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Dead, 2));
+    assert!(j.error_message.unwrap().contains("no attempts left"));
+    assert!(
+        db.scalar_i64("SELECT count(*) FROM job_logs WHERE level = 'error'")
+            .await
+            >= 1
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_error_is_dead_at_once() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db
+        .insert(&[new_job(
+            ws,
+            "sleep",
+            json!({"ms": 0, "fail_attempts": 1, "permanent": true}),
+        )])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    event_source(q.clone(), db.worker(q.clone(), quick()))
+        .drain()
+        .await;
+    let j = db.job(job.id).await;
+    assert_eq!(
+        (j.status, j.attempts, j.error_kind),
+        (JobStatus::Dead, 1, Some(ErrorKind::Permanent))
+    );
+}
+
+struct Panics;
+
+#[async_trait]
+impl JobHandler for Panics {
+    type Payload = serde_json::Value;
+    const TYPE: &'static str = "panics";
+    async fn run(&self, _: serde_json::Value, _: &mut JobContext) -> Result<Outcome, JobError> {
+        panic!("handler bug")
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_only_its_job_and_is_retried() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let jobs = db
+        .insert(&[
+            new_job(ws, "panics", json!({})),
+            new_job(ws, "noop", json!({})),
+        ])
+        .await;
+    enqueue(&db, &*q, &jobs).await;
+    let worker = db.worker_with(q.clone(), quick(), Registry::builtin().with(Panics));
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let resp = worker
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    assert_eq!(resp.batch_item_failures.len(), 1);
+    let p = db.job(jobs[0].id).await;
+    assert_eq!(p.status, JobStatus::Queued);
+    assert!(p.error_message.unwrap().contains("handler bug"));
+    assert_eq!(db.job(jobs[1].id).await.status, JobStatus::Completed);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_the_whole_batch() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let jobs = db
+        .insert(
+            &(0..4)
+                .map(|_| new_job(ws, "noop", json!({})))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    enqueue(&db, &*q, &jobs).await;
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let mut worker = db.worker(q.clone(), quick());
+    worker.store =
+        Store::new(offload::db::pool("postgres://postgres:x@127.0.0.1:1/none", 1).unwrap());
+    let resp = worker
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    assert_eq!(resp.batch_item_failures.len(), 4);
+}
+
+#[tokio::test]
+async fn cancel_stops_a_running_job_at_its_next_step() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db
+        .insert(&[new_job(ws, "sleep", json!({"ms": 2000, "steps": 20}))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    let source = event_source(q.clone(), db.worker(q.clone(), quick()));
+    let run = tokio::spawn(async move { source.drain().await });
+    db.wait_for_status(job.id, JobStatus::Running, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.store
+        .request_cancel(ws, job.id, chrono::Utc::now())
+        .await
+        .unwrap();
+    let j = db
+        .wait_for_status(job.id, JobStatus::Cancelled, Duration::from_secs(3))
+        .await;
+    let done = j.result.unwrap()["steps_done"].as_u64().unwrap();
+    assert!((2..20).contains(&done), "stopped after {done} steps");
+    run.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_long_job_hands_off_near_the_deadline_and_finishes_the_same() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db
+        .insert(&[new_job(ws, "sleep", json!({"ms": 1000, "steps": 10}))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    let config = WorkerConfig {
+        handoff_margin: Duration::from_secs(1),
+        ..quick()
+    };
+    let mut source = event_source(q.clone(), db.worker(q.clone(), config));
+    // Each invocation has 1.25 s: 0.25 s of work before the 1 s margin.
+    source.invocation_timeout = Duration::from_millis(1250);
+    let invocations = source.drain().await;
+    let j = db.job(job.id).await;
+    assert_eq!(j.status, JobStatus::Completed);
+    assert_eq!(j.result, Some(json!({"slept_ms": 1000, "steps": 10})));
+    assert_eq!(j.attempts, 1, "hand-offs use no attempts");
+    assert!(invocations >= 4, "only {invocations} invocations");
+    assert_eq!(j.progress.processed, 10);
+}

@@ -40,16 +40,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let token =
         Keys::new(&config.jwt_secret).issue(DEMO_USER, now, now + chrono::Duration::hours(24));
     let url = format!("http://{}", config.bind);
-    println!("export OFFLOAD_URL={url}");
-    println!("export OFFLOAD_WORKSPACE={DEMO_WORKSPACE}");
-    println!("export OFFLOAD_TOKEN={token}");
-    println!(
-        "# try it:\n\
+    // One write, and no panic if whoever started us stopped reading.
+    let banner = format!(
+        "export OFFLOAD_URL={url}\n\
+         export OFFLOAD_WORKSPACE={DEMO_WORKSPACE}\n\
+         export OFFLOAD_TOKEN={token}\n\
+         # try it:\n\
          # curl -s -X POST \"$OFFLOAD_URL/api/workspaces/$OFFLOAD_WORKSPACE/jobs\" \\\n\
          #   -H \"Authorization: Bearer $OFFLOAD_TOKEN\" -H 'Content-Type: application/json' \\\n\
          #   -d '{{\"type\":\"sleep\",\"payload\":{{\"ms\":3000,\"steps\":6}}}}'\n\
-         # curl -s \"$OFFLOAD_URL/api/workspaces/$OFFLOAD_WORKSPACE/jobs\" -H \"Authorization: Bearer $OFFLOAD_TOKEN\""
+         # curl -s \"$OFFLOAD_URL/api/workspaces/$OFFLOAD_WORKSPACE/jobs\" -H \"Authorization: Bearer $OFFLOAD_TOKEN\"\n"
     );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(config.bind)

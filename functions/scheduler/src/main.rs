@@ -11,16 +11,12 @@ use serde_json::Value;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     offload::telemetry::init();
-    let config = Config::from_env().map_err(|e| {
-        tracing::error!("configuration: {e}");
-        e
-    })?;
+    let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
     let services = Services::connect(config, Registry::builtin()).await?;
     let scheduler = services.scheduler();
     let scheduler = &scheduler;
-    run(service_fn(move |_: LambdaEvent<Value>| async move {
-        let report = scheduler.run_once().await;
-        Ok::<Value, Error>(serde_json::to_value(report)?)
+    run(service_fn(move |event: LambdaEvent<Value>| async move {
+        Ok::<Value, Error>(offload_scheduler::handle(scheduler, event.payload).await)
     }))
     .await
 }

@@ -9,10 +9,7 @@ use offload::startup::Services;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     offload::telemetry::init();
-    let config = Config::from_env().map_err(|e| {
-        tracing::error!("configuration: {e}");
-        e
-    })?;
+    let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
     let services = Services::connect(config, Registry::builtin()).await?;
     let name = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| "worker".into());
     let worker = services.worker(&name);

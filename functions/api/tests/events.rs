@@ -1,0 +1,57 @@
+//! The sample API Gateway events of `events/` through the api function's
+//! handler: the path a request takes in Lambda, authorizer claims included.
+
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use offload::ids::{JobId, UserId, WorkspaceId};
+use offload::testing::{new_job, TestDb};
+use offload::workspace::{self, Role, Tier};
+use serde_json::{json, Value};
+
+const WS: &str = "0ff10ad0-0000-4000-8000-00000000d3e0";
+const USER: &str = "0ff10ad0-0000-4000-8000-0000000000a1";
+const JOB: &str = "0ff10ad0-0000-4000-8000-00000000e001";
+
+async fn setup() -> (TestDb, axum::Router) {
+    let db = TestDb::new().await;
+    let conn = db.pool.get().await.unwrap();
+    let ws: WorkspaceId = WS.parse().unwrap();
+    workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard).await.unwrap();
+    workspace::add_member(&**conn, ws, USER.parse::<UserId>().unwrap(), Role::Member).await.unwrap();
+    let app = offload::api::router(db.api_state(Arc::new(db.pg_queue(5))));
+    (db, app)
+}
+
+async fn invoke(app: axum::Router, event_file: &str) -> (u16, Value) {
+    let raw = std::fs::read_to_string(format!("{}/../../events/{event_file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let req = lambda_http::request::from_str(&raw).expect("a valid API Gateway event");
+    let resp = offload_api::handle(app, req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_create_event_creates_a_job_for_the_authorizers_user() {
+    let (db, app) = setup().await;
+    let (status, job) = invoke(app, "api-create-job.json").await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["type"], "sleep");
+    assert_eq!(job["workspace_id"], WS);
+    assert_eq!(job["tags"], json!(["sample"]));
+    let stored = db.job(job["id"].as_str().unwrap().parse().unwrap()).await;
+    assert_eq!(stored.created_by, Some(USER.parse().unwrap()));
+}
+
+#[tokio::test]
+async fn the_get_event_reads_the_job() {
+    let (db, app) = setup().await;
+    let mut nj = new_job(WS.parse().unwrap(), "noop", json!({}));
+    nj.id = JOB.parse::<JobId>().unwrap();
+    db.insert(&[nj]).await;
+    let (status, job) = invoke(app, "api-get-job.json").await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["id"], JOB);
+    assert_eq!(job["status"], "pending");
+}

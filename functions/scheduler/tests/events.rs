@@ -1,0 +1,33 @@
+//! The sample EventBridge event of `events/` (and an EventBridge Scheduler
+//! input, which is any JSON) through the scheduler function's handler.
+
+use std::sync::Arc;
+
+use offload::clock::Clock;
+use offload::job::JobStatus;
+use offload::scheduler::{Scheduler, SchedulerConfig};
+use offload::testing::{new_job, TestDb};
+use offload::workspace::Tier;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn a_scheduled_event_runs_every_duty_and_reports_counts() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
+    let scheduler = Scheduler {
+        store: db.store.clone(),
+        queue: Arc::new(db.pg_queue(5)),
+        clock: Clock::manual(chrono::Utc::now() + chrono::Duration::minutes(1)),
+        config: SchedulerConfig::default(),
+    };
+    let raw = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/scheduled.json")).unwrap();
+    let event: Value = serde_json::from_str(&raw).unwrap();
+    let report = offload_scheduler::handle(&scheduler, event).await;
+    assert_eq!(report["sent"], 1, "{report}");
+    assert_eq!(report["errors"], json!([]));
+    assert_eq!(db.job(job.id).await.status, JobStatus::Queued);
+
+    let report = offload_scheduler::handle(&scheduler, json!({"anything": ["goes"]})).await;
+    assert_eq!(report["sent"], 0);
+}

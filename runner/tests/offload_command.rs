@@ -1,0 +1,219 @@
+//! The `offload` binary as a user runs it: `dev` end to end on both queue
+//! backends, the operator commands, and configuration errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use offload::testing::{sqs_endpoint, TestDb};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_offload");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `offload dev` running in the background; killed when dropped.
+struct Dev {
+    child: Child,
+    url: String,
+    workspace: String,
+    token: String,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(database_url: &str, extra_env: &[(&str, String)]) -> Dev {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("dev")
+        .env("DATABASE_URL", database_url)
+        .env("OFFLOAD_BIND", format!("127.0.0.1:{}", free_port()))
+        .env("OFFLOAD_SCHEDULER_INTERVAL_SECS", "1")
+        .env_remove("OFFLOAD_QUEUE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start offload dev");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut vars = std::collections::HashMap::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("export ") {
+            let (k, v) = rest.split_once('=').unwrap();
+            vars.insert(k.to_string(), v.to_string());
+        }
+        if vars.len() == 3 {
+            break;
+        }
+    }
+    // Keep reading, so the server never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    assert_eq!(vars.len(), 3, "offload dev printed {vars:?}");
+    Dev {
+        child,
+        url: vars["OFFLOAD_URL"].clone(),
+        workspace: vars["OFFLOAD_WORKSPACE"].clone(),
+        token: vars["OFFLOAD_TOKEN"].clone(),
+    }
+}
+
+/// The slice a newcomer tries first: create a noop and a sleep job with the
+/// printed token, watch the sleep job's progress move, see both completed.
+async fn create_watch_complete(dev: &Dev) {
+    let client = reqwest::Client::new();
+    let jobs = format!("{}/api/workspaces/{}/jobs", dev.url, dev.workspace);
+    // The server may still be binding.
+    for _ in 0..100 {
+        if client.get(format!("{}/health", dev.url)).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let create = |body: Value| client.post(&jobs).bearer_auth(&dev.token).json(&body).send();
+    let noop: Value = create(json!({"type": "noop"})).await.unwrap().json().await.unwrap();
+    let sleep = create(json!({"type": "sleep", "payload": {"ms": 2000, "steps": 8}})).await.unwrap();
+    assert_eq!(sleep.status(), 202);
+    let sleep: Value = sleep.json().await.unwrap();
+
+    let get = |id: &Value| {
+        client.get(format!("{jobs}/{}", id.as_str().unwrap())).bearer_auth(&dev.token).send()
+    };
+    let mut seen_progress = std::collections::BTreeSet::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s: Value = get(&sleep["id"]).await.unwrap().json().await.unwrap();
+        if let Some(p) = s["progress"]["processed"].as_u64() {
+            seen_progress.insert(p);
+        }
+        if s["status"] == "completed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "sleep job stuck: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen_progress.iter().filter(|p| (1..8).contains(*p)).count() >= 2,
+        "progress did not move visibly: {seen_progress:?}"
+    );
+    let n: Value = get(&noop["id"]).await.unwrap().json().await.unwrap();
+    assert_eq!(n["status"], "completed");
+    let s: Value = get(&sleep["id"]).await.unwrap().json().await.unwrap();
+    assert_eq!(s["result"], json!({"slept_ms": 2000, "steps": 8}));
+    assert_eq!(s["progress"]["percentage"], 100.0);
+}
+
+#[tokio::test]
+async fn dev_runs_jobs_end_to_end_on_the_postgres_queue() {
+    let db = TestDb::new().await;
+    let dev = start_dev(&db.url, &[]);
+    create_watch_complete(&dev).await;
+}
+
+#[tokio::test]
+async fn dev_runs_jobs_end_to_end_on_sqs() {
+    let db = TestDb::new().await;
+    let prefix = format!("dev{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dev = start_dev(
+        &db.url,
+        &[
+            ("OFFLOAD_QUEUE", "sqs".into()),
+            ("OFFLOAD_SQS_ENDPOINT", sqs_endpoint()),
+            ("OFFLOAD_SQS_PREFIX", prefix),
+        ],
+    );
+    create_watch_complete(&dev).await;
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn migrate_workspace_and_token_print_what_a_script_needs() {
+    let db = TestDb::new().await;
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let (code, out, _) = run(&["migrate"], &env);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("schema is up to date"), "{out}");
+
+    let owner = uuid::Uuid::new_v4().to_string();
+    let (code, out, err) = run(&["workspace", "create", "--name", "Acme", "--tier", "free", "--owner", &owner], &env);
+    assert_eq!(code, 0, "{err}");
+    let ws: uuid::Uuid = out.trim().parse().expect("a workspace id alone on stdout");
+    let tier: String = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT tier FROM workspaces WHERE id = $1", &[&ws])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tier, "free");
+
+    let (code, out, _) = run(&["token", "--workspace", &ws.to_string(), "--user", &owner, "--ttl", "2h"], &env);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim().split('.').count(), 3, "a JWT: {out}");
+
+    let (code, _, err) = run(&["workspace", "create", "--name", "X", "--tier", "gold"], &env);
+    assert_ne!(code, 0);
+    assert!(err.contains("gold"), "{err}");
+    let (code, _, err) = run(&["token", "--workspace", &ws.to_string(), "--user", "bob"], &env);
+    assert_ne!(code, 0);
+    assert!(err.contains("--user"), "{err}");
+}
+
+#[test]
+fn configuration_errors_stop_with_one_line_naming_the_variable() {
+    for (var, value) in [
+        ("DATABASE_URL", "mysql://nope"),
+        ("OFFLOAD_QUEUE", "kafka"),
+        ("OFFLOAD_BIND", "everywhere"),
+    ] {
+        let (code, out, err) = run(&["migrate"], &[(var, value)]);
+        assert_eq!(code, 2, "{var}: {err}");
+        assert!(out.is_empty());
+        assert!(err.contains(var), "{var}: {err}");
+    }
+    let (code, _, err) = run(&["migrate"], &[("DATABASE_URL", "postgres://postgres:x@127.0.0.1:1/offload")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the database at 127.0.0.1:1/offload"), "{err}");
+}
+
+#[tokio::test]
+async fn the_functions_refuse_a_database_whose_schema_is_behind() {
+    let db = TestDb::new().await;
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("DELETE FROM refinery_schema_history")
+        .await
+        .unwrap();
+    let config = offload::config::Config::from_lookup(|k| (k == "DATABASE_URL").then(|| db.url.clone())).unwrap();
+    let err = offload::startup::Services::connect(config, offload::handlers::Registry::builtin())
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("offload migrate"), "{msg}");
+    assert!(msg.starts_with("DATABASE_URL"), "{msg}");
+}

@@ -11,7 +11,11 @@ use serde_json::{json, Value};
 const BIN: &str = env!("CARGO_BIN_EXE_offload");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// `offload dev` running in the background; killed when dropped.
@@ -72,19 +76,40 @@ async fn create_watch_complete(dev: &Dev) {
     let jobs = format!("{}/api/workspaces/{}/jobs", dev.url, dev.workspace);
     // The server may still be binding.
     for _ in 0..100 {
-        if client.get(format!("{}/health", dev.url)).send().await.is_ok() {
+        if client
+            .get(format!("{}/health", dev.url))
+            .send()
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let create = |body: Value| client.post(&jobs).bearer_auth(&dev.token).json(&body).send();
-    let noop: Value = create(json!({"type": "noop"})).await.unwrap().json().await.unwrap();
-    let sleep = create(json!({"type": "sleep", "payload": {"ms": 2000, "steps": 8}})).await.unwrap();
+    let create = |body: Value| {
+        client
+            .post(&jobs)
+            .bearer_auth(&dev.token)
+            .json(&body)
+            .send()
+    };
+    let noop: Value = create(json!({"type": "noop"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sleep = create(json!({"type": "sleep", "payload": {"ms": 2000, "steps": 8}}))
+        .await
+        .unwrap();
     assert_eq!(sleep.status(), 202);
     let sleep: Value = sleep.json().await.unwrap();
 
     let get = |id: &Value| {
-        client.get(format!("{jobs}/{}", id.as_str().unwrap())).bearer_auth(&dev.token).send()
+        client
+            .get(format!("{jobs}/{}", id.as_str().unwrap()))
+            .bearer_auth(&dev.token)
+            .send()
     };
     let mut seen_progress = std::collections::BTreeSet::new();
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -155,7 +180,19 @@ async fn migrate_workspace_and_token_print_what_a_script_needs() {
     assert!(out.starts_with("schema is up to date"), "{out}");
 
     let owner = uuid::Uuid::new_v4().to_string();
-    let (code, out, err) = run(&["workspace", "create", "--name", "Acme", "--tier", "free", "--owner", &owner], &env);
+    let (code, out, err) = run(
+        &[
+            "workspace",
+            "create",
+            "--name",
+            "Acme",
+            "--tier",
+            "free",
+            "--owner",
+            &owner,
+        ],
+        &env,
+    );
     assert_eq!(code, 0, "{err}");
     let ws: uuid::Uuid = out.trim().parse().expect("a workspace id alone on stdout");
     let tier: String = db
@@ -169,14 +206,31 @@ async fn migrate_workspace_and_token_print_what_a_script_needs() {
         .get(0);
     assert_eq!(tier, "free");
 
-    let (code, out, _) = run(&["token", "--workspace", &ws.to_string(), "--user", &owner, "--ttl", "2h"], &env);
+    let (code, out, _) = run(
+        &[
+            "token",
+            "--workspace",
+            &ws.to_string(),
+            "--user",
+            &owner,
+            "--ttl",
+            "2h",
+        ],
+        &env,
+    );
     assert_eq!(code, 0);
     assert_eq!(out.trim().split('.').count(), 3, "a JWT: {out}");
 
-    let (code, _, err) = run(&["workspace", "create", "--name", "X", "--tier", "gold"], &env);
+    let (code, _, err) = run(
+        &["workspace", "create", "--name", "X", "--tier", "gold"],
+        &env,
+    );
     assert_ne!(code, 0);
     assert!(err.contains("gold"), "{err}");
-    let (code, _, err) = run(&["token", "--workspace", &ws.to_string(), "--user", "bob"], &env);
+    let (code, _, err) = run(
+        &["token", "--workspace", &ws.to_string(), "--user", "bob"],
+        &env,
+    );
     assert_ne!(code, 0);
     assert!(err.contains("--user"), "{err}");
 }
@@ -193,9 +247,15 @@ fn configuration_errors_stop_with_one_line_naming_the_variable() {
         assert!(out.is_empty());
         assert!(err.contains(var), "{var}: {err}");
     }
-    let (code, _, err) = run(&["migrate"], &[("DATABASE_URL", "postgres://postgres:x@127.0.0.1:1/offload")]);
+    let (code, _, err) = run(
+        &["migrate"],
+        &[("DATABASE_URL", "postgres://postgres:x@127.0.0.1:1/offload")],
+    );
     assert_eq!(code, 1);
-    assert!(err.contains("cannot reach the database at 127.0.0.1:1/offload"), "{err}");
+    assert!(
+        err.contains("cannot reach the database at 127.0.0.1:1/offload"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -208,7 +268,9 @@ async fn the_functions_refuse_a_database_whose_schema_is_behind() {
         .batch_execute("DELETE FROM refinery_schema_history")
         .await
         .unwrap();
-    let config = offload::config::Config::from_lookup(|k| (k == "DATABASE_URL").then(|| db.url.clone())).unwrap();
+    let config =
+        offload::config::Config::from_lookup(|k| (k == "DATABASE_URL").then(|| db.url.clone()))
+            .unwrap();
     let err = offload::startup::Services::connect(config, offload::handlers::Registry::builtin())
         .await
         .err()

@@ -14,5 +14,8 @@ async fn main() -> Result<(), Error> {
     }
     let services = Services::connect(config, Registry::builtin()).await?;
     let app = offload::api::router(services.api_state());
-    run(service_fn(move |req: Request| offload_api::handle(app.clone(), req))).await
+    run(service_fn(move |req: Request| {
+        offload_api::handle(app.clone(), req)
+    }))
+    .await
 }

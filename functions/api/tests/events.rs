@@ -17,14 +17,22 @@ async fn setup() -> (TestDb, axum::Router) {
     let db = TestDb::new().await;
     let conn = db.pool.get().await.unwrap();
     let ws: WorkspaceId = WS.parse().unwrap();
-    workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard).await.unwrap();
-    workspace::add_member(&**conn, ws, USER.parse::<UserId>().unwrap(), Role::Member).await.unwrap();
+    workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard)
+        .await
+        .unwrap();
+    workspace::add_member(&**conn, ws, USER.parse::<UserId>().unwrap(), Role::Member)
+        .await
+        .unwrap();
     let app = offload::api::router(db.api_state(Arc::new(db.pg_queue(5))));
     (db, app)
 }
 
 async fn invoke(app: axum::Router, event_file: &str) -> (u16, Value) {
-    let raw = std::fs::read_to_string(format!("{}/../../events/{event_file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let raw = std::fs::read_to_string(format!(
+        "{}/../../events/{event_file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
     let req = lambda_http::request::from_str(&raw).expect("a valid API Gateway event");
     let resp = offload_api::handle(app, req).await.unwrap();
     let status = resp.status().as_u16();

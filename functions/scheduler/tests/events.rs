@@ -21,7 +21,11 @@ async fn a_scheduled_event_runs_every_duty_and_reports_counts() {
         clock: Clock::manual(chrono::Utc::now() + chrono::Duration::minutes(1)),
         config: SchedulerConfig::default(),
     };
-    let raw = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/scheduled.json")).unwrap();
+    let raw = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/scheduled.json"
+    ))
+    .unwrap();
     let event: Value = serde_json::from_str(&raw).unwrap();
     let report = offload_scheduler::handle(&scheduler, event).await;
     assert_eq!(report["sent"], 1, "{report}");

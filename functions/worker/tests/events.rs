@@ -15,12 +15,19 @@ async fn the_sample_batch_completes_its_jobs_and_reports_the_garbage_record() {
     let db = TestDb::new().await;
     let ws: WorkspaceId = "0ff10ad0-0000-4000-8000-00000000d3e0".parse().unwrap();
     let conn = db.pool.get().await.unwrap();
-    workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard).await.unwrap();
-    workspace::add_member(&**conn, ws, UserId::new(), Role::Admin).await.unwrap();
-    let ids: Vec<JobId> = ["0ff10ad0-0000-4000-8000-00000000e001", "0ff10ad0-0000-4000-8000-00000000e002"]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+    workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard)
+        .await
+        .unwrap();
+    workspace::add_member(&**conn, ws, UserId::new(), Role::Admin)
+        .await
+        .unwrap();
+    let ids: Vec<JobId> = [
+        "0ff10ad0-0000-4000-8000-00000000e001",
+        "0ff10ad0-0000-4000-8000-00000000e002",
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
     let jobs: Vec<_> = ids
         .iter()
         .map(|id| {
@@ -31,19 +38,34 @@ async fn the_sample_batch_completes_its_jobs_and_reports_the_garbage_record() {
         .collect();
     db.insert(&jobs).await;
 
-    let raw = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../events/sqs-batch.json")).unwrap();
+    let raw = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/sqs-batch.json"
+    ))
+    .unwrap();
     let event: SqsEvent = serde_json::from_str(&raw).unwrap();
     let worker = db.worker(Arc::new(db.pg_queue(5)), WorkerConfig::default());
     let deadline = offload_worker::deadline_instant(
-        (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() + 60_000) as u64,
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 60_000) as u64,
     );
     let resp = worker.handle(event, deadline).await;
-    let failed: Vec<_> = resp.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+    let failed: Vec<_> = resp
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
     assert_eq!(failed, ["5f1a5c7e-1d2b-4c53-9f0e-000000000003"]);
     for id in ids {
         assert_eq!(db.job(id).await.status, JobStatus::Completed);
     }
     // The response serializes as Lambda expects it.
     let v = serde_json::to_value(&resp).unwrap();
-    assert_eq!(v["batchItemFailures"][0]["itemIdentifier"], "5f1a5c7e-1d2b-4c53-9f0e-000000000003");
+    assert_eq!(
+        v["batchItemFailures"][0]["itemIdentifier"],
+        "5f1a5c7e-1d2b-4c53-9f0e-000000000003"
+    );
 }

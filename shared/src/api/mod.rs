@@ -76,7 +76,9 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         // The limit is enforced where the body is read, so an oversize body
         // gets the same problem body as any other bad input.
-        .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            settings.max_body_bytes,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             settings.request_timeout,

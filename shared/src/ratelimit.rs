@@ -21,7 +21,8 @@ pub async fn take(
     let row = db
         .query_opt(
             "INSERT INTO rate_limits AS r (key, tokens, capacity, refill_per_sec, updated_at) \
-             SELECT $1, $2 - $4, $2, $3, clock_timestamp() WHERE $4 <= $2 \
+             SELECT $1::text, $2::float8 - $4::float8, $2::float8, $3::float8, clock_timestamp() \
+             WHERE $4::float8 <= $2::float8 \
              ON CONFLICT (key) DO UPDATE SET \
                tokens = least(r.capacity, r.tokens + extract(epoch FROM clock_timestamp() - r.updated_at) \
                  * r.refill_per_sec) - $4, \

@@ -94,6 +94,7 @@ impl Services {
             config: self.config.worker.clone(),
             clock: self.clock.clone(),
             name: name.to_string(),
+            limits: Default::default(),
         }
     }
 

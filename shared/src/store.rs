@@ -116,6 +116,34 @@ const CLAIM: &str = concat!(
     job_columns!()
 );
 
+/// [`CLAIM`] for batches with jobs of workspaces that have a concurrency
+/// limit (`$5` the workspaces, `$6` their limits): within each workspace the
+/// candidates are ranked by priority, and only those that fit under the
+/// limit, given the workspace's `running` count, are claimed.
+const CLAIM_FAIR: &str = concat!(
+    "WITH cand AS ( \
+       SELECT id AS cid, workspace_id AS cws, \
+         row_number() OVER (PARTITION BY workspace_id ORDER BY priority DESC, created_at, id) AS rn \
+       FROM jobs \
+       WHERE id = ANY($1) AND run_at <= $3 \
+         AND (status IN ('pending', 'queued') \
+              OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts))), \
+     allowed AS ( \
+       SELECT c.cid FROM cand c \
+       LEFT JOIN unnest($5::uuid[], $6::int8[]) AS l(lws, lmax) ON l.lws = c.cws \
+       LEFT JOIN workspaces w ON w.id = c.cws \
+       WHERE l.lmax IS NULL OR c.rn + coalesce(w.running, 0) <= l.lmax) \
+     UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = $2, \
+       started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
+       updated_at = $3 \
+     FROM allowed \
+     WHERE id = allowed.cid AND run_at <= $3 \
+       AND (status IN ('pending', 'queued') \
+            OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
+     RETURNING ",
+    job_columns!()
+);
+
 /// Completes many jobs in one statement; each row names its own lease.
 const COMPLETE: &str = "UPDATE jobs SET status = 'completed', result = u.res, \
        progress = coalesce(u.prog, jobs.progress), finished_at = $3, updated_at = $3, \
@@ -339,19 +367,47 @@ impl Store {
     }
 
     /// `pending|queued → running` (or an expired `running` lease taken over)
-    /// for every claimable job among `ids`, in one statement.
+    /// for every claimable job among `ids`. `limits` names the workspaces
+    /// with a concurrency limit: for those, the claim takes at most as many
+    /// jobs as the limit leaves room for (highest priority first), with the
+    /// workspaces' rows locked so two concurrent claims cannot both use the
+    /// last free slot. Without limited workspaces it is one statement.
     pub async fn claim(
         &self,
         ids: &[JobId],
         worker_id: &str,
         now: DateTime<Utc>,
         lease: Duration,
+        limits: &[(WorkspaceId, i64)],
     ) -> Result<Vec<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let mut db = self.pool.get().await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
-        let rows = db
-            .query(CLAIM, &[&ids, &worker_id, &now, &(now + lease)])
+        if limits.is_empty() {
+            let rows = db
+                .query(CLAIM, &[&ids, &worker_id, &now, &(now + lease)])
+                .await?;
+            return Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?);
+        }
+        let mut sorted: Vec<(WorkspaceId, i64)> = limits.to_vec();
+        sorted.sort();
+        let lws: Vec<_> = sorted.iter().map(|l| l.0 .0).collect();
+        let lmax: Vec<_> = sorted.iter().map(|l| l.1).collect();
+        let tx = db.transaction().await?;
+        // Locked in id order, so two claimers cannot deadlock. The claim
+        // below is a new statement, so it sees the counts as they are once
+        // the locks are held (READ COMMITTED takes a snapshot per statement).
+        tx.execute(
+            "SELECT 1 FROM workspaces WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+            &[&lws],
+        )
+        .await?;
+        let rows = tx
+            .query(
+                CLAIM_FAIR,
+                &[&ids, &worker_id, &now, &(now + lease), &lws, &lmax],
+            )
             .await?;
+        tx.commit().await?;
         Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
     }
 

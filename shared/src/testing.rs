@@ -235,6 +235,7 @@ impl TestDb {
             config,
             clock: Clock::System,
             name: "test-worker".into(),
+            limits: Default::default(),
         }
     }
 

@@ -20,10 +20,11 @@ use crate::clock::Clock;
 use crate::config::WorkerConfig;
 use crate::enqueue;
 use crate::handlers::{JobContext, JobError, Outcome, Registry};
-use crate::ids::JobId;
+use crate::ids::{JobId, WorkspaceId};
 use crate::job::{ErrorKind, Job, JobMessage, JobStatus, Progress, QueueName};
 use crate::queue::{Queue, MAX_VISIBILITY};
 use crate::store::{Lease, LogLine, Store};
+use crate::workspace::LimitCache;
 
 /// Everything a worker invocation needs, built once per process.
 pub struct Worker {
@@ -34,6 +35,8 @@ pub struct Worker {
     pub clock: Clock,
     /// Names this process in `worker_id` (with a fresh suffix per batch).
     pub name: String,
+    /// Workspaces' concurrency limits, read at most every 30 s.
+    pub limits: Arc<LimitCache>,
 }
 
 /// One message of the batch, parsed.
@@ -107,7 +110,8 @@ impl Worker {
         let now = self.clock.now();
         let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
         let ids: Vec<JobId> = records.iter().map(|r| r.job.job_id).collect();
-        let claimed = match self.store.claim(&ids, &worker_id, now, lease).await {
+        let workspaces: Vec<WorkspaceId> = records.iter().map(|r| r.job.workspace_id).collect();
+        let claimed = match self.claim(&ids, &workspaces, &worker_id, now, lease).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, messages = records.len(),
@@ -151,6 +155,21 @@ impl Worker {
         let by_id: HashMap<JobId, &Record> = runs.iter().map(|(r, j)| (j.id, r)).collect();
         self.finish(ran, &by_id, &worker_id, &mut failures).await;
         response(failures)
+    }
+
+    async fn claim(
+        &self,
+        ids: &[JobId],
+        workspaces: &[WorkspaceId],
+        worker_id: &str,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> Result<Vec<Job>, crate::db::DbError> {
+        let limits = self
+            .limits
+            .max_running(self.store.pool(), workspaces)
+            .await?;
+        self.store.claim(ids, worker_id, now, lease, &limits).await
     }
 
     /// Decides the fate of messages whose job could not be claimed.
@@ -402,7 +421,7 @@ impl Worker {
                     let delay = backoff(&self.config, r.lease.attempt, &mut rand::rng());
                     let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
                     let via_outbox = delay > MAX_VISIBILITY;
-                    logs.push(span_log(
+                    let mut line = span_log(
                         "warn",
                         format!(
                             "attempt {} of {} failed: {msg}; retrying in {}s",
@@ -410,7 +429,9 @@ impl Worker {
                             job.max_attempts,
                             delay.as_secs()
                         ),
-                    ));
+                    );
+                    line.metadata = Some(json!({ "delay_ms": delay.as_millis() as u64 }));
+                    logs.push(line);
                     match self
                         .store
                         .retry_later(&r.lease, run_at, &msg, via_outbox, now)

@@ -173,3 +173,66 @@ pub async fn limits(db: &impl GenericClient, workspace: WorkspaceId) -> Result<L
         max_unfinished: over(3, base.max_unfinished),
     })
 }
+
+/// How long a worker trusts a workspace's limit before reading it again.
+const LIMIT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The worker's cache of workspaces' concurrency limits, so a claim needs no
+/// extra statement for workspaces it has seen lately.
+#[derive(Default)]
+pub struct LimitCache {
+    entries:
+        std::sync::Mutex<std::collections::HashMap<WorkspaceId, (Option<i64>, std::time::Instant)>>,
+}
+
+impl LimitCache {
+    /// The concurrency limits of those of `workspaces` that have one.
+    pub async fn max_running(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        workspaces: &[WorkspaceId],
+    ) -> Result<Vec<(WorkspaceId, i64)>, DbError> {
+        let mut out = Vec::new();
+        let mut missing = Vec::new();
+        {
+            let entries = self.entries.lock().expect("limit cache poisoned");
+            for ws in workspaces {
+                match entries.get(ws) {
+                    Some((limit, at)) if at.elapsed() < LIMIT_TTL => {
+                        if let Some(l) = limit {
+                            out.push((*ws, *l));
+                        }
+                    }
+                    _ => missing.push(ws.0),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        missing.sort();
+        missing.dedup();
+        let db = pool.get().await?;
+        let rows = db
+            .query(
+                "SELECT id, tier, max_running FROM workspaces WHERE id = ANY($1)",
+                &[&missing],
+            )
+            .await?;
+        let now = std::time::Instant::now();
+        let mut entries = self.entries.lock().expect("limit cache poisoned");
+        for r in rows {
+            let ws = WorkspaceId(r.get(0));
+            let tier: Tier = r.get::<_, &str>(1).parse().unwrap_or_default();
+            let limit = r
+                .get::<_, Option<i32>>(2)
+                .map(i64::from)
+                .or(tier.limits().max_running);
+            entries.insert(ws, (limit, now));
+            if let Some(l) = limit {
+                out.push((ws, l));
+            }
+        }
+        Ok(out)
+    }
+}

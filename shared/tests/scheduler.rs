@@ -90,7 +90,7 @@ async fn an_expired_lease_is_rescued_and_resent() {
     let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
     let t0 = Utc::now();
     db.store
-        .claim(&[job.id], "crashed", t0, chrono::Duration::seconds(60))
+        .claim(&[job.id], "crashed", t0, chrono::Duration::seconds(60), &[])
         .await
         .unwrap();
     let clock = Clock::manual(t0 + chrono::Duration::seconds(30));

@@ -29,7 +29,7 @@ async fn a_job_goes_pending_queued_running_completed() {
 
     let claimed = db
         .store
-        .claim(&[job.id], "w1", now, Duration::seconds(60))
+        .claim(&[job.id], "w1", now, Duration::seconds(60), &[])
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -75,7 +75,7 @@ async fn claim_skips_jobs_not_due_finished_or_under_a_live_lease() {
     let (later, held, done) = (&jobs[0], &jobs[1], &jobs[2]);
 
     db.store
-        .claim(&[held.id, done.id], "w1", now, Duration::seconds(60))
+        .claim(&[held.id, done.id], "w1", now, Duration::seconds(60), &[])
         .await
         .unwrap();
     let d = db.job(done.id).await;
@@ -91,6 +91,7 @@ async fn claim_skips_jobs_not_due_finished_or_under_a_live_lease() {
             "w2",
             now,
             Duration::seconds(60),
+            &[],
         )
         .await
         .unwrap();
@@ -111,6 +112,7 @@ async fn the_same_id_twice_in_one_claim_is_claimed_once() {
             "w1",
             Utc::now(),
             Duration::seconds(60),
+            &[],
         )
         .await
         .unwrap();
@@ -126,7 +128,7 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
     let t0 = Utc::now();
     let first = db
         .store
-        .claim(&[job.id], "old", t0, Duration::seconds(30))
+        .claim(&[job.id], "old", t0, Duration::seconds(30), &[])
         .await
         .unwrap()
         .remove(0);
@@ -134,7 +136,7 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
     let t1 = t0 + Duration::seconds(31);
     let second = db
         .store
-        .claim(&[job.id], "new", t1, Duration::seconds(30))
+        .claim(&[job.id], "new", t1, Duration::seconds(30), &[])
         .await
         .unwrap()
         .remove(0);
@@ -199,7 +201,7 @@ async fn retry_bury_cancel_hand_off_and_snooze_each_move_a_running_job() {
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let claimed = db
         .store
-        .claim(&ids, "w", now, Duration::seconds(60))
+        .claim(&ids, "w", now, Duration::seconds(60), &[])
         .await
         .unwrap();
     let lease = |i: usize| lease_of(claimed.iter().find(|j| j.id == ids[i]).unwrap(), "w");
@@ -281,7 +283,7 @@ async fn cancel_is_immediate_when_waiting_and_requested_when_running() {
         .await;
     let now = Utc::now();
     db.store
-        .claim(&[jobs[1].id], "w", now, Duration::seconds(60))
+        .claim(&[jobs[1].id], "w", now, Duration::seconds(60), &[])
         .await
         .unwrap();
 
@@ -327,7 +329,7 @@ async fn manual_retry_starts_a_dead_job_afresh_and_refuses_others() {
     let now = Utc::now();
     let c = db
         .store
-        .claim(&[job.id], "w", now, Duration::seconds(60))
+        .claim(&[job.id], "w", now, Duration::seconds(60), &[])
         .await
         .unwrap()
         .remove(0);
@@ -375,7 +377,7 @@ async fn rescue_requeues_expired_leases_and_dead_letters_the_last_attempt_only()
     let ids: Vec<_> = jobs.iter().map(|j| j.id).collect();
     let claimed = db
         .store
-        .claim(&ids[..3], "w", t0, Duration::seconds(30))
+        .claim(&ids[..3], "w", t0, Duration::seconds(30), &[])
         .await
         .unwrap();
     // Job 2 keeps heartbeating; job 3 was never claimed (queued).

@@ -41,11 +41,24 @@ fn start_dev(database_url: &str, extra_env: &[(&str, String)]) -> Dev {
         .env("OFFLOAD_SCHEDULER_INTERVAL_SECS", "1")
         .env_remove("OFFLOAD_QUEUE")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("start offload dev");
+    // Its log, kept for the failure message.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let mut l = sink.lock().unwrap();
+            if l.len() < 20_000 {
+                l.push_str(&line);
+                l.push('\n');
+            }
+        }
+    });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut vars = std::collections::HashMap::new();
     for line in lines.by_ref() {
@@ -60,7 +73,13 @@ fn start_dev(database_url: &str, extra_env: &[(&str, String)]) -> Dev {
     }
     // Keep reading, so the server never writes to a closed pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    assert_eq!(vars.len(), 3, "offload dev printed {vars:?}");
+    if vars.len() < 3 {
+        let _ = child.wait();
+        panic!(
+            "offload dev printed {vars:?}; its log:\n{}",
+            log.lock().unwrap()
+        );
+    }
     Dev {
         child,
         url: vars["OFFLOAD_URL"].clone(),

@@ -18,7 +18,7 @@ pub enum Clock {
 impl Clock {
     /// A manual clock starting at `start`.
     pub fn manual(start: DateTime<Utc>) -> Self {
-        Clock::Manual(Arc::new(Mutex::new(start)))
+        Clock::Manual(Arc::new(Mutex::new(start.trunc_subsecs(6))))
     }
 
     /// The current time, to the microsecond (Postgres's precision, so a

@@ -23,6 +23,7 @@ pub mod ids;
 pub mod job;
 pub mod queue;
 pub mod ratelimit;
+pub mod schedule;
 pub mod scheduler;
 pub mod startup;
 pub mod store;

@@ -170,3 +170,106 @@ async fn finished_jobs_older_than_retention_are_pruned() {
         "unfinished jobs stay"
     );
 }
+
+fn spec(cron: &str, tz: &str) -> offload::schedule::ScheduleSpec {
+    offload::schedule::ScheduleSpec {
+        name: "nightly".into(),
+        cron: cron.into(),
+        timezone: tz.into(),
+        job_type: "noop".into(),
+        payload: json!({}),
+        queue: QueueName::Low,
+        priority: 2,
+        max_attempts: 3,
+        tags: vec!["recurring".into()],
+        enabled: true,
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_that_missed_many_runs_runs_once_and_overlapping_runs_do_not_double_it() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, user) = db.workspace(Tier::Unlimited).await;
+    let t0 = Utc::now();
+    let conn = db.pool.get().await.unwrap();
+    let s = offload::schedule::create(
+        &**conn,
+        ws,
+        Some(user),
+        &spec("*/5 * * * *", "Europe/Paris"),
+        t0,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(s.next_run_at > t0 && s.next_run_at <= t0 + chrono::Duration::minutes(5));
+
+    // The scheduler was down for three hours: 36 runs were missed.
+    let clock = Clock::manual(t0 + chrono::Duration::hours(3));
+    let sch = scheduler(&db, q.clone(), clock.clone());
+    let (a, b) = tokio::join!(sch.run_once(), sch.run_once());
+    assert_eq!(
+        a.scheduled + b.scheduled,
+        1,
+        "one job, not one per missed run"
+    );
+    let job_rows = db.scalar_i64("SELECT count(*) FROM jobs").await;
+    assert_eq!(job_rows, 1);
+    let conn = db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT queue, priority, max_attempts, tags, created_by, status FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "low");
+    assert_eq!(row.get::<_, i16>(1), 2);
+    assert_eq!(row.get::<_, i32>(2), 3);
+    assert_eq!(row.get::<_, Vec<String>>(3), vec!["recurring".to_string()]);
+    assert_eq!(row.get::<_, Option<uuid::Uuid>>(4), Some(user.0));
+    assert_eq!(row.get::<_, &str>(5), "queued", "sent in the same run");
+    let s = offload::schedule::get(&**conn, ws, s.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        s.next_run_at > clock.now(),
+        "next run is in the future: {}",
+        s.next_run_at
+    );
+    assert_eq!(s.last_run_at, Some(clock.now()));
+
+    assert_eq!(sch.run_once().await.scheduled, 0);
+    clock.advance(chrono::Duration::minutes(5));
+    assert_eq!(
+        sch.run_once().await.scheduled,
+        1,
+        "the next run comes on time"
+    );
+}
+
+#[tokio::test]
+async fn invalid_schedules_are_refused_with_a_reason() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let conn = db.pool.get().await.unwrap();
+    let err = offload::schedule::create(&**conn, ws, None, &spec("every day", "UTC"), Utc::now())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("invalid cron"), "{err}");
+    let err = offload::schedule::create(
+        &**conn,
+        ws,
+        None,
+        &spec("0 2 * * *", "Moon/Base"),
+        Utc::now(),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(err.contains("time zone"), "{err}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM schedules").await, 0);
+}

@@ -6,6 +6,7 @@
 mod dead_letters;
 mod outbox;
 mod prune;
+mod recurring;
 mod rescue;
 
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Report {
     pub rescued_dead: u64,
     /// Pending jobs (new, delayed, rescued, handed off) sent to a queue.
     pub sent: u64,
+    /// Jobs made by due recurring schedules.
+    pub scheduled: u64,
     /// Messages drained from the dead-letter queue.
     pub dead_lettered: u64,
     /// Finished jobs deleted after the retention period.
@@ -75,6 +78,10 @@ impl Scheduler {
                 report.rescued_dead = dead;
             }
             Err(e) => report.errors.push(format!("rescue: {e}")),
+        }
+        match recurring::run(self).await {
+            Ok(n) => report.scheduled = n,
+            Err(e) => report.errors.push(format!("recurring: {e}")),
         }
         match outbox::run(self).await {
             Ok(n) => report.sent = n,
@@ -99,7 +106,7 @@ impl Scheduler {
             );
         } else {
             tracing::warn!(rescued = report.rescued, rescued_dead = report.rescued_dead,
-                sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned,
+                scheduled = report.scheduled, sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned,
                 errors = ?report.errors, "scheduler run with errors");
         }
         report

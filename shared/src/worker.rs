@@ -515,42 +515,50 @@ impl Worker {
         }
     }
 
-    /// One CloudWatch Embedded Metric Format line per job run.
+    /// One CloudWatch Embedded Metric Format line per job run, on stdout
+    /// where Lambda sends it to CloudWatch Logs.
     fn metric(&self, job: &Job, outcome: &str, run_time: Duration) {
-        if !self.config.emit_metrics {
-            return;
+        if self.config.emit_metrics {
+            println!("{}", metric_line(job, outcome, run_time, self.clock.now()));
         }
-        let now = self.clock.now();
-        let wait_ms = job
-            .started_at
-            .map(|s| (s - job.created_at).num_milliseconds().max(0))
-            .unwrap_or(0);
-        println!(
-            "{}",
-            json!({
-                "_aws": {
-                    "Timestamp": now.timestamp_millis(),
-                    "CloudWatchMetrics": [{
-                        "Namespace": "Offload",
-                        "Dimensions": [["JobType", "Queue", "Outcome"]],
-                        "Metrics": [
-                            {"Name": "Jobs", "Unit": "Count"},
-                            {"Name": "WaitTime", "Unit": "Milliseconds"},
-                            {"Name": "RunTime", "Unit": "Milliseconds"}
-                        ]
-                    }]
-                },
-                "JobType": job.job_type,
-                "Queue": job.queue.as_str(),
-                "Outcome": outcome,
-                "Jobs": 1,
-                "WaitTime": wait_ms,
-                "RunTime": run_time.as_millis() as u64,
-                "job_id": job.id,
-                "workspace_id": job.workspace_id,
-            })
-        );
     }
+}
+
+/// The Embedded Metric Format record of one job run: dimensions job type,
+/// queue and outcome; metrics count, wait time (created to started) and run
+/// time.
+pub fn metric_line(
+    job: &Job,
+    outcome: &str,
+    run_time: Duration,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let wait_ms = job
+        .started_at
+        .map(|s| (s - job.created_at).num_milliseconds().max(0))
+        .unwrap_or(0);
+    json!({
+        "_aws": {
+            "Timestamp": now.timestamp_millis(),
+            "CloudWatchMetrics": [{
+                "Namespace": "Offload",
+                "Dimensions": [["JobType", "Queue", "Outcome"]],
+                "Metrics": [
+                    {"Name": "Jobs", "Unit": "Count"},
+                    {"Name": "WaitTime", "Unit": "Milliseconds"},
+                    {"Name": "RunTime", "Unit": "Milliseconds"}
+                ]
+            }]
+        },
+        "JobType": job.job_type,
+        "Queue": job.queue.as_str(),
+        "Outcome": outcome,
+        "Jobs": 1,
+        "WaitTime": wait_ms,
+        "RunTime": run_time.as_millis() as u64,
+        "job_id": job.id,
+        "workspace_id": job.workspace_id,
+    })
 }
 
 fn runs_as_leases(runs: &[(Record, Job)], worker_id: &str) -> Vec<Lease> {

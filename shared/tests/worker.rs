@@ -367,3 +367,157 @@ async fn a_long_job_hands_off_near_the_deadline_and_finishes_the_same() {
     assert!(invocations >= 4, "only {invocations} invocations");
     assert_eq!(j.progress.processed, 10);
 }
+
+#[tokio::test]
+async fn a_batch_of_ten_with_three_failures_reports_exactly_those_three() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let specs: Vec<_> = (0..10)
+        .map(|i| {
+            if i % 3 == 1 {
+                new_job(ws, "sleep", json!({"ms": 0, "fail_attempts": 1}))
+            } else {
+                new_job(ws, "noop", json!({}))
+            }
+        })
+        .collect();
+    let jobs = db.insert(&specs).await;
+    enqueue(&db, &*q, &jobs).await;
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let by_job: std::collections::HashMap<String, String> = msgs
+        .iter()
+        .map(|m| {
+            let v: serde_json::Value = serde_json::from_str(&m.body).unwrap();
+            (
+                v["job_id"].as_str().unwrap().to_string(),
+                m.message_id.clone(),
+            )
+        })
+        .collect();
+    let resp = db
+        .worker(q.clone(), quick())
+        .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
+        .await;
+    let mut failed: Vec<String> = resp
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone())
+        .collect();
+    failed.sort();
+    let mut want: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.job_type == "sleep")
+        .map(|j| by_job[&j.id.to_string()].clone())
+        .collect();
+    want.sort();
+    assert_eq!(failed.len(), 3);
+    assert_eq!(failed, want);
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_cannot_complete_the_job() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db
+        .insert(&[new_job(ws, "sleep", json!({"ms": 1500}))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    // A worker whose heartbeat never comes in time (a frozen Lambda).
+    let frozen = WorkerConfig {
+        lease: Duration::from_millis(500),
+        heartbeat: Duration::from_secs(600),
+        ..quick()
+    };
+    let slow = event_source(q.clone(), db.worker(q.clone(), frozen));
+    let first = tokio::spawn(async move { slow.drain().await });
+    db.wait_for_status(job.id, JobStatus::Running, Duration::from_secs(5))
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The scheduler rescues it; a healthy worker runs it to the end.
+    let scheduler = offload::scheduler::Scheduler {
+        store: db.store.clone(),
+        queue: q.clone(),
+        clock: offload::clock::Clock::System,
+        config: Default::default(),
+    };
+    assert_eq!(scheduler.run_once().await.rescued, 1);
+    let healthy = event_source(q.clone(), db.worker(q.clone(), quick()));
+    healthy.drain().await;
+    let done = db.job(job.id).await;
+    assert_eq!((done.status, done.attempts), (JobStatus::Completed, 2));
+    let finished_at = done.finished_at;
+    // The first worker wakes up and tries to complete attempt 1: nothing changes.
+    first.await.unwrap();
+    let after = db.job(job.id).await;
+    assert_eq!(
+        (after.status, after.attempts, after.finished_at),
+        (JobStatus::Completed, 2, finished_at)
+    );
+    assert_eq!(after.worker_id, done.worker_id);
+}
+
+#[test]
+fn a_metric_line_is_embedded_metric_format() {
+    let job = offload::Job {
+        id: offload::JobId::new(),
+        workspace_id: offload::WorkspaceId::new(),
+        job_type: "noop".into(),
+        queue: QueueName::High,
+        priority: 0,
+        status: JobStatus::Running,
+        payload: json!({}),
+        attempts: 1,
+        max_attempts: 5,
+        run_at: chrono::Utc::now(),
+        progress: Default::default(),
+        result: None,
+        error_message: None,
+        error_kind: None,
+        tags: vec![],
+        created_at: chrono::Utc::now() - chrono::Duration::milliseconds(40),
+        started_at: Some(chrono::Utc::now()),
+        finished_at: None,
+        updated_at: chrono::Utc::now(),
+        created_by: None,
+        idempotency_key: None,
+        checkpoint: None,
+        worker_id: None,
+        lease_expires_at: None,
+        enqueued_at: None,
+        cancel_requested_at: None,
+    };
+    let line = offload::worker::metric_line(
+        &job,
+        "completed",
+        Duration::from_millis(12),
+        chrono::Utc::now(),
+    );
+    let m = &line["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(m["Namespace"], "Offload");
+    assert_eq!(m["Dimensions"], json!([["JobType", "Queue", "Outcome"]]));
+    for metric in m["Metrics"].as_array().unwrap() {
+        let name = metric["Name"].as_str().unwrap();
+        assert!(line.get(name).is_some(), "metric {name} has a value");
+    }
+    assert_eq!(
+        (
+            line["JobType"].as_str(),
+            line["Queue"].as_str(),
+            line["Outcome"].as_str()
+        ),
+        (Some("noop"), Some("high"), Some("completed"))
+    );
+    assert_eq!(line["RunTime"], 12);
+    assert!((35..=100).contains(&line["WaitTime"].as_i64().unwrap()));
+}

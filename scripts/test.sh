@@ -27,3 +27,7 @@ psql "${DATABASE_URL%/*}/postgres" -Atqc \
 say "cargo test"
 export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
 cargo test --workspace --locked
+
+say "benchmark smoke run (tiny sizes; the real figures: cargo run --release -p offload-bench)"
+cargo run -q -p offload-bench -- --jobs 500 --repeat 1 --latency-jobs 20 --latency-rate 100 \
+  --out target/bench-smoke.json

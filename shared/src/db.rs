@@ -74,10 +74,12 @@ pub fn describe(url: &str) -> String {
     }
 }
 
-/// Builds a pool whose connections are checked before reuse: a Lambda that
-/// was frozen comes back with dead sockets, and "verified" recycling replaces
-/// them instead of failing the first query.
-pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+/// Builds a pool. With `verify`, a connection is checked with a round trip
+/// before reuse: a Lambda that was frozen comes back with dead sockets, and
+/// verified recycling replaces them instead of failing the first query. A
+/// long-running process (the local runner, a benchmark) skips that round
+/// trip per checkout and only drops connections it knows are closed.
+pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
     let mut cfg = parse_url(url)?;
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("offload");
@@ -89,7 +91,11 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
         cfg,
         NoTls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Verified,
+            recycling_method: if verify {
+                RecyclingMethod::Verified
+            } else {
+                RecyclingMethod::Fast
+            },
         },
     );
     Pool::builder(mgr)
@@ -99,6 +105,15 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
         .create_timeout(Some(Duration::from_secs(5)))
         .build()
         .map_err(|e| DbError::BadUrl(e.to_string()))
+}
+
+/// [`pool_with`] verifying connections only inside AWS Lambda.
+pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+    pool_with(
+        url,
+        size,
+        std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
+    )
 }
 
 /// Opens one connection outside any pool (migrations, LISTEN).
@@ -221,5 +236,51 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
             Ok(false)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A pooled connection whose statements are prepared once per connection
+/// and reused: a plain `query(&str)` costs two round trips (prepare, then
+/// execute), a cached one costs one. The hot paths (receive, claim,
+/// complete, delete) go through this.
+pub struct Conn(pub deadpool_postgres::Object);
+
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
+impl Conn {
+    pub async fn get(pool: &Pool) -> Result<Conn, DbError> {
+        Ok(Conn(pool.get().await?))
+    }
+
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<tokio_postgres::Row>, DbError> {
+        let stmt = self.0.prepare_cached(sql).await?;
+        Ok(self.0.query(&stmt, params).await?)
+    }
+
+    pub async fn query_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<tokio_postgres::Row>, DbError> {
+        let stmt = self.0.prepare_cached(sql).await?;
+        Ok(self.0.query_opt(&stmt, params).await?)
+    }
+
+    pub async fn query_one(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<tokio_postgres::Row, DbError> {
+        let stmt = self.0.prepare_cached(sql).await?;
+        Ok(self.0.query_one(&stmt, params).await?)
+    }
+
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, DbError> {
+        let stmt = self.0.prepare_cached(sql).await?;
+        Ok(self.0.execute(&stmt, params).await?)
     }
 }

@@ -9,7 +9,7 @@ use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 
-use crate::db::DbError;
+use crate::db::{Conn, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{ErrorKind, Job, JobStatus, Progress, QueueName};
 use crate::job_columns;
@@ -256,7 +256,7 @@ impl Store {
 
     /// One job of one workspace; another workspace's id reads as absent.
     pub async fn get(&self, workspace: WorkspaceId, id: JobId) -> Result<Option<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 concat!(
@@ -273,7 +273,7 @@ impl Store {
     /// A job by id alone, for the worker and the scheduler, which act for
     /// every workspace.
     pub async fn get_any(&self, id: JobId) -> Result<Option<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1"),
@@ -289,7 +289,7 @@ impl Store {
         workspace: WorkspaceId,
         filter: &ListFilter,
     ) -> Result<Vec<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let mut sql = String::from(concat!(
             "SELECT ",
             job_columns!(),
@@ -342,7 +342,7 @@ impl Store {
         workspace: WorkspaceId,
         id: JobId,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "DELETE FROM jobs WHERE id = $1 AND workspace_id = $2 \
@@ -355,15 +355,14 @@ impl Store {
 
     /// `pending → queued` once the queue accepted the jobs' messages.
     pub async fn mark_enqueued(&self, ids: &[JobId], now: DateTime<Utc>) -> Result<u64, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
-        Ok(db
-            .execute(
-                "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
+        db.execute(
+            "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
                  WHERE id = ANY($1) AND status = 'pending'",
-                &[&ids, &now],
-            )
-            .await?)
+            &[&ids, &now],
+        )
+        .await
     }
 
     /// `pending|queued → running` (or an expired `running` lease taken over)
@@ -383,8 +382,9 @@ impl Store {
         let mut db = self.pool.get().await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
         if limits.is_empty() {
+            let stmt = db.prepare_cached(CLAIM).await?;
             let rows = db
-                .query(CLAIM, &[&ids, &worker_id, &now, &(now + lease)])
+                .query(&stmt, &[&ids, &worker_id, &now, &(now + lease)])
                 .await?;
             return Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?);
         }
@@ -420,7 +420,7 @@ impl Store {
         now: DateTime<Utc>,
         lease: Duration,
     ) -> Result<Vec<(JobId, bool)>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = leases.iter().map(|l| l.0 .0).collect();
         let attempts: Vec<_> = leases.iter().map(|l| l.1).collect();
         let rows = db
@@ -447,7 +447,7 @@ impl Store {
         if done.is_empty() {
             return Ok(Vec::new());
         }
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = done.iter().map(|d| d.0.job_id.0).collect();
         let attempts: Vec<_> = done.iter().map(|d| d.0.attempt).collect();
         let results: Vec<_> = done.iter().map(|d| d.1.clone()).collect();
@@ -479,7 +479,7 @@ impl Store {
         via_outbox: bool,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let status = if via_outbox {
             JobStatus::Pending
         } else {
@@ -513,7 +513,7 @@ impl Store {
         kind: ErrorKind,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "UPDATE jobs SET status = 'dead', error_message = $4, error_kind = $5, \
@@ -540,7 +540,7 @@ impl Store {
         partial: Option<Value>,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "UPDATE jobs SET status = 'cancelled', result = $4, finished_at = $5, \
@@ -569,7 +569,7 @@ impl Store {
         progress: Option<&Progress>,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
         let n = db
             .execute(
@@ -599,7 +599,7 @@ impl Store {
         run_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = $4, \
@@ -620,7 +620,7 @@ impl Store {
     /// `queued → pending` for a job whose message was lost (the queue refused
     /// to delay it), so the scheduler's outbox sends it a new one.
     pub async fn to_outbox(&self, id: JobId, now: DateTime<Utc>) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "UPDATE jobs SET status = 'pending', enqueued_at = NULL, updated_at = $2 \
@@ -637,7 +637,7 @@ impl Store {
         &self,
         ids: &[JobId],
     ) -> Result<Vec<(JobId, JobStatus, DateTime<Utc>)>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
         let rows = db
             .query(
@@ -664,7 +664,7 @@ impl Store {
         checkpoint: &Value,
         now: DateTime<Utc>,
     ) -> Result<bool, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let n = db
             .execute(
                 "UPDATE jobs SET checkpoint = $4, updated_at = $5 \
@@ -690,7 +690,7 @@ impl Store {
         progress: &Progress,
         now: DateTime<Utc>,
     ) -> Result<Option<bool>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let value = serde_json::to_value(progress).unwrap_or(Value::Null);
         let row = db
             .query_opt(
@@ -712,7 +712,7 @@ impl Store {
     /// Whether a cancel was requested for a job this lease still holds
     /// (`None`: the lease is lost).
     pub async fn cancel_requested(&self, lease: &Lease) -> Result<Option<bool>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 "SELECT cancel_requested_at IS NOT NULL FROM jobs \
@@ -733,7 +733,7 @@ impl Store {
         id: JobId,
         now: DateTime<Utc>,
     ) -> Result<Option<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 concat!(
@@ -761,7 +761,7 @@ impl Store {
         id: JobId,
         now: DateTime<Utc>,
     ) -> Result<Option<Job>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 concat!(
@@ -785,7 +785,7 @@ impl Store {
     /// remain, else `dead`. The row is re-checked under its lock, so a job
     /// its worker finished or renewed in the meantime is left alone.
     pub async fn rescue_expired(&self, now: DateTime<Utc>, limit: i64) -> Result<Rescued, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let rows = db
             .query(
                 concat!(
@@ -825,7 +825,7 @@ impl Store {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<JobId>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
         let rows = db
             .query(
@@ -844,7 +844,7 @@ impl Store {
         if lines.is_empty() {
             return Ok(());
         }
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let job_ids: Vec<_> = lines.iter().map(|l| l.job_id.0).collect();
         let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
         let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
@@ -869,7 +869,7 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, i32, String, String, Option<Value>, DateTime<Utc>)>, DbError> {
-        let db = self.pool.get().await?;
+        let db = Conn::get(&self.pool).await?;
         let rows = db
             .query(
                 "SELECT id, attempt, level, message, metadata, created_at FROM job_logs \
@@ -886,14 +886,13 @@ impl Store {
     /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
     /// that finished before `before`.
     pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {
-        let db = self.pool.get().await?;
-        Ok(db
-            .execute(
-                "DELETE FROM jobs WHERE id = ANY(ARRAY( \
+        let db = Conn::get(&self.pool).await?;
+        db.execute(
+            "DELETE FROM jobs WHERE id = ANY(ARRAY( \
                    SELECT id FROM jobs WHERE status IN ('completed', 'cancelled', 'dead') \
                      AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
-                &[&before, &limit],
-            )
-            .await?)
+            &[&before, &limit],
+        )
+        .await
     }
 }

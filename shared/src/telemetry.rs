@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber once; later calls are no-ops.
 pub fn init() {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
     let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
     // Logs go to stderr: stdout is for what a command prints (the lines
     // `offload dev` prints to paste into a shell, a token, an id).

@@ -78,7 +78,7 @@ impl PgQueue {
         max: usize,
         visibility: Duration,
     ) -> Result<Vec<ReceivedMessage>, QueueError> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
         let rows = client
             .query(
                 RECEIVE,
@@ -172,7 +172,7 @@ impl Queue for PgQueue {
             .iter()
             .map(|m| m.delay.as_millis() as f64)
             .collect();
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
         client
             .execute(
                 "INSERT INTO queue_messages (queue, body, vt) \
@@ -218,7 +218,7 @@ impl Queue for PgQueue {
     ) -> Result<(), QueueError> {
         let (id, ct) = parse_receipt(receipt_handle)?;
         let timeout = timeout.min(super::MAX_VISIBILITY);
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
         let n = client
             .execute(
                 "UPDATE queue_messages SET vt = now() + $3 * interval '1 millisecond' \
@@ -247,7 +247,7 @@ impl Queue for PgQueue {
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .unzip();
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
         client
             .execute(
                 "DELETE FROM queue_messages USING unnest($1::int8[], $2::int4[]) AS u(id, ct) \
@@ -260,7 +260,7 @@ impl Queue for PgQueue {
     }
 
     async fn depth(&self, queue: QueueName) -> Result<QueueDepth, QueueError> {
-        let client = self.pool.get().await.map_err(unavailable)?;
+        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
         let row = client
             .query_one(
                 "SELECT count(*) FILTER (WHERE vt <= now()), \

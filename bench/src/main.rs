@@ -1,0 +1,470 @@
+//! `cargo run --release -p offload-bench`: measures Offload on this machine
+//! against a real PostgreSQL and prints one `name value unit` line per
+//! figure (the median of `--repeat` runs, after a warm-up), and all of them
+//! as JSON to `--out`. It makes and drops its own databases.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use clap::Parser;
+use offload::clock::Clock;
+use offload::config::WorkerConfig;
+use offload::db;
+use offload::enqueue::send_jobs;
+use offload::event_source::EventSource;
+use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
+use offload::ids::WorkspaceId;
+use offload::job::{Job, QueueName};
+use offload::queue::{PgQueue, Queue};
+use offload::store::{NewJob, Store};
+use offload::worker::Worker;
+use offload::workspace::{self, Tier};
+use serde_json::json;
+
+#[derive(Parser, Clone)]
+#[command(about = "Offload's benchmark")]
+struct Args {
+    /// No-op jobs per drain run.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Messages per worker invocation on the Postgres queue.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Concurrent event-source loops during the drain.
+    #[arg(long, default_value_t = 4)]
+    loops: usize,
+    /// Jobs created one at a time for the latency figure.
+    #[arg(long, default_value_t = 500)]
+    latency_jobs: usize,
+    /// Creation rate for the latency figure, per second.
+    #[arg(long, default_value_t = 50)]
+    latency_rate: u64,
+    /// Where the JSON goes.
+    #[arg(long, default_value = "target/bench-results.json")]
+    out: String,
+    /// Figures to measure (comma-separated): drain, latency, cost.
+    #[arg(long, default_value = "drain,latency,cost", value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// One printed figure.
+#[derive(serde::Serialize)]
+struct Figure {
+    name: String,
+    value: f64,
+    unit: String,
+    runs: Vec<f64>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+/// A database of the benchmark's own, dropped at the end.
+struct BenchDb {
+    name: String,
+    url: String,
+    server: String,
+    pool: deadpool_postgres::Pool,
+    store: Store,
+    ws: WorkspaceId,
+}
+
+fn with_db(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map(|(b, q)| (b, format!("?{q}")))
+        .unwrap_or((url, String::new()));
+    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+    format!("{base}/{name}{query}")
+}
+
+impl BenchDb {
+    async fn new(server: &str, tag: &str) -> anyhow::Result<BenchDb> {
+        let name = format!("offload_bench_{tag}_{}", std::process::id());
+        let admin = db::connect(&with_db(server, "postgres")).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let url = with_db(server, &name);
+        db::migrate(&url).await?;
+        let pool = db::pool_with(&url, 16, false)?;
+        let ws = WorkspaceId::new();
+        workspace::ensure_workspace(&**pool.get().await?, ws, "bench", Tier::Unlimited).await?;
+        Ok(BenchDb {
+            store: Store::new(pool.clone()),
+            name,
+            url,
+            server: server.to_string(),
+            pool,
+            ws,
+        })
+    }
+
+    async fn drop_db(self) -> anyhow::Result<()> {
+        let BenchDb {
+            name, server, pool, ..
+        } = self;
+        pool.close();
+        let admin = db::connect(&with_db(&server, "postgres")).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+        Ok(())
+    }
+
+    /// Inserts and enqueues `n` jobs of `job_type`, 1000 per statement.
+    async fn seed(&self, q: &dyn Queue, n: usize, job_type: &str) -> anyhow::Result<()> {
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(1000);
+            let now = chrono::Utc::now();
+            let new: Vec<NewJob> = (0..k)
+                .map(|_| NewJob {
+                    run_at: now,
+                    ..NewJob::new(self.ws, job_type, json!({}))
+                })
+                .collect();
+            let conn = self.pool.get().await?;
+            let jobs: Vec<Job> = self
+                .store
+                .insert(&**conn, &new, now)
+                .await?
+                .into_iter()
+                .map(|(j, _)| j)
+                .collect();
+            drop(conn);
+            let refs: Vec<&Job> = jobs.iter().collect();
+            let sent = send_jobs(&self.store, q, &refs, now).await?;
+            if let Some(e) = sent.error {
+                anyhow::bail!(
+                    "seeding: the queue refused {} jobs: {e}",
+                    sent.deferred.len()
+                );
+            }
+            left -= k;
+        }
+        let conn = self.pool.get().await?;
+        conn.batch_execute("VACUUM ANALYZE jobs").await?;
+        conn.batch_execute("VACUUM ANALYZE queue_messages").await?;
+        Ok(())
+    }
+
+    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
+        Ok(self.pool.get().await?.query_one(sql, &[]).await?.get(0))
+    }
+}
+
+fn worker(db: &BenchDb, q: Arc<dyn Queue>, registry: Registry) -> Worker {
+    Worker {
+        store: db.store.clone(),
+        queue: q,
+        registry: Arc::new(registry),
+        config: WorkerConfig::default(),
+        clock: Clock::System,
+        name: "bench".into(),
+        limits: Default::default(),
+    }
+}
+
+fn source(q: Arc<dyn Queue>, w: Arc<Worker>, batch: usize, wait: Duration) -> EventSource {
+    EventSource {
+        queue: q,
+        worker: w,
+        name: QueueName::Default,
+        batch,
+        visibility: Duration::from_secs(60),
+        wait,
+        invocation_timeout: Duration::from_secs(900),
+    }
+}
+
+/// Peak resident memory of this process since the last reset, in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Resets the peak-RSS mark (Linux: "5" to clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Drains `n` queued no-op jobs with `loops` event-source loops; returns
+/// (jobs per second, peak RSS MiB during the drain).
+async fn drain_once(args: &Args, server: &str, n: usize) -> anyhow::Result<(f64, f64)> {
+    let db = BenchDb::new(server, "drain").await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    db.seed(&*q, n, "noop").await?;
+    let w = Arc::new(worker(&db, q.clone(), Registry::builtin()));
+    reset_peak_rss();
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..args.loops {
+        let s = source(q.clone(), w.clone(), args.batch, Duration::ZERO);
+        loops.push(tokio::spawn(async move { s.drain().await }));
+    }
+    for l in loops {
+        l.await?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let rss = peak_rss_mib();
+    let done = db
+        .count("SELECT count(*) FROM jobs WHERE status = 'completed'")
+        .await?;
+    anyhow::ensure!(done as usize == n, "only {done} of {n} jobs completed");
+    db.drop_db().await?;
+    Ok((n as f64 / secs, rss))
+}
+
+/// Records when each job's handler starts.
+struct Stamp(Arc<Mutex<HashMap<u64, Instant>>>);
+
+#[derive(serde::Deserialize)]
+struct StampPayload {
+    seq: u64,
+}
+
+#[async_trait]
+impl JobHandler for Stamp {
+    type Payload = StampPayload;
+    const TYPE: &'static str = "stamp";
+    async fn run(&self, p: StampPayload, _: &mut JobContext) -> Result<Outcome, JobError> {
+        self.0.lock().unwrap().insert(p.seq, Instant::now());
+        Ok(Outcome::Completed(None))
+    }
+}
+
+/// Creates jobs one at a time at a steady rate while the worker idles;
+/// returns enqueue-to-start latencies in ms, sorted.
+async fn latency_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
+    let db = BenchDb::new(server, "latency").await?;
+    let pg = PgQueue::new(db.pool.clone(), 5);
+    let listener = pg.listen(&db.url);
+    let q: Arc<dyn Queue> = Arc::new(pg);
+    let started = Arc::new(Mutex::new(HashMap::new()));
+    let w = Arc::new(worker(
+        &db,
+        q.clone(),
+        Registry::builtin().with(Stamp(started.clone())),
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut loops = Vec::new();
+    for _ in 0..2 {
+        let s = source(q.clone(), w.clone(), args.batch, Duration::from_secs(1));
+        let stop = stop_rx.clone();
+        loops.push(tokio::spawn(async move { s.run(stop).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut created = HashMap::new();
+    let every = Duration::from_micros(1_000_000 / args.latency_rate.max(1));
+    let mut tick = tokio::time::interval(every);
+    for seq in 0..args.latency_jobs as u64 {
+        tick.tick().await;
+        let t = Instant::now();
+        let now = chrono::Utc::now();
+        let nj = NewJob::new(db.ws, "stamp", json!({ "seq": seq }));
+        let conn = db.pool.get().await?;
+        let job = db.store.insert(&**conn, &[nj], now).await?.remove(0).0;
+        drop(conn);
+        send_jobs(&db.store, &*q, &[&job], now).await?;
+        created.insert(seq, t);
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while started.lock().unwrap().len() < args.latency_jobs && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    for l in loops {
+        l.await?;
+    }
+    listener.abort();
+    let started = started.lock().unwrap().clone();
+    anyhow::ensure!(
+        started.len() == args.latency_jobs,
+        "only {} jobs started",
+        started.len()
+    );
+    let mut ms: Vec<f64> = created
+        .iter()
+        .map(|(seq, t)| (started[seq] - *t).as_secs_f64() * 1000.0)
+        .collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    db.drop_db().await?;
+    Ok(ms)
+}
+
+/// SQL statements the worker path issues per batch of 10 no-op jobs,
+/// counted by PostgreSQL (committed transactions of the benchmark's own
+/// database; every worker statement runs in autocommit).
+async fn cost_once(server: &str) -> anyhow::Result<f64> {
+    let batches = 100;
+    let db = BenchDb::new(server, "cost").await?;
+    let admin = db::connect(&with_db(server, "postgres")).await?;
+    {
+        let seed_q = PgQueue::new(db.pool.clone(), 5);
+        db.seed(&seed_q, batches * 10, "noop").await?;
+    }
+    db.pool.close();
+    let read = |admin: tokio_postgres::Client, name: String| async move {
+        // Stats reach the shared counters when a backend exits or idles;
+        // wait until the number stops moving.
+        let mut last = -1i64;
+        loop {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let n: i64 = admin
+                .query_one(
+                    "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n == last {
+                return (admin, n);
+            }
+            last = n;
+        }
+    };
+    let (admin, before) = read(admin, db.name.clone()).await;
+    let pool = db::pool_with(&db.url, 4, false)?;
+    let store = Store::new(pool.clone());
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(pool.clone(), 5));
+    let w = Arc::new(Worker {
+        store,
+        queue: q.clone(),
+        registry: Arc::new(Registry::builtin()),
+        config: WorkerConfig::default(),
+        clock: Clock::System,
+        name: "bench".into(),
+        limits: Default::default(),
+    });
+    // Warm the limit cache as a long-lived worker would be.
+    w.limits.max_running(&pool, &[db.ws]).await?;
+    let s = source(q.clone(), w, 10, Duration::ZERO);
+    let invocations = s.drain().await;
+    anyhow::ensure!(
+        invocations == batches,
+        "{invocations} invocations for {batches} batches"
+    );
+    pool.close();
+    drop(s);
+    let (_admin, after) = read(admin, db.name.clone()).await;
+    let db_name = db.name.clone();
+    let server = db.server.clone();
+    drop(db);
+    let admin = db::connect(&with_db(&server, "postgres")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+        .await?;
+    // The final empty receive that ends the drain is one more statement.
+    Ok((after - before - 1) as f64 / batches as f64)
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    offload::telemetry::init();
+    let args = Args::parse();
+    let server = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| offload::config::DEFAULT_DATABASE_URL.into());
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut report = |name: &str, mut runs: Vec<f64>, unit: &str| {
+        let value = median(&mut runs.clone());
+        runs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!("{name} {value:.2} {unit}");
+        figures.push(Figure {
+            name: name.into(),
+            value,
+            unit: unit.into(),
+            runs,
+        });
+    };
+    let want = |f: &str| args.only.iter().any(|o| o == f);
+
+    if want("drain") {
+        eprintln!(
+            "drain: warm-up, then {} runs of {} no-op jobs ({} loops, batch {})",
+            args.repeat, args.jobs, args.loops, args.batch
+        );
+        drain_once(&args, &server, args.jobs / 10).await?;
+        let mut rates = Vec::new();
+        let mut rss = Vec::new();
+        for _ in 0..args.repeat {
+            let (r, m) = drain_once(&args, &server, args.jobs).await?;
+            eprintln!("  {r:.0} jobs/s, peak RSS {m:.1} MiB");
+            rates.push(r);
+            rss.push(m);
+        }
+        report("drain_postgres", rates, "jobs/s");
+        report("worker_peak_rss", rss, "MiB");
+    }
+    if want("latency") {
+        eprintln!(
+            "latency: {} jobs at {}/s, {} runs",
+            args.latency_jobs, args.latency_rate, args.repeat
+        );
+        let (mut p50, mut p95, mut p99) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let ms = latency_once(&args, &server).await?;
+            eprintln!(
+                "  p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99)
+            );
+            p50.push(percentile(&ms, 0.50));
+            p95.push(percentile(&ms, 0.95));
+            p99.push(percentile(&ms, 0.99));
+        }
+        report("latency_p50", p50, "ms");
+        report("latency_p95", p95, "ms");
+        report("latency_p99", p99, "ms");
+    }
+    if want("cost") {
+        eprintln!("cost: statements per batch of 10, counted by PostgreSQL");
+        let mut s = Vec::new();
+        for _ in 0..args.repeat.min(2) {
+            s.push(cost_once(&server).await?);
+        }
+        report("statements_per_batch_of_10", s.clone(), "statements");
+        report(
+            "statements_per_job",
+            s.iter().map(|x| x / 10.0).collect(),
+            "statements",
+        );
+    }
+    if let Some(dir) = std::path::Path::new(&args.out).parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        &args.out,
+        serde_json::to_string_pretty(&json!({
+            "machine": format!("{} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)),
+            "figures": figures,
+        }))?,
+    )?;
+    eprintln!("wrote {}", args.out);
+    Ok(())
+}

@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 use crate::ids::{JobId, UserId, WorkspaceId};
 
 /// Where a job is in its life. See DESIGN.md "States".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobStatus {
     /// Created, not yet accepted by the queue (the outbox).
@@ -143,7 +143,7 @@ impl FromStr for QueueName {
 
 /// Why a job's last attempt failed: `retryable` errors are tried again after
 /// a backoff, `permanent` ones make the job `dead` at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     Retryable,
@@ -160,7 +160,7 @@ impl ErrorKind {
 }
 
 /// How far a running job has got; handlers report it, clients poll it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub total: Option<u64>,
     pub processed: u64,
@@ -211,20 +211,27 @@ macro_rules! job_columns {
 /// One job as stored and as returned by the API. The fields a client sees
 /// serialize to exactly DESIGN.md's job object; the worker's bookkeeping is
 /// skipped.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct Job {
+    #[schema(value_type = uuid::Uuid)]
     pub id: JobId,
+    #[schema(value_type = uuid::Uuid)]
     pub workspace_id: WorkspaceId,
     #[serde(rename = "type")]
     pub job_type: String,
+    /// `high`, `default` or `low`.
+    #[schema(value_type = String, example = "default")]
     pub queue: QueueName,
+    /// 0..=10, higher first within a queue.
     pub priority: i16,
     pub status: JobStatus,
+    #[schema(value_type = Object)]
     pub payload: Value,
     pub attempts: i32,
     pub max_attempts: i32,
     pub run_at: DateTime<Utc>,
     pub progress: Progress,
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub error_message: Option<String>,
     pub error_kind: Option<ErrorKind>,

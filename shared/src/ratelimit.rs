@@ -45,3 +45,39 @@ pub fn wait_for_token(per_second: f64) -> Duration {
         Duration::from_secs_f64((1.0 / per_second).clamp(0.1, 900.0))
     }
 }
+
+/// How long until bucket `key` holds `n` tokens again (zero if it already
+/// does, or does not exist).
+pub async fn wait_for(db: &impl GenericClient, key: &str, n: f64) -> Result<Duration, DbError> {
+    let row = db
+        .query_opt(
+            "SELECT least(capacity, tokens + extract(epoch FROM clock_timestamp() - updated_at) \
+               * refill_per_sec)::float8, refill_per_sec FROM rate_limits WHERE key = $1",
+            &[&key],
+        )
+        .await?;
+    Ok(match row {
+        None => Duration::ZERO,
+        Some(r) => {
+            let (have, rate): (f64, f64) = (r.get(0), r.get(1));
+            if have >= n {
+                Duration::ZERO
+            } else if rate <= 0.0 {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_secs_f64(((n - have) / rate).min(86_400.0))
+            }
+        }
+    })
+}
+
+/// Returns `n` tokens taken from bucket `key` (up to its capacity), for a
+/// request that took them and was then refused for another reason.
+pub async fn give_back(db: &impl GenericClient, key: &str, n: f64) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE rate_limits SET tokens = least(capacity, tokens + $2::float8) WHERE key = $1",
+        &[&key, &n],
+    )
+    .await?;
+    Ok(())
+}

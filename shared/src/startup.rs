@@ -18,12 +18,26 @@ use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::Store;
 use crate::worker::Worker;
 
+/// Why a binary cannot start, naming the variable to look at. The cause is
+/// part of the message (not a `source`), so it is printed once.
 #[derive(Debug, Error)]
 pub enum StartupError {
     #[error("DATABASE_URL: {0}")]
-    Database(#[from] DbError),
+    Database(DbError),
     #[error("OFFLOAD_QUEUE: {0}")]
-    Queue(#[from] QueueError),
+    Queue(QueueError),
+}
+
+impl From<DbError> for StartupError {
+    fn from(e: DbError) -> Self {
+        StartupError::Database(e)
+    }
+}
+
+impl From<QueueError> for StartupError {
+    fn from(e: QueueError) -> Self {
+        StartupError::Queue(e)
+    }
 }
 
 /// The long-lived clients of a process, made once in `main`.
@@ -81,7 +95,9 @@ impl Services {
             settings: ApiSettings {
                 max_body_bytes: self.config.max_body_bytes,
                 cors_origins: self.config.cors_origins.clone(),
-                ..ApiSettings::default()
+                request_timeout: self.config.request_timeout,
+                idempotency_ttl: chrono::Duration::from_std(self.config.idempotency_ttl)
+                    .unwrap_or(chrono::Duration::hours(24)),
             },
         }
     }

@@ -234,6 +234,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Forgets an idempotency key used before `before`, so the key can name
+    /// a new job (keys expire after a configurable time).
+    pub async fn expire_idempotency_key(
+        &self,
+        db: &impl GenericClient,
+        workspace: WorkspaceId,
+        key: &str,
+        before: DateTime<Utc>,
+    ) -> Result<u64, DbError> {
+        Ok(db
+            .execute(
+                "UPDATE jobs SET idempotency_key = NULL \
+                 WHERE workspace_id = $1 AND idempotency_key = $2 AND created_at < $3",
+                &[&workspace.0, &key, &before],
+            )
+            .await?)
+    }
+
     /// The job created earlier with this idempotency key, if any.
     pub async fn by_idempotency_key(
         &self,

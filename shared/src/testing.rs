@@ -327,8 +327,20 @@ impl TestApp {
     }
 
     pub async fn spawn_with(db: TestDb, queue: Arc<dyn Queue>) -> TestApp {
-        let (workspace, user) = db.workspace(Tier::Enterprise).await;
-        let app = crate::api::router(db.api_state(queue.clone()));
+        Self::spawn_full(db, queue, Tier::Enterprise, ApiSettings::default()).await
+    }
+
+    /// The API with a workspace of `tier` and these HTTP settings.
+    pub async fn spawn_full(
+        db: TestDb,
+        queue: Arc<dyn Queue>,
+        tier: Tier,
+        settings: ApiSettings,
+    ) -> TestApp {
+        let (workspace, user) = db.workspace(tier).await;
+        let mut state = db.api_state(queue.clone());
+        state.settings = settings;
+        let app = crate::api::router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -361,6 +373,16 @@ impl TestApp {
             .send()
             .await
             .expect("request")
+    }
+
+    /// A request to `path` (after `/api/workspaces/{ws}`) as the workspace's admin.
+    pub fn req(&self, method: &str, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(
+                method.parse().expect("method"),
+                format!("{}/api/workspaces/{}{path}", self.base, self.workspace),
+            )
+            .bearer_auth(&self.token)
     }
 
     /// `GET …/jobs/{id}` as the workspace's admin.

@@ -21,15 +21,19 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An error body (`application/problem+json`, RFC 9457).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// A stable URI per kind of error, ending in its slug.
     #[serde(rename = "type")]
-    type_: String,
-    title: &'a str,
-    status: u16,
-    detail: &'a str,
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    /// What went wrong, for a person.
+    pub detail: String,
+    /// The offending field (`payload.ms`, `jobs[3].type`, `Idempotency-Key`), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -126,10 +130,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&Problem {
             type_: format!("https://offload.dev/problems/{}", self.kind),
-            title: self.title,
+            title: self.title.to_string(),
             status: self.status.as_u16(),
-            detail: &self.detail,
-            field: self.field.as_deref(),
+            detail: self.detail,
+            field: self.field,
         })
         .unwrap_or_default();
         let mut resp = (self.status, body).into_response();

@@ -12,7 +12,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::error::ApiError;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, Member};
 use super::AppState;
 use crate::enqueue;
@@ -31,13 +33,16 @@ const MAX_KEY_LEN: usize = 255;
 const MAX_WAIT_SECS: u64 = 25;
 
 /// The body of `POST /api/workspaces/{ws}/jobs`.
-#[derive(Debug, Deserialize, Serialize, Clone)]
+#[derive(Debug, Deserialize, Serialize, Clone, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     #[serde(rename = "type")]
     pub job_type: String,
+    /// Validated against the type's schema.
     #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
     pub payload: Value,
+    /// `high`, `default` (default) or `low`.
     pub queue: Option<String>,
     pub priority: Option<i64>,
     pub run_at: Option<DateTime<Utc>>,
@@ -154,6 +159,23 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// `POST /api/workspaces/{ws}/jobs`: 202 with the new job; the same
 /// `Idempotency-Key` again answers 200 with the job it created.
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
+           ("Idempotency-Key" = Option<String>, Header, description = "Same key, same body: the same job (200)")),
+    request_body = CreateJob,
+    responses(
+        (status = 202, description = "Created; `status` is `queued`, or `pending` if the queue was unreachable", body = Job),
+        (status = 200, description = "This Idempotency-Key was used before: the job it created", body = Job),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Idempotency-Key reused for a different job", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field; `field` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over a creation limit; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn create(
     State(state): State<AppState>,
     member: Member,
@@ -169,6 +191,23 @@ pub async fn create(
         .get()
         .await
         .map_err(crate::db::DbError::from)?;
+    // A repeat of an earlier request is answered without counting against
+    // the creation limits; keys older than the TTL are forgotten first.
+    if let Some(key) = &new.idempotency_key {
+        let expired_before = now - state.settings.idempotency_ttl;
+        state
+            .store
+            .expire_idempotency_key(&**db, member.workspace, key, expired_before)
+            .await?;
+        if let Some(existing) = state
+            .store
+            .by_idempotency_key(&**db, member.workspace, key)
+            .await?
+        {
+            return same_request(existing, &new);
+        }
+    }
+    super::limits::admit(&state, &member, 1).await?;
     let (mut job, created) = state
         .store
         .insert(&**db, std::slice::from_ref(&new), now)
@@ -177,13 +216,8 @@ pub async fn create(
         .expect("insert returns one row per job");
     drop(db);
     if !created {
-        if job.job_type != new.job_type || job.payload != new.payload || job.queue != new.queue {
-            return Err(ApiError::conflict(
-                "this Idempotency-Key was already used for a different job",
-            )
-            .with_field("Idempotency-Key"));
-        }
-        return Ok((StatusCode::OK, Json(job)).into_response());
+        // A concurrent request with the same key won the insert.
+        return same_request(job, &new);
     }
     // The row is committed; a queue failure leaves it `pending` for the
     // scheduler's outbox, and the client still gets its 202.
@@ -202,8 +236,26 @@ pub async fn create(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
+/// The answer to a repeated `Idempotency-Key`: the original job if the
+/// request is the same, 409 if the key was used for a different job.
+fn same_request(existing: Job, new: &NewJob) -> Result<Response, ApiError> {
+    let same = existing.job_type == new.job_type
+        && existing.payload == new.payload
+        && existing.queue == new.queue
+        && existing.priority == new.priority
+        && existing.max_attempts == new.max_attempts
+        && existing.tags == new.tags;
+    if !same {
+        return Err(ApiError::conflict(
+            "this Idempotency-Key was already used for a different job",
+        )
+        .with_field("Idempotency-Key"));
+    }
+    Ok((StatusCode::OK, Json(existing)).into_response())
+}
+
 /// A page of jobs.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
     pub next_cursor: Option<String>,
@@ -238,6 +290,22 @@ fn parse_time(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime
 }
 
 /// `GET /api/workspaces/{ws}/jobs?status=&type=&tag=&created_after=&created_before=&cursor=&limit=`
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
+           ("status" = Option<JobStatus>, Query, description = "Only jobs in this status"),
+           ("type" = Option<String>, Query, description = "Only jobs of this type"),
+           ("tag" = Option<String>, Query, description = "Only jobs with this tag"),
+           ("created_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
+           ("created_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
+           ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+           ("limit" = Option<u32>, Query, description = "1..=200, default 50")),
+    responses(
+        (status = 200, description = "Newest first", body = JobList),
+        (status = 400, description = "Bad filter or cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     member: Member,
@@ -293,6 +361,25 @@ pub async fn list(
     Ok(Json(JobList { jobs, next_cursor }))
 }
 
+/// One line of a job's log.
+#[derive(Serialize, ToSchema)]
+pub struct LogEntry {
+    pub attempt: i32,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    pub message: String,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A page of log lines.
+#[derive(Serialize, ToSchema)]
+pub struct LogPage {
+    pub logs: Vec<LogEntry>,
+    pub next_cursor: Option<String>,
+}
+
 fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse().map_err(|_| {
         ApiError::bad_request(format!("job id {raw:?} is not a UUID")).with_field("id")
@@ -307,14 +394,27 @@ fn etag(job: &Job) -> String {
 /// soon as the job changes (or after N seconds, at most 25) relative to the
 /// `If-None-Match` ETag (or to its state when the request arrived);
 /// `If-None-Match` with the current ETag and no change is 304.
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
+           ("id" = uuid::Uuid, Path, description = "Job id"),
+           ("wait" = Option<u32>, Query, description = "Long-poll up to this many seconds (max 25) for a change"),
+           ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
+    responses(
+        (status = 200, description = "The job, with an ETag", body = Job),
+        (status = 304, description = "Unchanged since the given ETag"),
+        (status = 400, description = "Bad id or wait", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
     member: Member,
-    Path((_, id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
+    let id = parse_job_id(&ids.1)?;
     let wait = match q.get("wait") {
         None => 0,
         Some(w) => w
@@ -366,12 +466,22 @@ pub async fn get_one(
 
 /// `POST …/jobs/{id}/cancel`: 200 with the cancelled job when it had not
 /// started; 202 when it is running (it stops at its next step).
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/cancel", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "Cancelled at once (it had not started)", body = Job),
+        (status = 202, description = "Running: cancel requested; it stops at its next step", body = Job),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already finished", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
     member: Member,
-    Path((_, id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
+    let id = parse_job_id(&ids.1)?;
     match state
         .store
         .request_cancel(member.workspace, id, state.clock.now())
@@ -392,12 +502,21 @@ pub async fn cancel(
 }
 
 /// `POST …/jobs/{id}/retry`: re-runs a dead or cancelled job from scratch.
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/retry", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Re-run from scratch: attempts, errors, result and progress reset", body = Job),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not dead or cancelled", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn retry(
     State(state): State<AppState>,
     member: Member,
-    Path((_, id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&id)?;
+    let id = parse_job_id(&ids.1)?;
     let now = state.clock.now();
     let Some(mut job) = state.store.manual_retry(member.workspace, id, now).await? else {
         return match state.store.get(member.workspace, id).await? {
@@ -417,13 +536,23 @@ pub async fn retry(
 }
 
 /// `DELETE …/jobs/{id}`: removes a finished job and its logs (admins only).
+#[utoipa::path(delete, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    responses(
+        (status = 204, description = "Deleted with its logs"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not an admin of the workspace", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not finished", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     member: Member,
-    Path((_, id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     member.require_admin()?;
-    let id = parse_job_id(&id)?;
+    let id = parse_job_id(&ids.1)?;
     if state.store.delete_finished(member.workspace, id).await? {
         return Ok(StatusCode::NO_CONTENT);
     }
@@ -437,13 +566,23 @@ pub async fn delete(
 }
 
 /// `GET …/jobs/{id}/logs?cursor=&limit=`
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/logs", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id"),
+           ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+           ("limit" = Option<u32>, Query, description = "1..=500, default 100")),
+    responses(
+        (status = 200, description = "Log lines, oldest first", body = LogPage),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
 pub async fn logs(
     State(state): State<AppState>,
     member: Member,
-    Path((_, id)): Path<(String, String)>,
+    Path(ids): Path<(String, String)>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
-    let id = parse_job_id(&id)?;
+) -> Result<Json<LogPage>, ApiError> {
+    let id = parse_job_id(&ids.1)?;
     if state.store.get(member.workspace, id).await?.is_none() {
         return Err(ApiError::not_found("job"));
     }
@@ -471,12 +610,110 @@ pub async fn logs(
     let more = rows.len() as i64 > limit;
     let rows = &rows[..rows.len().min(limit as usize)];
     let next_cursor = more.then(|| rows.last().map(|r| r.0.to_string())).flatten();
-    let logs: Vec<Value> = rows
+    let logs = rows
         .iter()
-        .map(|(_, attempt, level, message, metadata, at)| {
-            json!({ "attempt": attempt, "level": level, "message": message,
-                    "metadata": metadata, "created_at": at })
+        .map(|(_, attempt, level, message, metadata, at)| LogEntry {
+            attempt: *attempt,
+            level: level.clone(),
+            message: message.clone(),
+            metadata: metadata.clone(),
+            created_at: *at,
         })
         .collect();
-    Ok(Json(json!({ "logs": logs, "next_cursor": next_cursor })))
+    Ok(Json(LogPage { logs, next_cursor }))
+}
+
+/// Most jobs one batch request may create.
+pub const MAX_BATCH: usize = 1000;
+
+/// The body of `POST /api/workspaces/{ws}/jobs/batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBatch {
+    /// 1 to 1000 jobs, each as for a single create.
+    pub jobs: Vec<CreateJob>,
+}
+
+/// Jobs in the order they were given.
+#[derive(Serialize, ToSchema)]
+pub struct JobBatch {
+    pub jobs: Vec<Job>,
+}
+
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/batch", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    request_body = CreateBatch,
+    responses(
+        (status = 202, description = "All created, in the order given; nothing is created if any is invalid", body = JobBatch),
+        (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "An invalid item; `field` is like `jobs[3].payload.ms`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over a creation limit (each job counts); see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+/// `POST /api/workspaces/{ws}/jobs/batch`: all in one statement (so all or
+/// none), then one `SendMessageBatch` per 10 on SQS.
+pub async fn create_batch(
+    State(state): State<AppState>,
+    member: Member,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<CreateBatch>,
+) -> Result<Response, ApiError> {
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key is not supported on batch creates; send the jobs one at a time to use it",
+        )
+        .with_field("Idempotency-Key"));
+    }
+    let n = body.jobs.len();
+    if n == 0 || n > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("a batch holds 1 to {MAX_BATCH} jobs, got {n}"),
+        ));
+    }
+    let now = state.clock.now();
+    let mut new = Vec::with_capacity(n);
+    for (i, item) in body.jobs.into_iter().enumerate() {
+        new.push(validate(&state, &member, item, None, now).map_err(|mut e| {
+            e.field = Some(match e.field.take() {
+                Some(f) => format!("jobs[{i}].{f}"),
+                None => format!("jobs[{i}]"),
+            });
+            e
+        })?);
+    }
+    super::limits::admit(&state, &member, n).await?;
+    let db = state
+        .store
+        .pool()
+        .get()
+        .await
+        .map_err(crate::db::DbError::from)?;
+    let mut jobs: Vec<Job> = state
+        .store
+        .insert(&**db, &new, now)
+        .await?
+        .into_iter()
+        .map(|(j, _)| j)
+        .collect();
+    drop(db);
+    let refs: Vec<&Job> = jobs.iter().collect();
+    match enqueue::send_jobs(&state.store, &*state.queue, &refs, now).await {
+        Ok(sent) => {
+            if let Some(e) = &sent.error {
+                tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
+                    "queue refused some of a batch; the scheduler will send them");
+            }
+            let sent: std::collections::HashSet<JobId> = sent.sent.into_iter().collect();
+            for j in &mut jobs {
+                if sent.contains(&j.id) {
+                    j.status = JobStatus::Queued;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot mark batch queued"),
+    }
+    Ok((StatusCode::ACCEPTED, Json(JobBatch { jobs })).into_response())
 }

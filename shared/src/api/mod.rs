@@ -4,6 +4,9 @@
 mod error;
 mod extract;
 mod jobs;
+mod limits;
+mod schedules;
+mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +14,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -43,6 +46,8 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub cors_origins: Vec<String>,
+    /// How long an `Idempotency-Key` names its job.
+    pub idempotency_ttl: chrono::Duration,
 }
 
 impl Default for ApiSettings {
@@ -51,26 +56,90 @@ impl Default for ApiSettings {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(29),
             cors_origins: Vec::new(),
+            idempotency_ttl: chrono::Duration::hours(24),
         }
     }
+}
+
+/// Security scheme and metadata of the OpenAPI document.
+struct Doc;
+
+impl utoipa::Modify for Doc {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("HS256 JWT; `sub` is the user id"))
+                    .build(),
+            ),
+        );
+        openapi.info.title = "Offload".into();
+        openapi.info.description =
+            Some("Background jobs for web apps: create, watch, cancel and retry jobs.".into());
+    }
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(modifiers(&Doc), tags(
+    (name = "jobs", description = "Create, list, inspect, cancel, retry and delete jobs"),
+    (name = "schedules", description = "Recurring jobs"),
+    (name = "stats", description = "Queue depth, throughput, failure rate, latency"),
+    (name = "health", description = "Liveness"),
+))]
+struct ApiDoc;
+
+/// The routes and the OpenAPI document made from the same declarations, so
+/// the document cannot drift from the routes.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(jobs::create, jobs::list))
+        .routes(routes!(jobs::create_batch))
+        .routes(routes!(jobs::get_one, jobs::delete))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::retry))
+        .routes(routes!(jobs::logs))
+        .routes(routes!(stats::stats))
+        .routes(routes!(schedules::list, schedules::create))
+        .routes(routes!(
+            schedules::get_one,
+            schedules::update,
+            schedules::delete
+        ))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of the API, as served at `/api/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
 }
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let settings = state.settings.clone();
-    let mut app = Router::new()
-        .route("/health", get(health))
+    let (routes, doc) = routes();
+    let doc = Arc::new(doc.to_json().expect("the OpenAPI document serializes"));
+    let mut app = routes
         .route(
-            "/api/workspaces/{ws}/jobs",
-            post(jobs::create).get(jobs::list),
+            "/api/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        (*doc).clone(),
+                    )
+                }
+            }),
         )
-        .route(
-            "/api/workspaces/{ws}/jobs/{id}",
-            get(jobs::get_one).delete(jobs::delete),
-        )
-        .route("/api/workspaces/{ws}/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/api/workspaces/{ws}/jobs/{id}/retry", post(jobs::retry))
-        .route("/api/workspaces/{ws}/jobs/{id}/logs", get(jobs::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -103,10 +172,36 @@ pub fn router(state: AppState) -> Router {
                 .max_age(Duration::from_secs(600)),
         );
     }
-    app
+    app.layer(axum::middleware::map_response(problem_for_bare_errors))
+}
+
+/// Error responses made outside the handlers (a timeout, a rejection deep
+/// in a layer) come without a body; give them a problem body like every
+/// other error.
+async fn problem_for_bare_errors(resp: axum::response::Response) -> axum::response::Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        return resp;
+    }
+    let (kind, title, detail) = match status {
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => (
+            "timeout",
+            "Timeout",
+            "the request took too long; if it created something, it is there: check before retrying",
+        ),
+        _ => ("error", "Error", "the request could not be handled"),
+    };
+    ApiError::new(status, kind, title, detail).into_response()
 }
 
 /// Liveness with a database round trip: 503 when the database is down.
+#[utoipa::path(get, path = "/health", tag = "health",
+    responses((status = 200, description = "Up, database reachable"),
+              (status = 503, description = "Database unreachable", body = error::Problem, content_type = "application/problem+json")))]
 async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let db = state
         .store

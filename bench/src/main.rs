@@ -47,9 +47,31 @@ struct Args {
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results.json")]
     out: String,
-    /// Figures to measure (comma-separated): drain, latency, cost.
-    #[arg(long, default_value = "drain,latency,cost", value_delimiter = ',')]
+    /// Figures to measure (comma-separated): drain, latency, cost, api, enqueue, sqs.
+    #[arg(
+        long,
+        default_value = "drain,latency,cost,api,enqueue,sqs",
+        value_delimiter = ','
+    )]
     only: Vec<String>,
+    /// Requests per second for the API latency figure.
+    #[arg(long, default_value_t = 200)]
+    api_rate: u64,
+    /// Seconds of steady API load per run.
+    #[arg(long, default_value_t = 5)]
+    api_secs: u64,
+    /// Concurrent clients for the single-create enqueue figure.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Batch creates of 1000 per run for the enqueue figure.
+    #[arg(long, default_value_t = 20)]
+    batches: usize,
+    /// No-op jobs for the SQS drain figure (through the SQS API server).
+    #[arg(long, default_value_t = 2000)]
+    sqs_jobs: usize,
+    /// An SQS API server (moto); default OFFLOAD_TEST_SQS_ENDPOINT. Without one the SQS figure is skipped.
+    #[arg(long)]
+    sqs_endpoint: Option<String>,
 }
 
 /// One printed figure.
@@ -142,7 +164,7 @@ impl BenchDb {
             let conn = self.pool.get().await?;
             let jobs: Vec<Job> = self
                 .store
-                .insert(&**conn, &new, now)
+                .insert(&conn, &new, now)
                 .await?
                 .into_iter()
                 .map(|(j, _)| j)
@@ -288,7 +310,7 @@ async fn latency_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
         let now = chrono::Utc::now();
         let nj = NewJob::new(db.ws, "stamp", json!({ "seq": seq }));
         let conn = db.pool.get().await?;
-        let job = db.store.insert(&**conn, &[nj], now).await?.remove(0).0;
+        let job = db.store.insert(&conn, &[nj], now).await?.remove(0).0;
         drop(conn);
         send_jobs(&db.store, &*q, &[&job], now).await?;
         created.insert(seq, t);
@@ -384,6 +406,183 @@ async fn cost_once(server: &str) -> anyhow::Result<f64> {
     Ok((after - before - 1) as f64 / batches as f64)
 }
 
+/// The API served on a loopback port for the HTTP figures, with a token
+/// for the workspace's admin.
+struct Served {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn serve(db: &BenchDb, q: Arc<dyn Queue>) -> anyhow::Result<Served> {
+    let secret = "offload-bench-secret-offload-bench-secret";
+    let user = offload::ids::UserId::new();
+    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
+    let state = offload::api::AppState {
+        store: db.store.clone(),
+        queue: q,
+        registry: Arc::new(Registry::builtin()),
+        keys: offload::auth::Keys::new(secret),
+        clock: Clock::System,
+        settings: Default::default(),
+    };
+    let app = offload::api::router(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}/api/workspaces/{}", listener.local_addr()?, db.ws);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let now = chrono::Utc::now();
+    Ok(Served {
+        base,
+        token: offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1)),
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()?,
+        server,
+    })
+}
+
+/// Create-job latency over loopback HTTP at a steady open-loop rate; ms, sorted.
+async fn api_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
+    let db = BenchDb::new(server, "api").await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let s = Arc::new(serve(&db, q).await?);
+    // Warm the connections and the prepared statements.
+    for _ in 0..50 {
+        s.client
+            .post(format!("{}/jobs", s.base))
+            .bearer_auth(&s.token)
+            .json(&json!({"type": "noop"}))
+            .send()
+            .await?;
+    }
+    let total = (args.api_rate * args.api_secs) as usize;
+    let every = Duration::from_micros(1_000_000 / args.api_rate.max(1));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = start + every * i as u32;
+        tokio::time::sleep_until(due).await;
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = s
+                .client
+                .post(format!("{}/jobs", s.base))
+                .bearer_auth(&s.token)
+                .json(&json!({"type": "noop"}))
+                .send()
+                .await;
+            let ms = (tokio::time::Instant::now() - due).as_secs_f64() * 1000.0;
+            match resp {
+                Ok(r) if r.status() == 202 => Ok(ms),
+                Ok(r) => Err(anyhow::anyhow!("create answered {}", r.status())),
+                Err(e) => Err(e.into()),
+            }
+        }));
+    }
+    let mut ms = Vec::with_capacity(total);
+    for t in tasks {
+        ms.push(t.await??);
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s.server.abort();
+    db.drop_db().await?;
+    Ok(ms)
+}
+
+/// Jobs/s created over HTTP: `concurrency` clients doing single creates
+/// for a few seconds, then batch creates of 1000 (returns singles/s,
+/// batched jobs/s, batch p50 ms).
+async fn enqueue_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64)> {
+    let db = BenchDb::new(server, "enqueue").await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let s = Arc::new(serve(&db, q).await?);
+    let until = Instant::now() + Duration::from_secs(args.api_secs);
+    let mut clients = Vec::new();
+    let start = Instant::now();
+    for _ in 0..args.concurrency {
+        let s = s.clone();
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let r = s
+                    .client
+                    .post(format!("{}/jobs", s.base))
+                    .bearer_auth(&s.token)
+                    .json(&json!({"type": "noop"}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status() == 202, "create answered {}", r.status());
+                n += 1;
+            }
+            Ok::<u64, anyhow::Error>(n)
+        }));
+    }
+    let mut singles = 0u64;
+    for c in clients {
+        singles += c.await??;
+    }
+    let single_rate = singles as f64 / start.elapsed().as_secs_f64();
+
+    let body = json!({ "jobs": (0..1000).map(|_| json!({"type": "noop"})).collect::<Vec<_>>() });
+    let mut batch_ms = Vec::new();
+    let start = Instant::now();
+    for _ in 0..args.batches {
+        let t = Instant::now();
+        let r = s
+            .client
+            .post(format!("{}/jobs/batch", s.base))
+            .bearer_auth(&s.token)
+            .json(&body)
+            .send()
+            .await?;
+        anyhow::ensure!(r.status() == 202, "batch create answered {}", r.status());
+        r.bytes().await?;
+        batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let batch_rate = (args.batches * 1000) as f64 / start.elapsed().as_secs_f64();
+    s.server.abort();
+    db.drop_db().await?;
+    Ok((single_rate, batch_rate, median(&mut batch_ms)))
+}
+
+/// Drains no-op jobs through an SQS API server (10 per receive, as SQS
+/// allows). Bound by the emulator, not by Offload.
+async fn sqs_once(args: &Args, server: &str, endpoint: &str) -> anyhow::Result<f64> {
+    let db = BenchDb::new(server, "sqs").await?;
+    let cfg = offload::config::SqsConfig {
+        endpoint: Some(endpoint.to_string()),
+        prefix: format!("bench{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        urls: None,
+        region: "us-east-1".into(),
+    };
+    let q: Arc<dyn Queue> = Arc::new(offload::queue::SqsQueue::connect(&cfg, 5).await?);
+    db.seed(&*q, args.sqs_jobs, "noop").await?;
+    let w = Arc::new(worker(&db, q.clone(), Registry::builtin()));
+    let start = Instant::now();
+    let mut loops = Vec::new();
+    for _ in 0..args.loops * 2 {
+        let s = source(q.clone(), w.clone(), 10, Duration::ZERO);
+        loops.push(tokio::spawn(async move { s.drain().await }));
+    }
+    for l in loops {
+        l.await?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let done = db
+        .count("SELECT count(*) FROM jobs WHERE status = 'completed'")
+        .await?;
+    anyhow::ensure!(
+        done as usize == args.sqs_jobs,
+        "only {done} of {} jobs completed",
+        args.sqs_jobs
+    );
+    db.drop_db().await?;
+    Ok(args.sqs_jobs as f64 / secs)
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     offload::telemetry::init();
@@ -454,6 +653,62 @@ async fn main() -> anyhow::Result<()> {
             s.iter().map(|x| x / 10.0).collect(),
             "statements",
         );
+    }
+    if want("api") {
+        eprintln!(
+            "api: create-job latency over loopback HTTP at {}/s for {} s, {} runs",
+            args.api_rate, args.api_secs, args.repeat
+        );
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let ms = api_once(&args, &server).await?;
+            eprintln!(
+                "  p50 {:.2} ms, p99 {:.2} ms ({} requests)",
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99),
+                ms.len()
+            );
+            p50.push(percentile(&ms, 0.50));
+            p99.push(percentile(&ms, 0.99));
+        }
+        report("api_create_p50", p50, "ms");
+        report("api_create_p99", p99, "ms");
+    }
+    if want("enqueue") {
+        eprintln!("enqueue: {} clients of single creates for {} s, then {} batch creates of 1000, {} runs", args.concurrency, args.api_secs, args.batches, args.repeat);
+        let (mut single, mut batch, mut batch_ms) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let (a, b, c) = enqueue_once(&args, &server).await?;
+            eprintln!("  single {a:.0} jobs/s, batch {b:.0} jobs/s ({c:.1} ms per 1000)");
+            single.push(a);
+            batch.push(b);
+            batch_ms.push(c);
+        }
+        report("enqueue_single", single, "jobs/s");
+        report("enqueue_batch", batch, "jobs/s");
+        report("enqueue_batch_1000_p50", batch_ms, "ms");
+    }
+    if want("sqs") {
+        match args
+            .sqs_endpoint
+            .clone()
+            .or_else(|| std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").ok())
+        {
+            None => eprintln!("sqs: skipped (no --sqs-endpoint or OFFLOAD_TEST_SQS_ENDPOINT)"),
+            Some(endpoint) => {
+                eprintln!(
+                    "sqs: {} jobs through the SQS API server at {endpoint} (bound by the emulator)",
+                    args.sqs_jobs
+                );
+                let mut r = Vec::new();
+                for _ in 0..args.repeat {
+                    let x = sqs_once(&args, &server, &endpoint).await?;
+                    eprintln!("  {x:.0} jobs/s");
+                    r.push(x);
+                }
+                report("drain_sqs_emulator_bound", r, "jobs/s");
+            }
+        }
     }
     if let Some(dir) = std::path::Path::new(&args.out).parent() {
         std::fs::create_dir_all(dir)?;

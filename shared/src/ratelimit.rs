@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::GenericClient;
+use deadpool_postgres::GenericClient;
 
 use crate::db::DbError;
 
@@ -18,9 +18,8 @@ pub async fn take(
     per_second: f64,
     n: f64,
 ) -> Result<bool, DbError> {
-    let row = db
-        .query_opt(
-            "INSERT INTO rate_limits AS r (key, tokens, capacity, refill_per_sec, updated_at) \
+    let row = {
+        let stmt = db.prepare_cached("INSERT INTO rate_limits AS r (key, tokens, capacity, refill_per_sec, updated_at) \
              SELECT $1::text, $2::float8 - $4::float8, $2::float8, $3::float8, clock_timestamp() \
              WHERE $4::float8 <= $2::float8 \
              ON CONFLICT (key) DO UPDATE SET \
@@ -30,10 +29,10 @@ pub async fn take(
                updated_at = clock_timestamp() \
              WHERE least(r.capacity, r.tokens + extract(epoch FROM clock_timestamp() - r.updated_at) \
                  * r.refill_per_sec) >= $4 \
-             RETURNING tokens",
-            &[&key, &capacity, &per_second, &n],
-        )
-        .await?;
+             RETURNING tokens").await?;
+        db.query_opt(&stmt, &[&key, &capacity, &per_second, &n])
+            .await?
+    };
     Ok(row.is_some())
 }
 
@@ -49,13 +48,11 @@ pub fn wait_for_token(per_second: f64) -> Duration {
 /// How long until bucket `key` holds `n` tokens again (zero if it already
 /// does, or does not exist).
 pub async fn wait_for(db: &impl GenericClient, key: &str, n: f64) -> Result<Duration, DbError> {
-    let row = db
-        .query_opt(
-            "SELECT least(capacity, tokens + extract(epoch FROM clock_timestamp() - updated_at) \
-               * refill_per_sec)::float8, refill_per_sec FROM rate_limits WHERE key = $1",
-            &[&key],
-        )
-        .await?;
+    let row = {
+        let stmt = db.prepare_cached("SELECT least(capacity, tokens + extract(epoch FROM clock_timestamp() - updated_at) \
+               * refill_per_sec)::float8, refill_per_sec FROM rate_limits WHERE key = $1").await?;
+        db.query_opt(&stmt, &[&key]).await?
+    };
     Ok(match row {
         None => Duration::ZERO,
         Some(r) => {
@@ -74,10 +71,11 @@ pub async fn wait_for(db: &impl GenericClient, key: &str, n: f64) -> Result<Dura
 /// Returns `n` tokens taken from bucket `key` (up to its capacity), for a
 /// request that took them and was then refused for another reason.
 pub async fn give_back(db: &impl GenericClient, key: &str, n: f64) -> Result<(), DbError> {
-    db.execute(
-        "UPDATE rate_limits SET tokens = least(capacity, tokens + $2::float8) WHERE key = $1",
-        &[&key, &n],
-    )
-    .await?;
+    let stmt = db
+        .prepare_cached(
+            "UPDATE rate_limits SET tokens = least(capacity, tokens + $2::float8) WHERE key = $1",
+        )
+        .await?;
+    db.execute(&stmt, &[&key, &n]).await?;
     Ok(())
 }

@@ -144,7 +144,7 @@ pub async fn fire_due(
         match next {
             Ok(next) => {
                 let inserted = store
-                    .insert(&*tx, &[s.job_for(s.next_run_at, now)], now)
+                    .insert(&tx, &[s.job_for(s.next_run_at, now)], now)
                     .await?;
                 jobs.extend(inserted.into_iter().filter(|(_, new)| *new).map(|(j, _)| j));
                 tx.execute(

@@ -5,9 +5,9 @@
 //! returned row count.
 
 use chrono::{DateTime, Duration, Utc};
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio_postgres::GenericClient;
 
 use crate::db::{Conn, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
@@ -187,9 +187,8 @@ impl Store {
         // Postgres has no arrays of arrays of varying length, so each job's
         // tags travel as one string joined by the unit separator.
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join("\u{1f}")).collect();
-        let rows = db
-            .query(
-                concat!(
+        let stmt = db
+            .prepare_cached(concat!(
                     "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
                        payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
                        updated_at) \
@@ -205,7 +204,11 @@ impl Store {
                        DO NOTHING \
                      RETURNING ",
                     job_columns!()
-                ),
+                ))
+            .await?;
+        let rows = db
+            .query(
+                &stmt,
                 &[
                     &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes,
                     &run_ats, &keys, &tags, &now,
@@ -243,13 +246,13 @@ impl Store {
         key: &str,
         before: DateTime<Utc>,
     ) -> Result<u64, DbError> {
-        Ok(db
-            .execute(
+        let stmt = db
+            .prepare_cached(
                 "UPDATE jobs SET idempotency_key = NULL \
                  WHERE workspace_id = $1 AND idempotency_key = $2 AND created_at < $3",
-                &[&workspace.0, &key, &before],
             )
-            .await?)
+            .await?;
+        Ok(db.execute(&stmt, &[&workspace.0, &key, &before]).await?)
     }
 
     /// The job created earlier with this idempotency key, if any.
@@ -259,16 +262,14 @@ impl Store {
         workspace: WorkspaceId,
         key: &str,
     ) -> Result<Option<Job>, DbError> {
-        let row = db
-            .query_opt(
-                concat!(
-                    "SELECT ",
-                    job_columns!(),
-                    " FROM jobs WHERE workspace_id = $1 AND idempotency_key = $2"
-                ),
-                &[&workspace.0, &key],
-            )
+        let stmt = db
+            .prepare_cached(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE workspace_id = $1 AND idempotency_key = $2"
+            ))
             .await?;
+        let row = db.query_opt(&stmt, &[&workspace.0, &key]).await?;
         Ok(row.as_ref().map(Job::from_row).transpose()?)
     }
 

@@ -174,7 +174,7 @@ impl TestDb {
     pub async fn insert(&self, jobs: &[NewJob]) -> Vec<Job> {
         let db = self.pool.get().await.expect("connection");
         self.store
-            .insert(&**db, jobs, Utc::now())
+            .insert(&db, jobs, Utc::now())
             .await
             .expect("insert")
             .into_iter()

@@ -133,16 +133,17 @@ pub async fn add_member(
 /// The user's role in the workspace, or `None` when they are not a member
 /// (or the workspace does not exist: the two are indistinguishable on purpose).
 pub async fn member_role(
-    db: &impl GenericClient,
+    db: &deadpool_postgres::Object,
     workspace: WorkspaceId,
     user: UserId,
 ) -> Result<Option<Role>, DbError> {
-    let row = db
-        .query_opt(
+    // Asked on every request: prepared once per connection.
+    let stmt = db
+        .prepare_cached(
             "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
-            &[&workspace.0, &user.0],
         )
         .await?;
+    let row = db.query_opt(&stmt, &[&workspace.0, &user.0]).await?;
     Ok(row.map(|r| {
         if r.get::<_, &str>(0) == "admin" {
             Role::Admin

@@ -416,13 +416,13 @@ async fn an_idempotency_key_returns_the_first_job() {
     let conn = db.pool.get().await.unwrap();
     let first = db
         .store
-        .insert(&**conn, &[a], Utc::now())
+        .insert(&conn, &[a], Utc::now())
         .await
         .unwrap()
         .remove(0);
     let again = db
         .store
-        .insert(&**conn, &[b], Utc::now())
+        .insert(&conn, &[b], Utc::now())
         .await
         .unwrap()
         .remove(0);

@@ -79,7 +79,7 @@ impl FromRequestParts<AppState> for Member {
             .get()
             .await
             .map_err(crate::db::DbError::from)?;
-        match workspace::member_role(&**db, workspace, user).await? {
+        match workspace::member_role(&db, workspace, user).await? {
             Some(role) => Ok(Member {
                 user,
                 workspace,

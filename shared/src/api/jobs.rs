@@ -197,20 +197,20 @@ pub async fn create(
         let expired_before = now - state.settings.idempotency_ttl;
         state
             .store
-            .expire_idempotency_key(&**db, member.workspace, key, expired_before)
+            .expire_idempotency_key(&db, member.workspace, key, expired_before)
             .await?;
         if let Some(existing) = state
             .store
-            .by_idempotency_key(&**db, member.workspace, key)
+            .by_idempotency_key(&db, member.workspace, key)
             .await?
         {
             return same_request(existing, &new);
         }
     }
-    super::limits::admit(&state, &member, 1).await?;
+    super::limits::admit(&db, &member, 1).await?;
     let (mut job, created) = state
         .store
-        .insert(&**db, std::slice::from_ref(&new), now)
+        .insert(&db, std::slice::from_ref(&new), now)
         .await?
         .pop()
         .expect("insert returns one row per job");
@@ -684,16 +684,16 @@ pub async fn create_batch(
             e
         })?);
     }
-    super::limits::admit(&state, &member, n).await?;
     let db = state
         .store
         .pool()
         .get()
         .await
         .map_err(crate::db::DbError::from)?;
+    super::limits::admit(&db, &member, n).await?;
     let mut jobs: Vec<Job> = state
         .store
-        .insert(&**db, &new, now)
+        .insert(&db, &new, now)
         .await?
         .into_iter()
         .map(|(j, _)| j)

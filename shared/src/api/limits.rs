@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 
 use super::error::ApiError;
 use super::extract::Member;
-use super::AppState;
 use crate::db::DbError;
 use crate::ratelimit;
 use crate::workspace::Tier;
+use deadpool_postgres::Object;
 
 /// Per-workspace hourly creation budget when not overridden: ten users' worth.
 fn workspace_hourly(tier: Tier) -> Option<i64> {
@@ -31,14 +31,20 @@ fn too_many(detail: String, retry_after_secs: u64) -> ApiError {
 }
 
 /// Admits the creation of `n` jobs by `member`, or refuses all of them.
-pub async fn admit(state: &AppState, member: &Member, n: usize) -> Result<(), ApiError> {
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
-    let row = db
-        .query_opt(
+///
+/// It runs on the caller's connection: taking a second one from the pool
+/// while holding the first would let a burst of requests hold every
+/// connection and wait for one more.
+pub async fn admit(db: &Object, member: &Member, n: usize) -> Result<(), ApiError> {
+    let stmt = db
+        .prepare_cached(
             "SELECT tier, max_created_per_user_hour, max_unfinished, max_created_per_hour, unfinished \
              FROM workspaces WHERE id = $1",
-            &[&member.workspace.0],
         )
+        .await
+        .map_err(DbError::from)?;
+    let row = db
+        .query_opt(&stmt, &[&member.workspace.0])
         .await
         .map_err(DbError::from)?
         .ok_or_else(|| ApiError::not_found("workspace"))?;
@@ -85,7 +91,7 @@ pub async fn admit(state: &AppState, member: &Member, n: usize) -> Result<(), Ap
     for (key, cap, who) in buckets.into_iter().flatten() {
         if n_i > cap {
             for k in &taken {
-                ratelimit::give_back(&**db, k, n as f64).await?;
+                ratelimit::give_back(db, k, n as f64).await?;
             }
             return Err(too_many(
                 format!("{n} jobs is more than {who} may create in an hour ({cap})"),
@@ -93,10 +99,10 @@ pub async fn admit(state: &AppState, member: &Member, n: usize) -> Result<(), Ap
             ));
         }
         let (capacity, per_sec) = (cap as f64, cap as f64 / 3600.0);
-        if !ratelimit::take(&**db, &key, capacity, per_sec, n as f64).await? {
-            let wait = ratelimit::wait_for(&**db, &key, n as f64).await?;
+        if !ratelimit::take(db, &key, capacity, per_sec, n as f64).await? {
+            let wait = ratelimit::wait_for(db, &key, n as f64).await?;
             for k in &taken {
-                ratelimit::give_back(&**db, k, n as f64).await?;
+                ratelimit::give_back(db, k, n as f64).await?;
             }
             return Err(too_many(
                 format!(

@@ -238,6 +238,6 @@ impl JobContext {
             .get()
             .await
             .map_err(crate::db::DbError::from)?;
-        Ok(ratelimit::take(&**db, key, capacity, per_second, 1.0).await?)
+        Ok(ratelimit::take(&db, key, capacity, per_second, 1.0).await?)
     }
 }

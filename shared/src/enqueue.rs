@@ -48,50 +48,94 @@ pub async fn send_jobs(
     Ok(out)
 }
 
-/// The sending half of [`send_jobs`], for callers that record the result in
-/// a transaction of their own.
-pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>) -> Sent {
-    let mut by_queue: BTreeMap<&'static str, (QueueName, Vec<&Job>)> = BTreeMap::new();
-    let mut out = Sent::default();
+/// What a message needs to know of its job.
+#[derive(Clone, Copy)]
+struct Target {
+    id: JobId,
+    workspace_id: crate::ids::WorkspaceId,
+    queue: QueueName,
+    run_at: DateTime<Utc>,
+}
+
+impl From<&Job> for Target {
+    fn from(j: &Job) -> Self {
+        Target {
+            id: j.id,
+            workspace_id: j.workspace_id,
+            queue: j.queue,
+            run_at: j.run_at,
+        }
+    }
+}
+
+impl From<&crate::store::NewJob> for Target {
+    fn from(j: &crate::store::NewJob) -> Self {
+        Target {
+            id: j.id,
+            workspace_id: j.workspace_id,
+            queue: j.queue,
+            run_at: j.run_at,
+        }
+    }
+}
+
+/// One queue's messages and the jobs they carry, in the same order.
+type Group = (QueueName, Vec<JobId>, Vec<OutgoingMessage>);
+
+/// The messages for `jobs`, by queue, with each job's delay; jobs due
+/// beyond the queues' maximum delay are left out (deferred to the outbox).
+fn messages_for(
+    jobs: &[Target],
+    now: DateTime<Utc>,
+) -> (BTreeMap<&'static str, Group>, Vec<JobId>) {
+    let mut by_queue: BTreeMap<&'static str, Group> = BTreeMap::new();
+    let mut deferred = Vec::new();
     for job in jobs {
         let delay = (job.run_at - now).to_std().unwrap_or_default();
         if delay > MAX_DELAY {
-            out.deferred.push(job.id);
+            deferred.push(job.id);
             continue;
         }
-        by_queue
+        let entry = by_queue
             .entry(job.queue.as_str())
-            .or_insert_with(|| (job.queue, Vec::new()))
-            .1
-            .push(job);
+            .or_insert_with(|| (job.queue, Vec::new(), Vec::new()));
+        entry.2.push(OutgoingMessage {
+            id: entry.1.len().to_string(),
+            body: JobMessage {
+                job_id: job.id,
+                workspace_id: job.workspace_id,
+            }
+            .body(),
+            delay,
+        });
+        entry.1.push(job.id);
     }
-    for (_, (q, group)) in by_queue {
-        let messages: Vec<OutgoingMessage> = group
-            .iter()
-            .enumerate()
-            .map(|(i, j)| OutgoingMessage {
-                id: i.to_string(),
-                body: JobMessage {
-                    job_id: j.id,
-                    workspace_id: j.workspace_id,
-                }
-                .body(),
-                delay: (j.run_at - now).to_std().unwrap_or_default(),
-            })
-            .collect();
+    (by_queue, deferred)
+}
+
+/// The sending half of [`send_jobs`], for callers that record the result in
+/// a transaction of their own.
+pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>) -> Sent {
+    let targets: Vec<Target> = jobs.iter().map(|j| Target::from(*j)).collect();
+    let (by_queue, deferred) = messages_for(&targets, now);
+    let mut out = Sent {
+        deferred,
+        ..Sent::default()
+    };
+    for (_, (q, group, messages)) in by_queue {
         match queue.send_batch(q, &messages).await {
-            Ok(()) => out.sent.extend(group.iter().map(|j| j.id)),
+            Ok(()) => out.sent.extend(group),
             Err(QueueError::PartialSend {
                 sent,
                 failed,
                 total,
                 reason,
             }) => {
-                for (i, j) in group.iter().enumerate() {
+                for (i, id) in group.into_iter().enumerate() {
                     if sent.contains(&i.to_string()) {
-                        out.sent.push(j.id);
+                        out.sent.push(id);
                     } else {
-                        out.deferred.push(j.id);
+                        out.deferred.push(id);
                     }
                 }
                 out.error = Some(QueueError::PartialSend {
@@ -102,10 +146,87 @@ pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>)
                 });
             }
             Err(e) => {
-                out.deferred.extend(group.iter().map(|j| j.id));
+                out.deferred.extend(group);
                 out.error = Some(e);
             }
         }
     }
     out
+}
+
+/// Inserts jobs and sends their messages: with the Postgres queue in one
+/// transaction (the rows, their messages and the `queued` mark commit
+/// together: one durable commit instead of three); with SQS the rows commit
+/// first and the messages follow ([`send_jobs`]). Returns each job with
+/// whether it was new (an existing idempotency key returns the old job),
+/// and what was sent.
+pub async fn create_jobs(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    now: DateTime<Utc>,
+) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
+    let Some(pg) = queue.as_postgres() else {
+        // Everything on the one connection the caller holds: taking a
+        // second from the pool here could wait on requests that hold the rest.
+        let mut created = store.insert(&*db, jobs, now).await?;
+        let new: Vec<&Job> = created.iter().filter(|(_, n)| *n).map(|(j, _)| j).collect();
+        let sent = send_messages(queue, &new, now).await;
+        mark_queued(&*db, &sent.sent, now).await?;
+        mark_sent(&mut created, &sent);
+        return Ok((created, sent));
+    };
+    // Messages first, then the rows already `queued`: the insert's trigger
+    // locks the workspace row (its counters) until commit, so it goes last
+    // to hold that lock for as short a time as possible. Ids are made here,
+    // so the messages can name jobs not yet inserted.
+    let targets: Vec<Target> = jobs.iter().map(Target::from).collect();
+    let (by_queue, deferred) = messages_for(&targets, now);
+    let mut sent = Sent {
+        deferred,
+        ..Sent::default()
+    };
+    let tx = db.transaction().await?;
+    for (_, (q, group, messages)) in by_queue {
+        pg.send_batch_in(&tx, q, &messages)
+            .await
+            .map_err(|e| DbError::Inconsistent(e.to_string()))?;
+        sent.sent.extend(group);
+    }
+    let mut created = store.insert_as(&tx, jobs, &sent.sent, now).await?;
+    tx.commit().await?;
+    mark_sent(&mut created, &sent);
+    Ok((created, sent))
+}
+
+/// `pending → queued` for jobs whose message the queue accepted, on the
+/// given connection or transaction.
+async fn mark_queued(
+    db: &impl deadpool_postgres::GenericClient,
+    ids: &[JobId],
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+    let stmt = db
+        .prepare_cached(
+            "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
+             WHERE id = ANY($1) AND status = 'pending'",
+        )
+        .await?;
+    db.execute(&stmt, &[&ids, &now]).await?;
+    Ok(())
+}
+
+/// Shows the jobs that were sent as `queued` in the answer.
+fn mark_sent(created: &mut [(Job, bool)], sent: &Sent) {
+    let ids: std::collections::HashSet<JobId> = sent.sent.iter().copied().collect();
+    for (j, _) in created.iter_mut() {
+        if ids.contains(&j.id) {
+            j.status = crate::job::JobStatus::Queued;
+        }
+    }
 }

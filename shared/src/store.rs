@@ -170,6 +170,19 @@ impl Store {
         jobs: &[NewJob],
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, bool)>, DbError> {
+        self.insert_as(db, jobs, &[], now).await
+    }
+
+    /// [`Store::insert`], with the jobs in `queued` inserted as `queued`
+    /// (their messages were written in the same transaction), the others
+    /// as `pending`.
+    pub async fn insert_as(
+        &self,
+        db: &impl GenericClient,
+        jobs: &[NewJob],
+        queued: &[JobId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(Job, bool)>, DbError> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
@@ -180,7 +193,16 @@ impl Store {
         let queues: Vec<_> = jobs.iter().map(|j| j.queue.as_str()).collect();
         let prios: Vec<_> = jobs.iter().map(|j| j.priority).collect();
         let payloads: Vec<_> = jobs.iter().map(|j| &j.payload).collect();
-        let statuses: Vec<_> = jobs.iter().map(|_| JobStatus::Pending.as_str()).collect();
+        let statuses: Vec<_> = jobs
+            .iter()
+            .map(|j| {
+                if queued.contains(&j.id) {
+                    JobStatus::Queued.as_str()
+                } else {
+                    JobStatus::Pending.as_str()
+                }
+            })
+            .collect();
         let maxes: Vec<_> = jobs.iter().map(|j| j.max_attempts).collect();
         let run_ats: Vec<_> = jobs.iter().map(|j| j.run_at).collect();
         let keys: Vec<_> = jobs.iter().map(|j| j.idempotency_key.as_deref()).collect();
@@ -191,11 +213,11 @@ impl Store {
             .prepare_cached(concat!(
                     "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
                        payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
-                       updated_at) \
+                       updated_at, enqueued_at) \
                      SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
                        n.run_at, n.ikey, \
                        CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
-                       $13, $13 \
+                       $13::timestamptz, $13::timestamptz, CASE WHEN n.status = 'queued' THEN $13::timestamptz END \
                      FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
                        $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
                        $11::text[], $12::text[]) \

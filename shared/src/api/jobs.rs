@@ -185,7 +185,7 @@ pub async fn create(
     let now = state.clock.now();
     let key = idempotency_key(&headers)?;
     let new = validate(&state, &member, body, key, now)?;
-    let db = state
+    let mut db = state
         .store
         .pool()
         .get()
@@ -208,30 +208,25 @@ pub async fn create(
         }
     }
     super::limits::admit(&db, &member, 1).await?;
-    let (mut job, created) = state
-        .store
-        .insert(&db, std::slice::from_ref(&new), now)
-        .await?
-        .pop()
-        .expect("insert returns one row per job");
+    let (mut created, sent) = enqueue::create_jobs(
+        &state.store,
+        &*state.queue,
+        &mut db,
+        std::slice::from_ref(&new),
+        now,
+    )
+    .await?;
     drop(db);
-    if !created {
+    let (job, is_new) = created.pop().expect("one row per job");
+    if !is_new {
         // A concurrent request with the same key won the insert.
         return same_request(job, &new);
     }
-    // The row is committed; a queue failure leaves it `pending` for the
-    // scheduler's outbox, and the client still gets its 202.
-    match enqueue::send_jobs(&state.store, &*state.queue, &[&job], now).await {
-        Ok(sent) => {
-            if sent.sent.contains(&job.id) {
-                job.status = JobStatus::Queued;
-            }
-            if let Some(e) = sent.error {
-                tracing::warn!(job_id = %job.id, workspace_id = %job.workspace_id, error = %e,
-                    "queue refused the new job's message; the scheduler will send it");
-            }
-        }
-        Err(e) => tracing::warn!(job_id = %job.id, error = %e, "cannot mark job queued"),
+    if let Some(e) = sent.error {
+        // The row is committed and stays `pending`: the scheduler's outbox
+        // sends it, and the client still gets its 202.
+        tracing::warn!(job_id = %job.id, workspace_id = %job.workspace_id, error = %e,
+            "queue refused the new job's message; the scheduler will send it");
     }
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
@@ -684,36 +679,20 @@ pub async fn create_batch(
             e
         })?);
     }
-    let db = state
+    let mut db = state
         .store
         .pool()
         .get()
         .await
         .map_err(crate::db::DbError::from)?;
     super::limits::admit(&db, &member, n).await?;
-    let mut jobs: Vec<Job> = state
-        .store
-        .insert(&db, &new, now)
-        .await?
-        .into_iter()
-        .map(|(j, _)| j)
-        .collect();
+    let (created, sent) =
+        enqueue::create_jobs(&state.store, &*state.queue, &mut db, &new, now).await?;
     drop(db);
-    let refs: Vec<&Job> = jobs.iter().collect();
-    match enqueue::send_jobs(&state.store, &*state.queue, &refs, now).await {
-        Ok(sent) => {
-            if let Some(e) = &sent.error {
-                tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
-                    "queue refused some of a batch; the scheduler will send them");
-            }
-            let sent: std::collections::HashSet<JobId> = sent.sent.into_iter().collect();
-            for j in &mut jobs {
-                if sent.contains(&j.id) {
-                    j.status = JobStatus::Queued;
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot mark batch queued"),
+    if let Some(e) = &sent.error {
+        tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
+            "queue refused some of a batch; the scheduler will send them");
     }
+    let jobs: Vec<Job> = created.into_iter().map(|(j, _)| j).collect();
     Ok((StatusCode::ACCEPTED, Json(JobBatch { jobs })).into_response())
 }

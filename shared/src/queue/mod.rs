@@ -119,6 +119,12 @@ pub trait Queue: Send + Sync {
     /// `eventSourceARN` so the worker knows which queue a record came from.
     fn arn(&self, queue: QueueName) -> String;
 
+    /// The Postgres backend, whose messages can be written in the same
+    /// transaction as the jobs they carry (one commit instead of three).
+    fn as_postgres(&self) -> Option<&PgQueue> {
+        None
+    }
+
     async fn send(
         &self,
         queue: QueueName,

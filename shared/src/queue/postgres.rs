@@ -110,6 +110,46 @@ impl PgQueue {
     }
 }
 
+impl PgQueue {
+    /// Sends messages on the caller's connection or transaction, so they
+    /// commit (and wake receivers) together with whatever else it writes.
+    pub async fn send_batch_in(
+        &self,
+        db: &impl deadpool_postgres::GenericClient,
+        queue: QueueName,
+        messages: &[OutgoingMessage],
+    ) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        if let Some(m) = messages.iter().find(|m| m.delay > MAX_DELAY) {
+            return Err(QueueError::Rejected(format!(
+                "message {} asks for a delay of {}s; the most is {}s",
+                m.id,
+                m.delay.as_secs(),
+                MAX_DELAY.as_secs()
+            )));
+        }
+        let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
+        let delays: Vec<f64> = messages
+            .iter()
+            .map(|m| m.delay.as_millis() as f64)
+            .collect();
+        let stmt = db
+            .prepare_cached(
+                "INSERT INTO queue_messages (queue, body, vt) \
+                 SELECT $1, u.body, now() + u.delay * interval '1 millisecond' \
+                 FROM unnest($2::text[], $3::float8[]) AS u(body, delay)",
+            )
+            .await
+            .map_err(unavailable)?;
+        db.execute(&stmt, &[&queue.as_str(), &bodies, &delays])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
 async fn listen_once(url: &str, wake: &Notify) -> Result<(), db::DbError> {
     let cfg = db::parse_url(url)?;
     let (client, mut conn) =
@@ -156,33 +196,8 @@ impl Queue for PgQueue {
         queue: QueueName,
         messages: &[OutgoingMessage],
     ) -> Result<(), QueueError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        if let Some(m) = messages.iter().find(|m| m.delay > MAX_DELAY) {
-            return Err(QueueError::Rejected(format!(
-                "message {} asks for a delay of {}s; the most is {}s",
-                m.id,
-                m.delay.as_secs(),
-                MAX_DELAY.as_secs()
-            )));
-        }
-        let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
-        let delays: Vec<f64> = messages
-            .iter()
-            .map(|m| m.delay.as_millis() as f64)
-            .collect();
-        let client = db::Conn::get(&self.pool).await.map_err(unavailable)?;
-        client
-            .execute(
-                "INSERT INTO queue_messages (queue, body, vt) \
-                 SELECT $1, u.body, now() + u.delay * interval '1 millisecond' \
-                 FROM unnest($2::text[], $3::float8[]) AS u(body, delay)",
-                &[&queue.as_str(), &bodies, &delays],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        let client = self.pool.get().await.map_err(unavailable)?;
+        self.send_batch_in(&client, queue, messages).await
     }
 
     async fn receive(
@@ -280,6 +295,10 @@ impl Queue for PgQueue {
 
     fn max_receive_batch(&self) -> usize {
         10_000
+    }
+
+    fn as_postgres(&self) -> Option<&PgQueue> {
+        Some(self)
     }
 
     fn arn(&self, queue: QueueName) -> String {

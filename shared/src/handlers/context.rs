@@ -41,6 +41,8 @@ pub struct JobContext {
     cancel_checked_at: Instant,
     deadline: Instant,
     handoff_margin: Duration,
+    /// Whether `should_hand_off` was asked before in this run.
+    asked_hand_off: bool,
 }
 
 impl JobContext {
@@ -70,6 +72,7 @@ impl JobContext {
             cancel_checked_at: Instant::now(),
             deadline,
             handoff_margin,
+            asked_hand_off: false,
         }
     }
 
@@ -192,9 +195,14 @@ impl JobContext {
     }
 
     /// True when the deadline is near enough that the handler should save a
-    /// checkpoint and return [`JobContext::hand_off`].
-    pub fn should_hand_off(&self) -> bool {
-        self.time_left() < self.handoff_margin
+    /// checkpoint and return [`JobContext::hand_off`]. The first answer of a
+    /// run is always `false`, so every invocation makes at least one step of
+    /// progress: a job claimed late in an invocation cannot hand off forever
+    /// without moving.
+    pub fn should_hand_off(&mut self) -> bool {
+        let first = !self.asked_hand_off;
+        self.asked_hand_off = true;
+        !first && self.time_left() < self.handoff_margin
     }
 
     /// Writes one line to the job's log (`job_logs`), which support reads.

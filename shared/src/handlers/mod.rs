@@ -7,8 +7,11 @@
 //! are rejected there, before anything reaches a queue), and the worker hands
 //! the handler the same typed value.
 
+mod bulk_tag;
 mod context;
+mod lead_scoring;
 mod noop;
+mod sequence_subscription;
 mod sleep;
 
 use std::collections::BTreeMap;
@@ -20,8 +23,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use thiserror::Error;
 
+pub use bulk_tag::{BulkDelete, BulkTag};
 pub use context::JobContext;
+pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
+pub use sequence_subscription::SequenceSubscription;
 pub use sleep::{Sleep, SleepPayload};
 
 use crate::db::DbError;
@@ -152,9 +158,16 @@ impl Registry {
         Registry::default()
     }
 
-    /// The built-in types: `noop` and `sleep` (for trying the system and for tests).
+    /// The built-in types: the product's bulk operations, and `noop` and
+    /// `sleep` (for trying the system and for tests).
     pub fn builtin() -> Self {
-        Registry::new().with(Noop).with(Sleep)
+        Registry::new()
+            .with(Noop)
+            .with(Sleep)
+            .with(SequenceSubscription)
+            .with(BulkTag)
+            .with(BulkDelete)
+            .with(LeadScoring)
     }
 
     /// Adds a handler under its `TYPE`.

@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     for m in crate::migrate(&config).await? {
         eprintln!("applied migration {m}");
     }
-    let services = Services::connect(config.clone(), Registry::builtin()).await?;
+    let services = Services::connect(config.clone(), Registry::for_config(&config)).await?;
     {
         let db = services.store.pool().get().await?;
         workspace::ensure_workspace(&**db, DEMO_WORKSPACE, "Demo", Tier::Enterprise).await?;

@@ -111,6 +111,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long an `Idempotency-Key` names its job (`OFFLOAD_IDEMPOTENCY_TTL_HOURS`).
     pub idempotency_ttl: Duration,
+    /// Let `webhook` jobs call loopback and private addresses
+    /// (`OFFLOAD_WEBHOOK_ALLOW_PRIVATE`; off: no server-side request forgery).
+    pub webhook_allow_private: bool,
 }
 
 impl Config {
@@ -239,6 +242,9 @@ impl Config {
             idempotency_ttl: Duration::from_secs(
                 num(&var, "OFFLOAD_IDEMPOTENCY_TTL_HOURS", 24, 1..=24 * 365)? * 3600,
             ),
+            webhook_allow_private: var("OFFLOAD_WEBHOOK_ALLOW_PRIVATE")
+                .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+                .unwrap_or(false),
         })
     }
 }

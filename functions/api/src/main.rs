@@ -12,7 +12,8 @@ async fn main() -> Result<(), Error> {
     if config.jwt_secret_is_default {
         tracing::warn!("OFFLOAD_JWT_SECRET is unset: using the development secret");
     }
-    let services = Services::connect(config, Registry::builtin()).await?;
+    let registry = Registry::for_config(&config);
+    let services = Services::connect(config, registry).await?;
     let app = offload::api::router(services.api_state());
     run(service_fn(move |req: Request| {
         offload_api::handle(app.clone(), req)

@@ -12,7 +12,8 @@ use serde_json::Value;
 async fn main() -> Result<(), Error> {
     offload::telemetry::init();
     let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
-    let services = Services::connect(config, Registry::builtin()).await?;
+    let registry = Registry::for_config(&config);
+    let services = Services::connect(config, registry).await?;
     let scheduler = services.scheduler();
     let scheduler = &scheduler;
     run(service_fn(move |event: LambdaEvent<Value>| async move {

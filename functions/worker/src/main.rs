@@ -10,7 +10,8 @@ use offload::startup::Services;
 async fn main() -> Result<(), Error> {
     offload::telemetry::init();
     let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
-    let services = Services::connect(config, Registry::builtin()).await?;
+    let registry = Registry::for_config(&config);
+    let services = Services::connect(config, registry).await?;
     let name = std::env::var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|_| "worker".into());
     let worker = services.worker(&name);
     let worker = &worker;

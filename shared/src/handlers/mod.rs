@@ -13,6 +13,7 @@ mod lead_scoring;
 mod noop;
 mod sequence_subscription;
 mod sleep;
+mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
 pub use sequence_subscription::SequenceSubscription;
 pub use sleep::{Sleep, SleepPayload};
+pub use webhook::{is_internal, Webhook};
 
 use crate::db::DbError;
 
@@ -168,9 +170,17 @@ impl Registry {
             .with(BulkTag)
             .with(BulkDelete)
             .with(LeadScoring)
+            .with(Webhook::default())
     }
 
-    /// Adds a handler under its `TYPE`.
+    /// The built-in types as configured for this deployment.
+    pub fn for_config(config: &crate::config::Config) -> Self {
+        Registry::builtin().with(Webhook {
+            allow_private: config.webhook_allow_private,
+        })
+    }
+
+    /// Adds a handler under its `TYPE` (replacing one of the same name).
     pub fn with<H: JobHandler>(mut self, handler: H) -> Self {
         self.handlers.insert(H::TYPE, Arc::new(handler));
         self

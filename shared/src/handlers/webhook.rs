@@ -1,0 +1,221 @@
+//! `webhook`: POST a JSON body to a URL, the model for calls to enrichment
+//! providers. A per-host token bucket paces the calls (an empty bucket
+//! snoozes the job, using no attempt); 5xx, 408, 429, timeouts and
+//! connection errors are retried with backoff; other 4xx are permanent.
+//! Addresses that resolve to loopback, private, link-local or otherwise
+//! internal ranges are refused unless the deployment allows them, and the
+//! request goes to the address that was checked (no DNS rebinding), with
+//! redirects not followed.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
+use crate::ratelimit;
+
+/// Calls to one host per second, sustained; the burst is the same number.
+const PER_HOST_PER_SEC: f64 = 10.0;
+const MAX_RESPONSE_KEPT: usize = 4096;
+
+/// The `webhook` handler; `allow_private` lets it call internal addresses
+/// (tests, or a deployment whose hooks live on its own network).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Webhook {
+    pub allow_private: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookPayload {
+    pub url: String,
+    #[serde(default)]
+    pub body: Value,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// 100..=30000, default 10000.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_timeout() -> u64 {
+    10_000
+}
+
+/// Whether an address is one a webhook must not reach by default.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])) // carrier-grade NAT
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+                || o[0] >= 240 // reserved
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
+        }
+    }
+}
+
+#[async_trait]
+impl JobHandler for Webhook {
+    type Payload = WebhookPayload;
+    const TYPE: &'static str = "webhook";
+
+    fn validate(&self, p: &WebhookPayload) -> Result<(), PayloadError> {
+        let url = reqwest::Url::parse(&p.url)
+            .map_err(|e| PayloadError::field("url", format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(PayloadError::field(
+                "url",
+                "an http or https URL with a host",
+            ));
+        }
+        if p.url.len() > 2048 {
+            return Err(PayloadError::field("url", "at most 2048 characters"));
+        }
+        if !(100..=30_000).contains(&p.timeout_ms) {
+            return Err(PayloadError::field(
+                "timeout_ms",
+                "must be from 100 to 30000",
+            ));
+        }
+        if p.headers.len() > 20 {
+            return Err(PayloadError::field("headers", "at most 20 headers"));
+        }
+        for (k, v) in &p.headers {
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(v).is_err()
+            {
+                return Err(PayloadError::field(
+                    &format!("headers.{k}"),
+                    "not a valid header",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&self, p: WebhookPayload, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let url = reqwest::Url::parse(&p.url)
+            .map_err(|e| JobError::Permanent(format!("bad url: {e}")))?;
+        let host = url.host_str().unwrap_or_default().to_string();
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(a) => a.collect(),
+            Err(e) => return Err(JobError::Retryable(format!("cannot resolve {host}: {e}"))),
+        };
+        if addrs.is_empty() {
+            return Err(JobError::Retryable(format!("{host} has no address")));
+        }
+        if !self.allow_private {
+            if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
+                return Err(JobError::Permanent(format!(
+                    "refused: {host} resolves to {}, an internal address; webhooks may only call public addresses",
+                    a.ip()
+                )));
+            }
+        }
+        if !ctx
+            .take_token(
+                &format!("webhook:{host}"),
+                PER_HOST_PER_SEC,
+                PER_HOST_PER_SEC,
+            )
+            .await?
+        {
+            return Ok(Outcome::Snooze(ratelimit::wait_for_token(PER_HOST_PER_SEC)));
+        }
+        let client = reqwest::Client::builder()
+            .resolve_to_addrs(&host, &addrs)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_millis(p.timeout_ms))
+            .user_agent("Offload-Webhook/1")
+            .build()
+            .map_err(|e| JobError::Retryable(format!("http client: {e}")))?;
+        let mut req = client.post(url.clone()).json(&p.body);
+        for (k, v) in &p.headers {
+            req = req.header(k, v);
+        }
+        let started = std::time::Instant::now();
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Err(JobError::Retryable(format!(
+                    "{host} did not answer within {} ms",
+                    p.timeout_ms
+                )))
+            }
+            Err(e) => return Err(JobError::Retryable(format!("cannot reach {host}: {e}"))),
+        };
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let kept: String = text.chars().take(MAX_RESPONSE_KEPT).collect();
+        let ms = started.elapsed().as_millis() as u64;
+        if status.is_success() {
+            ctx.log("info", format!("{host} answered {status} in {ms} ms"), None)
+                .await?;
+            return Ok(Outcome::Completed(Some(
+                json!({ "status": status.as_u16(), "response": kept, "ms": ms }),
+            )));
+        }
+        let msg = format!(
+            "{host} answered {status}: {}",
+            kept.chars().take(200).collect::<String>()
+        );
+        if status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429 {
+            Err(JobError::Retryable(msg))
+        } else if status.is_redirection() {
+            Err(JobError::Permanent(format!(
+                "{msg} (redirects are not followed)"
+            )))
+        } else {
+            Err(JobError::Permanent(msg))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_ranges_are_recognised() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

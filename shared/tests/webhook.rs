@@ -1,0 +1,182 @@
+//! The webhook job type against a local HTTP server: success, a 5xx that
+//! recovers, a permanent 4xx, a timeout, and a refused internal address.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::post;
+use axum::Router;
+use offload::config::WorkerConfig;
+use offload::enqueue::send_jobs;
+use offload::handlers::{Registry, Webhook};
+use offload::job::{ErrorKind, JobStatus};
+use offload::queue::Queue;
+use offload::testing::{event_source, new_job, TestDb};
+use offload::workspace::Tier;
+use offload::Job;
+use serde_json::{json, Value};
+
+/// A local server: /ok 200, /flaky 500 once then 200, /bad 400, /slow 3 s.
+async fn server() -> (String, Arc<AtomicUsize>) {
+    let flaky = Arc::new(AtomicUsize::new(0));
+    let f = flaky.clone();
+    let app = Router::new()
+        .route(
+            "/ok",
+            post(|body: String| async move { format!("got {body}") }),
+        )
+        .route(
+            "/flaky",
+            post(move || {
+                let f = f.clone();
+                async move {
+                    if f.fetch_add(1, Ordering::SeqCst) == 0 {
+                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "try later")
+                    } else {
+                        (axum::http::StatusCode::OK, "fine now")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/bad",
+            post(|| async { (axum::http::StatusCode::BAD_REQUEST, "missing field email") }),
+        )
+        .route(
+            "/slow",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                "late"
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, flaky)
+}
+
+async fn run(db: &TestDb, allow_private: bool, payload: Value, max_attempts: i32) -> Job {
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(10));
+    let mut nj = new_job(ws, "webhook", payload);
+    nj.max_attempts = max_attempts;
+    let job = db.insert(&[nj]).await.remove(0);
+    send_jobs(&db.store, &*q, &[&job], chrono::Utc::now())
+        .await
+        .unwrap();
+    let config = WorkerConfig {
+        backoff_base: Duration::from_millis(50),
+        ..WorkerConfig::default()
+    };
+    let registry = Registry::builtin().with(Webhook { allow_private });
+    let source = event_source(q.clone(), db.worker_with(q.clone(), config, registry));
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        source.drain().await;
+        let j = db.job(job.id).await;
+        if j.status.is_terminal() {
+            return j;
+        }
+        assert!(tokio::time::Instant::now() < end, "stuck: {j:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_200_completes_with_the_response() {
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    let j = run(
+        &db,
+        true,
+        json!({"url": format!("{base}/ok"), "body": {"email": "a@b.co"}}),
+        5,
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed);
+    let r = j.result.unwrap();
+    assert_eq!(r["status"], 200);
+    assert_eq!(r["response"], "got {\"email\":\"a@b.co\"}");
+}
+
+#[tokio::test]
+async fn a_500_is_retried_and_then_succeeds() {
+    let (base, flaky) = server().await;
+    let db = TestDb::new().await;
+    let j = run(&db, true, json!({"url": format!("{base}/flaky")}), 5).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Completed, 2));
+    assert_eq!(flaky.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_400_is_permanent() {
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    let j = run(&db, true, json!({"url": format!("{base}/bad")}), 5).await;
+    assert_eq!(
+        (j.status, j.attempts, j.error_kind),
+        (JobStatus::Dead, 1, Some(ErrorKind::Permanent))
+    );
+    assert!(j.error_message.unwrap().contains("400"));
+}
+
+#[tokio::test]
+async fn a_timeout_is_retried_until_attempts_run_out() {
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    let j = run(
+        &db,
+        true,
+        json!({"url": format!("{base}/slow"), "timeout_ms": 200}),
+        2,
+    )
+    .await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Dead, 2));
+    assert!(j
+        .error_message
+        .unwrap()
+        .contains("did not answer within 200 ms"));
+}
+
+#[tokio::test]
+async fn an_internal_address_is_refused_by_default() {
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    for url in [
+        format!("{base}/ok"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+        "http://localhost:1/".to_string(),
+    ] {
+        let j = run(&db, false, json!({"url": url}), 5).await;
+        assert_eq!(
+            (j.status, j.error_kind),
+            (JobStatus::Dead, Some(ErrorKind::Permanent)),
+            "{url}"
+        );
+        assert!(
+            j.error_message.unwrap().contains("internal address"),
+            "{url}"
+        );
+    }
+}
+
+#[test]
+fn bad_webhook_payloads_are_refused_at_creation() {
+    let reg = Registry::builtin();
+    for (payload, field) in [
+        (json!({"url": "ftp://x.example/"}), "url"),
+        (json!({"url": "not a url"}), "url"),
+        (
+            json!({"url": "https://x.example/", "timeout_ms": 60000}),
+            "timeout_ms",
+        ),
+        (
+            json!({"url": "https://x.example/", "headers": {"bad header": "x"}}),
+            "headers.bad header",
+        ),
+    ] {
+        let e = reg.validate("webhook", &payload).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some(field), "{payload}: {e}");
+    }
+}

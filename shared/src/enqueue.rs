@@ -155,47 +155,49 @@ pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>)
 }
 
 /// Inserts jobs and sends their messages: with the Postgres queue in one
-/// transaction (the rows, their messages and the `queued` mark commit
-/// together: one durable commit instead of three); with SQS the rows commit
-/// first and the messages follow ([`send_jobs`]). Returns each job with
+/// statement (the rows, already `queued`, and their messages commit
+/// together: one round trip and one durable commit instead of three); with
+/// SQS the rows commit first and the messages follow. Returns each job with
 /// whether it was new (an existing idempotency key returns the old job),
 /// and what was sent.
 pub async fn create_jobs(
     store: &Store,
     queue: &dyn Queue,
-    db: &mut deadpool_postgres::Object,
+    db: &deadpool_postgres::Object,
     jobs: &[crate::store::NewJob],
     now: DateTime<Utc>,
 ) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
-    let Some(pg) = queue.as_postgres() else {
+    if queue.as_postgres().is_none() {
         // Everything on the one connection the caller holds: taking a
         // second from the pool here could wait on requests that hold the rest.
-        let mut created = store.insert(&*db, jobs, now).await?;
+        let mut created = store.insert(db, jobs, now).await?;
         let new: Vec<&Job> = created.iter().filter(|(_, n)| *n).map(|(j, _)| j).collect();
         let sent = send_messages(queue, &new, now).await;
-        mark_queued(&*db, &sent.sent, now).await?;
+        mark_queued(db, &sent.sent, now).await?;
         mark_sent(&mut created, &sent);
         return Ok((created, sent));
-    };
-    // Messages first, then the rows already `queued`: the insert's trigger
-    // locks the workspace row (its counters) until commit, so it goes last
-    // to hold that lock for as short a time as possible. Ids are made here,
-    // so the messages can name jobs not yet inserted.
+    }
+    // One statement writes the messages and the rows (already `queued`):
+    // one round trip and one commit, and no message without its row. Ids
+    // are made here, so the messages can name jobs not yet inserted.
     let targets: Vec<Target> = jobs.iter().map(Target::from).collect();
     let (by_queue, deferred) = messages_for(&targets, now);
     let mut sent = Sent {
         deferred,
         ..Sent::default()
     };
-    let tx = db.transaction().await?;
+    let mut rows = crate::store::MessageRows::default();
     for (_, (q, group, messages)) in by_queue {
-        pg.send_batch_in(&tx, q, &messages)
-            .await
-            .map_err(|e| DbError::Inconsistent(e.to_string()))?;
+        for m in messages {
+            rows.queues.push(q.as_str());
+            rows.bodies.push(m.body);
+            rows.delays_ms.push(m.delay.as_millis() as f64);
+        }
         sent.sent.extend(group);
     }
-    let mut created = store.insert_as(&tx, jobs, &sent.sent, now).await?;
-    tx.commit().await?;
+    let mut created = store
+        .insert_as(db, jobs, &sent.sent, Some(&rows), now)
+        .await?;
     mark_sent(&mut created, &sent);
     Ok((created, sent))
 }

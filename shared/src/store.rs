@@ -98,6 +98,49 @@ pub struct Store {
     pool: Pool,
 }
 
+/// Postgres-queue messages to write with the jobs they carry.
+#[derive(Debug, Default)]
+pub struct MessageRows {
+    pub queues: Vec<&'static str>,
+    pub bodies: Vec<String>,
+    pub delays_ms: Vec<f64>,
+}
+
+/// The insert of new jobs ($1..$13, one array per column), skipping those
+/// whose idempotency key exists.
+macro_rules! insert_jobs_sql {
+    () => {
+        "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
+           payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
+           updated_at, enqueued_at) \
+         SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
+           n.run_at, n.ikey, \
+           CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
+           $13::timestamptz, $13::timestamptz, \
+           CASE WHEN n.status = 'queued' THEN $13::timestamptz END \
+         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
+           $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
+           $11::text[], $12::text[]) \
+           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags) \
+         ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+           DO NOTHING \
+         RETURNING "
+    };
+}
+
+const INSERT_JOBS: &str = concat!(insert_jobs_sql!(), job_columns!());
+
+/// [`INSERT_JOBS`] with the Postgres queue's messages ($14..$16) written by
+/// the same statement. A message whose job loses an idempotency race names
+/// a job that does not exist; the worker acknowledges such messages.
+const INSERT_JOBS_WITH_MESSAGES: &str = concat!(
+    "WITH msgs AS (INSERT INTO queue_messages (queue, body, vt) \
+       SELECT m.q, m.b, now() + m.d * interval '1 millisecond' \
+       FROM unnest($14::text[], $15::text[], $16::float8[]) AS m(q, b, d)) ",
+    insert_jobs_sql!(),
+    job_columns!()
+);
+
 /// Claims the jobs of a batch of messages in one statement. A job is
 /// claimable when it is waiting (`pending` or `queued`) and due, or when it
 /// is `running` under a lease that expired with attempts left (its worker
@@ -170,17 +213,19 @@ impl Store {
         jobs: &[NewJob],
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, bool)>, DbError> {
-        self.insert_as(db, jobs, &[], now).await
+        self.insert_as(db, jobs, &[], None, now).await
     }
 
     /// [`Store::insert`], with the jobs in `queued` inserted as `queued`
-    /// (their messages were written in the same transaction), the others
-    /// as `pending`.
+    /// and, with `messages`, the Postgres queue's messages for them written
+    /// by the same statement (one round trip, one commit); the other jobs
+    /// are inserted `pending`.
     pub async fn insert_as(
         &self,
         db: &impl GenericClient,
         jobs: &[NewJob],
         queued: &[JobId],
+        messages: Option<&MessageRows>,
         now: DateTime<Utc>,
     ) -> Result<Vec<(Job, bool)>, DbError> {
         if jobs.is_empty() {
@@ -209,34 +254,26 @@ impl Store {
         // Postgres has no arrays of arrays of varying length, so each job's
         // tags travel as one string joined by the unit separator.
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join("\u{1f}")).collect();
-        let stmt = db
-            .prepare_cached(concat!(
-                    "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
-                       payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
-                       updated_at, enqueued_at) \
-                     SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
-                       n.run_at, n.ikey, \
-                       CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
-                       $13::timestamptz, $13::timestamptz, CASE WHEN n.status = 'queued' THEN $13::timestamptz END \
-                     FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
-                       $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
-                       $11::text[], $12::text[]) \
-                       AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags) \
-                     ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
-                       DO NOTHING \
-                     RETURNING ",
-                    job_columns!()
-                ))
-            .await?;
-        let rows = db
-            .query(
-                &stmt,
-                &[
-                    &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes,
-                    &run_ats, &keys, &tags, &now,
-                ],
-            )
-            .await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+            &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes, &run_ats,
+            &keys, &tags, &now,
+        ];
+        let rows = match messages {
+            None => {
+                let stmt = db.prepare_cached(INSERT_JOBS).await?;
+                db.query(&stmt, &params).await?
+            }
+            Some(m) => {
+                let stmt = db.prepare_cached(INSERT_JOBS_WITH_MESSAGES).await?;
+                let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
+                all.extend([
+                    &m.queues as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &m.bodies,
+                    &m.delays_ms,
+                ]);
+                db.query(&stmt, &all).await?
+            }
+        };
         let mut inserted: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {

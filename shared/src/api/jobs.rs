@@ -185,7 +185,7 @@ pub async fn create(
     let now = state.clock.now();
     let key = idempotency_key(&headers)?;
     let new = validate(&state, &member, body, key, now)?;
-    let mut db = state
+    let db = state
         .store
         .pool()
         .get()
@@ -211,7 +211,7 @@ pub async fn create(
     let (mut created, sent) = enqueue::create_jobs(
         &state.store,
         &*state.queue,
-        &mut db,
+        &db,
         std::slice::from_ref(&new),
         now,
     )
@@ -679,15 +679,14 @@ pub async fn create_batch(
             e
         })?);
     }
-    let mut db = state
+    let db = state
         .store
         .pool()
         .get()
         .await
         .map_err(crate::db::DbError::from)?;
     super::limits::admit(&db, &member, n).await?;
-    let (created, sent) =
-        enqueue::create_jobs(&state.store, &*state.queue, &mut db, &new, now).await?;
+    let (created, sent) = enqueue::create_jobs(&state.store, &*state.queue, &db, &new, now).await?;
     drop(db);
     if let Some(e) = &sent.error {
         tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),

@@ -492,6 +492,64 @@ async fn api_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     Ok(ms)
 }
 
+/// Create-job latency through the router in-process (no sockets, no HTTP
+/// client) at the same steady rate; ms, sorted. Separates the API's own cost
+/// from the loopback HTTP stack's.
+async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
+    use tower::ServiceExt;
+    let db = BenchDb::new(server, "router").await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let secret = "offload-bench-secret-offload-bench-secret";
+    let user = offload::ids::UserId::new();
+    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
+    let app = offload::api::router(offload::api::AppState {
+        store: db.store.clone(),
+        queue: q,
+        registry: Arc::new(Registry::builtin()),
+        keys: offload::auth::Keys::new(secret),
+        clock: Clock::System,
+        settings: Default::default(),
+    });
+    let now = chrono::Utc::now();
+    let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
+    let uri = format!("/api/workspaces/{}/jobs", db.ws);
+    let request = |uri: &str, token: &str| {
+        axum::http::Request::post(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(r#"{"type":"noop"}"#))
+            .expect("request")
+    };
+    for _ in 0..50 {
+        app.clone().oneshot(request(&uri, &token)).await?;
+    }
+    let total = (args.api_rate * args.api_secs) as usize;
+    let every = Duration::from_micros(1_000_000 / args.api_rate.max(1));
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = start + every * i as u32;
+        tokio::time::sleep_until(due).await;
+        let (app, req) = (app.clone(), request(&uri, &token));
+        tasks.push(tokio::spawn(async move {
+            let resp = app.oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok();
+            anyhow::ensure!(status == 202, "create answered {status}");
+            Ok::<f64, anyhow::Error>((tokio::time::Instant::now() - due).as_secs_f64() * 1000.0)
+        }));
+    }
+    let mut ms = Vec::with_capacity(total);
+    for t in tasks {
+        ms.push(t.await??);
+    }
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    db.drop_db().await?;
+    Ok(ms)
+}
+
 /// Jobs/s created over HTTP: `concurrency` clients doing single creates
 /// for a few seconds, then batch creates of 1000 (returns singles/s,
 /// batched jobs/s, batch p50 ms).
@@ -673,6 +731,23 @@ async fn main() -> anyhow::Result<()> {
         }
         report("api_create_p50", p50, "ms");
         report("api_create_p99", p99, "ms");
+        eprintln!(
+            "router: the same load through the router in-process, {} runs",
+            args.repeat
+        );
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let ms = router_once(&args, &server).await?;
+            eprintln!(
+                "  p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99)
+            );
+            p50.push(percentile(&ms, 0.50));
+            p99.push(percentile(&ms, 0.99));
+        }
+        report("router_create_p50", p50, "ms");
+        report("router_create_p99", p99, "ms");
     }
     if want("enqueue") {
         eprintln!("enqueue: {} clients of single creates for {} s, then {} batch creates of 1000, {} runs", args.concurrency, args.api_secs, args.batches, args.repeat);

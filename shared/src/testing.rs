@@ -251,6 +251,20 @@ impl TestDb {
     }
 }
 
+/// Sends the jobs' messages as the API would, and checks the queue took them all.
+pub async fn enqueue(db: &TestDb, queue: &dyn Queue, jobs: &[Job]) {
+    let refs: Vec<&Job> = jobs.iter().collect();
+    let sent = crate::enqueue::send_jobs(&db.store, queue, &refs, Utc::now())
+        .await
+        .expect("enqueue");
+    assert_eq!(
+        sent.sent.len(),
+        jobs.len(),
+        "the queue refused some: {:?}",
+        sent.error
+    );
+}
+
 /// An event source over the `default` queue, as the local runner builds it.
 pub fn event_source(queue: Arc<dyn Queue>, worker: Worker) -> EventSource {
     EventSource {

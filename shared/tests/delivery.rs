@@ -9,24 +9,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use offload::config::WorkerConfig;
-use offload::enqueue::send_jobs;
 use offload::event_source::to_event;
 use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::job::{JobStatus, QueueName};
 use offload::queue::Queue;
-use offload::testing::{event_source, new_job, sqs_queue, TestDb};
+use offload::testing::{enqueue, event_source, new_job, sqs_queue, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::json;
 
 const Q: QueueName = QueueName::Default;
-
-async fn enqueue(db: &TestDb, q: &dyn Queue, jobs: &[Job]) {
-    let refs: Vec<&Job> = jobs.iter().collect();
-    send_jobs(&db.store, q, &refs, chrono::Utc::now())
-        .await
-        .unwrap();
-}
 
 fn deadline() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(60)

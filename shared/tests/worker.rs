@@ -7,15 +7,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use offload::config::WorkerConfig;
-use offload::enqueue::send_jobs;
 use offload::event_source::to_event;
 use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::job::{ErrorKind, JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::store::Store;
-use offload::testing::{event_source, new_job, TestDb};
+use offload::testing::{enqueue, event_source, new_job, TestDb};
 use offload::workspace::Tier;
-use offload::Job;
 use serde_json::json;
 
 fn quick() -> WorkerConfig {
@@ -23,14 +21,6 @@ fn quick() -> WorkerConfig {
         backoff_base: Duration::from_secs(10),
         ..WorkerConfig::default()
     }
-}
-
-async fn enqueue(db: &TestDb, q: &dyn Queue, jobs: &[Job]) {
-    let refs: Vec<&Job> = jobs.iter().collect();
-    let sent = send_jobs(&db.store, q, &refs, chrono::Utc::now())
-        .await
-        .unwrap();
-    assert_eq!(sent.sent.len(), jobs.len());
 }
 
 fn deadline(secs: u64) -> tokio::time::Instant {

@@ -55,6 +55,73 @@ fn empty_object() -> Value {
     json!({})
 }
 
+/// The fields a job and a schedule's job template share, checked.
+pub(super) struct JobTemplate {
+    pub queue: QueueName,
+    pub priority: i16,
+    pub max_attempts: i32,
+}
+
+/// Checks the type, payload, queue, priority, attempts and tags of a job
+/// (or of a schedule's job template), naming the field at fault.
+pub(super) fn check_template(
+    state: &AppState,
+    job_type: &str,
+    payload: &Value,
+    queue: Option<&str>,
+    priority: Option<i64>,
+    max_attempts: Option<i64>,
+    tags: &[String],
+) -> Result<JobTemplate, ApiError> {
+    state.registry.validate(job_type, payload).map_err(|e| {
+        let field = match e.field.as_deref() {
+            Some("type") => "type".to_string(),
+            Some(f) => format!("payload.{f}"),
+            None => "payload".to_string(),
+        };
+        ApiError::invalid(&field, e.message)
+    })?;
+    let queue = match queue {
+        None => QueueName::Default,
+        Some(q) => q
+            .parse()
+            .map_err(|e: String| ApiError::invalid("queue", e))?,
+    };
+    let priority = priority.unwrap_or(0);
+    if !(0..=10).contains(&priority) {
+        return Err(ApiError::invalid(
+            "priority",
+            format!("priority must be from 0 to 10, got {priority}"),
+        ));
+    }
+    let max_attempts = max_attempts.unwrap_or(5);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(ApiError::invalid(
+            "max_attempts",
+            format!("max_attempts must be from 1 to 100, got {max_attempts}"),
+        ));
+    }
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::invalid(
+            "tags",
+            format!("at most {MAX_TAGS} tags, got {}", tags.len()),
+        ));
+    }
+    for (i, t) in tags.iter().enumerate() {
+        if t.is_empty() || t.chars().count() > MAX_TAG_LEN || t.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                &format!("tags[{i}]"),
+                format!("a tag is 1 to {MAX_TAG_LEN} printable characters"),
+            ));
+        }
+    }
+    Ok(JobTemplate {
+        queue,
+        priority: priority as i16,
+        max_attempts: max_attempts as i32,
+    })
+}
+
 /// Checks a create request against every rule, naming the field at fault.
 fn validate(
     state: &AppState,
@@ -63,37 +130,15 @@ fn validate(
     idempotency_key: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<NewJob, ApiError> {
-    state
-        .registry
-        .validate(&body.job_type, &body.payload)
-        .map_err(|e| {
-            let field = match e.field.as_deref() {
-                Some("type") => "type".to_string(),
-                Some(f) => format!("payload.{f}"),
-                None => "payload".to_string(),
-            };
-            ApiError::invalid(&field, e.message)
-        })?;
-    let queue = match body.queue.as_deref() {
-        None => QueueName::Default,
-        Some(q) => q
-            .parse()
-            .map_err(|e: String| ApiError::invalid("queue", e))?,
-    };
-    let priority = body.priority.unwrap_or(0);
-    if !(0..=10).contains(&priority) {
-        return Err(ApiError::invalid(
-            "priority",
-            format!("priority must be from 0 to 10, got {priority}"),
-        ));
-    }
-    let max_attempts = body.max_attempts.unwrap_or(5);
-    if !(1..=100).contains(&max_attempts) {
-        return Err(ApiError::invalid(
-            "max_attempts",
-            format!("max_attempts must be from 1 to 100, got {max_attempts}"),
-        ));
-    }
+    let tpl = check_template(
+        state,
+        &body.job_type,
+        &body.payload,
+        body.queue.as_deref(),
+        body.priority,
+        body.max_attempts,
+        &body.tags,
+    )?;
     let run_at = match body.run_at {
         None => now,
         Some(t) if t < now - RUN_AT_SKEW => {
@@ -110,29 +155,15 @@ fn validate(
         }
         Some(t) => t.max(now),
     };
-    if body.tags.len() > MAX_TAGS {
-        return Err(ApiError::invalid(
-            "tags",
-            format!("at most {MAX_TAGS} tags, got {}", body.tags.len()),
-        ));
-    }
-    for (i, t) in body.tags.iter().enumerate() {
-        if t.is_empty() || t.chars().count() > MAX_TAG_LEN || t.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                &format!("tags[{i}]"),
-                format!("a tag is 1 to {MAX_TAG_LEN} printable characters"),
-            ));
-        }
-    }
     Ok(NewJob {
         id: JobId::new(),
         workspace_id: member.workspace,
         created_by: Some(member.user),
         job_type: body.job_type,
-        queue,
-        priority: priority as i16,
+        queue: tpl.queue,
+        priority: tpl.priority,
         payload: body.payload,
-        max_attempts: max_attempts as i32,
+        max_attempts: tpl.max_attempts,
         run_at,
         idempotency_key,
         tags: body.tags,

@@ -107,56 +107,24 @@ fn spec(state: &AppState, b: ScheduleBody) -> Result<ScheduleSpec, ApiError> {
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name", "a name is 1 to 200 characters"));
     }
-    state
-        .registry
-        .validate(&b.job_type, &b.payload)
-        .map_err(|e| {
-            let field = match e.field.as_deref() {
-                Some("type") => "type".to_string(),
-                Some(f) => format!("payload.{f}"),
-                None => "payload".to_string(),
-            };
-            ApiError::invalid(&field, e.message)
-        })?;
-    let queue = match b.queue.as_deref() {
-        None => crate::job::QueueName::Default,
-        Some(q) => q
-            .parse()
-            .map_err(|e: String| ApiError::invalid("queue", e))?,
-    };
-    let priority = b.priority.unwrap_or(0);
-    if !(0..=10).contains(&priority) {
-        return Err(ApiError::invalid(
-            "priority",
-            "priority must be from 0 to 10",
-        ));
-    }
-    let max_attempts = b.max_attempts.unwrap_or(5);
-    if !(1..=100).contains(&max_attempts) {
-        return Err(ApiError::invalid(
-            "max_attempts",
-            "max_attempts must be from 1 to 100",
-        ));
-    }
-    if b.tags.len() > 20
-        || b.tags
-            .iter()
-            .any(|t| t.is_empty() || t.chars().count() > 100)
-    {
-        return Err(ApiError::invalid(
-            "tags",
-            "at most 20 tags of 1 to 100 characters",
-        ));
-    }
+    let tpl = super::jobs::check_template(
+        state,
+        &b.job_type,
+        &b.payload,
+        b.queue.as_deref(),
+        b.priority,
+        b.max_attempts,
+        &b.tags,
+    )?;
     Ok(ScheduleSpec {
         name,
         cron: b.cron,
         timezone: b.timezone,
         job_type: b.job_type,
         payload: b.payload,
-        queue,
-        priority: priority as i16,
-        max_attempts: max_attempts as i32,
+        queue: tpl.queue,
+        priority: tpl.priority,
+        max_attempts: tpl.max_attempts,
         tags: b.tags,
         enabled: b.enabled,
     })

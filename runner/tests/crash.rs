@@ -36,9 +36,12 @@ async fn killing_the_runner_mid_batch_loses_nothing_and_duplicates_nothing() {
     let seq = Uuid::now_v7();
     let contacts: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
     let conn = db.pool.get().await.unwrap();
-    conn.execute("INSERT INTO sequences (id, workspace_id, name) VALUES ($1, $2, 'crash')", &[&seq, &ws.0])
-        .await
-        .unwrap();
+    conn.execute(
+        "INSERT INTO sequences (id, workspace_id, name) VALUES ($1, $2, 'crash')",
+        &[&seq, &ws.0],
+    )
+    .await
+    .unwrap();
     conn.execute(
         "INSERT INTO contacts (id, workspace_id) SELECT unnest($1::uuid[]), $2",
         &[&contacts, &ws.0],
@@ -50,13 +53,23 @@ async fn killing_the_runner_mid_batch_loses_nothing_and_duplicates_nothing() {
     // keep batches in flight when the kill comes.
     let mut specs: Vec<_> = contacts
         .chunks(5)
-        .map(|c| new_job(ws, "sequence_subscription", json!({"sequence_id": seq, "contact_ids": c})))
+        .map(|c| {
+            new_job(
+                ws,
+                "sequence_subscription",
+                json!({"sequence_id": seq, "contact_ids": c}),
+            )
+        })
         .collect();
     specs.extend((0..40).map(|_| new_job(ws, "sleep", json!({"ms": 400, "steps": 4}))));
     let jobs = db.insert(&specs).await;
     enqueue(&db, &*q, &jobs).await;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut kills = 0;
     for _ in 0..5 {
         let mut child = start(&db, port);
@@ -68,11 +81,16 @@ async fn killing_the_runner_mid_batch_loses_nothing_and_duplicates_nothing() {
     let mut child = start(&db, port);
     let end = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let unfinished = db.scalar_i64("SELECT count(*) FROM jobs WHERE status <> 'completed'").await;
+        let unfinished = db
+            .scalar_i64("SELECT count(*) FROM jobs WHERE status <> 'completed'")
+            .await;
         if unfinished == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < end, "{unfinished} jobs never completed after {kills} kills");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{unfinished} jobs never completed after {kills} kills"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     child.kill().unwrap();
@@ -83,10 +101,21 @@ async fn killing_the_runner_mid_batch_loses_nothing_and_duplicates_nothing() {
         assert_eq!(j.status, JobStatus::Completed);
         if j.job_type == "sequence_subscription" {
             let r = j.result.unwrap();
-            assert_eq!((r["succeeded"].as_u64(), r["blocked"].as_u64()), (Some(5), Some(0)), "{r}");
+            assert_eq!(
+                (r["succeeded"].as_u64(), r["blocked"].as_u64()),
+                (Some(5), Some(0)),
+                "{r}"
+            );
         }
     }
-    assert_eq!(db.scalar_i64("SELECT count(*) FROM sequence_enrollments").await, 200, "each contact enrolled once");
-    let interrupted = db.scalar_i64("SELECT count(*) FROM jobs WHERE attempts > 1").await;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM sequence_enrollments")
+            .await,
+        200,
+        "each contact enrolled once"
+    );
+    let interrupted = db
+        .scalar_i64("SELECT count(*) FROM jobs WHERE attempts > 1")
+        .await;
     eprintln!("{kills} kills; {interrupted} jobs needed more than one attempt");
 }

@@ -200,6 +200,10 @@ fn worker(db: &BenchDb, q: Arc<dyn Queue>, registry: Registry) -> Worker {
         clock: Clock::System,
         name: "bench".into(),
         limits: Default::default(),
+        storage: offload::storage::Storage::local(
+            std::env::temp_dir().join("offload-bench-storage"),
+        )
+        .expect("bench storage"),
     }
 }
 
@@ -383,6 +387,10 @@ async fn cost_once(server: &str) -> anyhow::Result<f64> {
         clock: Clock::System,
         name: "bench".into(),
         limits: Default::default(),
+        storage: offload::storage::Storage::local(
+            std::env::temp_dir().join("offload-bench-storage"),
+        )
+        .expect("bench storage"),
     });
     // Warm the limit cache as a long-lived worker would be.
     w.limits.max_running(&pool, &[db.ws]).await?;

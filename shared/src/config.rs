@@ -111,6 +111,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How long an `Idempotency-Key` names its job (`OFFLOAD_IDEMPOTENCY_TTL_HOURS`).
     pub idempotency_ttl: Duration,
+    /// Where job files go: `file:///folder` or `s3://bucket` (`OFFLOAD_STORAGE`).
+    pub storage_url: String,
+    /// A local server speaking S3 (`OFFLOAD_S3_ENDPOINT`), e.g. moto.
+    pub s3_endpoint: Option<String>,
+    /// `AWS_REGION` (default `us-east-1`).
+    pub aws_region: String,
     /// Let `webhook` jobs call loopback and private addresses
     /// (`OFFLOAD_WEBHOOK_ALLOW_PRIVATE`; off: no server-side request forgery).
     pub webhook_allow_private: bool,
@@ -242,6 +248,26 @@ impl Config {
             idempotency_ttl: Duration::from_secs(
                 num(&var, "OFFLOAD_IDEMPOTENCY_TTL_HOURS", 24, 1..=24 * 365)? * 3600,
             ),
+            storage_url: match var("OFFLOAD_STORAGE") {
+                Some(u) if u.starts_with("file:///") || u.starts_with("s3://") => u,
+                Some(u) => {
+                    return Err(ConfigError {
+                        variable: "OFFLOAD_STORAGE",
+                        reason: format!("{u:?} is not file:///absolute/folder or s3://bucket"),
+                    })
+                }
+                None => format!(
+                    "file://{}",
+                    std::env::current_dir()
+                        .unwrap_or_else(|_| std::env::temp_dir())
+                        .join(".local/storage")
+                        .display()
+                ),
+            },
+            s3_endpoint: var("OFFLOAD_S3_ENDPOINT"),
+            aws_region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
             webhook_allow_private: var("OFFLOAD_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),

@@ -26,6 +26,7 @@ pub mod ratelimit;
 pub mod schedule;
 pub mod scheduler;
 pub mod startup;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -15,6 +15,7 @@ use crate::db::{self, DbError};
 use crate::handlers::Registry;
 use crate::queue::{PgQueue, Queue, QueueError, SqsQueue};
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::storage::Storage;
 use crate::store::Store;
 use crate::worker::Worker;
 
@@ -26,6 +27,8 @@ pub enum StartupError {
     Database(DbError),
     #[error("OFFLOAD_QUEUE: {0}")]
     Queue(QueueError),
+    #[error("OFFLOAD_STORAGE: {0}")]
+    Storage(crate::storage::StorageError),
 }
 
 impl From<DbError> for StartupError {
@@ -47,6 +50,7 @@ pub struct Services {
     pub store: Store,
     pub queue: Arc<dyn Queue>,
     pub registry: Arc<Registry>,
+    pub storage: Storage,
     pub clock: Clock,
     /// Set with the Postgres backend, so the local runner can start its
     /// LISTEN connection.
@@ -75,7 +79,14 @@ impl Services {
                 None,
             ),
         };
+        let storage = Storage::from_url(
+            &config.storage_url,
+            &config.aws_region,
+            config.s3_endpoint.as_deref(),
+        )
+        .map_err(StartupError::Storage)?;
         Ok(Services {
+            storage,
             store: Store::new(pool),
             queue,
             registry: Arc::new(registry),
@@ -111,6 +122,7 @@ impl Services {
             clock: self.clock.clone(),
             name: name.to_string(),
             limits: Default::default(),
+            storage: self.storage.clone(),
         }
     }
 

@@ -218,6 +218,14 @@ impl TestDb {
         PgQueue::new(self.pool.clone(), max_receive_count)
     }
 
+    /// A storage folder of this test's own.
+    pub fn storage(&self) -> crate::storage::Storage {
+        crate::storage::Storage::local(
+            std::env::temp_dir().join(format!("offload-test-{}", self.name)),
+        )
+        .expect("test storage")
+    }
+
     pub fn worker(&self, queue: Arc<dyn Queue>, config: WorkerConfig) -> Worker {
         self.worker_with(queue, config, Registry::builtin())
     }
@@ -236,6 +244,7 @@ impl TestDb {
             clock: Clock::System,
             name: "test-worker".into(),
             limits: Default::default(),
+            storage: self.storage(),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Worker {
     pub name: String,
     /// Workspaces' concurrency limits, read at most every 30 s.
     pub limits: Arc<LimitCache>,
+    /// Where handlers read and write files.
+    pub storage: crate::storage::Storage,
 }
 
 /// One message of the batch, parsed.
@@ -248,6 +250,7 @@ impl Worker {
                     cancels[&job.id].clone(),
                     deadline,
                     self.config.handoff_margin,
+                    self.storage.clone(),
                 );
                 let registry = self.registry.clone();
                 let job = job.clone();
@@ -286,9 +289,14 @@ impl Worker {
             })
             .collect();
 
-        let heartbeat = self.spawn_heartbeat(worker_id, runs, cancels);
-        let mut ran = Vec::with_capacity(tasks.len());
-        for (task, (_, job)) in tasks.into_iter().zip(runs) {
+        // If this future is dropped (the invocation is cancelled), the
+        // guards stop the handlers and the heartbeat with it: a heartbeat
+        // that outlived its batch would keep a dead invocation's leases
+        // alive for ever, and nobody would ever rescue those jobs.
+        let _heartbeat = AbortOnDrop(vec![self.spawn_heartbeat(worker_id, runs, cancels)]);
+        let mut tasks = AbortOnDrop(tasks);
+        let mut ran = Vec::with_capacity(tasks.0.len());
+        for (task, (_, job)) in tasks.0.iter_mut().zip(runs) {
             match task.await {
                 Ok(r) => ran.push(r),
                 // The panic was caught inside the task; a join error here
@@ -297,7 +305,6 @@ impl Worker {
                 Err(e) => tracing::error!(job_id = %job.id, error = %e, "job task lost"),
             }
         }
-        heartbeat.abort();
         ran
     }
 
@@ -559,6 +566,17 @@ pub fn metric_line(
         "job_id": job.id,
         "workspace_id": job.workspace_id,
     })
+}
+
+/// Aborts its tasks when dropped (a finished task ignores the abort).
+struct AbortOnDrop<T>(Vec<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 fn runs_as_leases(runs: &[(Record, Job)], worker_id: &str) -> Vec<Lease> {

@@ -43,6 +43,7 @@ pub struct JobContext {
     handoff_margin: Duration,
     /// Whether `should_hand_off` was asked before in this run.
     asked_hand_off: bool,
+    storage: crate::storage::Storage,
 }
 
 impl JobContext {
@@ -57,6 +58,7 @@ impl JobContext {
         cancel: Arc<AtomicBool>,
         deadline: Instant,
         handoff_margin: Duration,
+        storage: crate::storage::Storage,
     ) -> Self {
         JobContext {
             store,
@@ -73,7 +75,50 @@ impl JobContext {
             deadline,
             handoff_margin,
             asked_hand_off: false,
+            storage,
         }
+    }
+
+    /// Object storage for the files the job reads and writes.
+    pub fn storage(&self) -> &crate::storage::Storage {
+        &self.storage
+    }
+
+    /// Saves the checkpoint inside the caller's transaction, so the effects
+    /// of a step and the record that it was done commit together (a crash
+    /// can never leave one without the other).
+    pub async fn save_checkpoint_in<T: Serialize>(
+        &mut self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        checkpoint: &T,
+    ) -> Result<(), JobError> {
+        let value = serde_json::to_value(checkpoint)
+            .map_err(|e| JobError::Permanent(format!("checkpoint does not serialize: {e}")))?;
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE jobs SET checkpoint = $4, updated_at = $5 \
+                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
+            )
+            .await
+            .map_err(crate::db::DbError::from)?;
+        let n = tx
+            .execute(
+                &stmt,
+                &[
+                    &self.lease.job_id.0,
+                    &self.lease.attempt,
+                    &self.lease.worker_id,
+                    &value,
+                    &self.clock.now(),
+                ],
+            )
+            .await
+            .map_err(crate::db::DbError::from)?;
+        if n != 1 {
+            return Err(JobError::LeaseLost);
+        }
+        self.checkpoint = Some(value);
+        Ok(())
     }
 
     pub fn job_id(&self) -> JobId {

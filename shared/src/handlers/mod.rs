@@ -8,6 +8,7 @@
 //! the handler the same typed value.
 
 mod bulk_tag;
+mod contact_import;
 mod context;
 mod lead_scoring;
 mod noop;
@@ -25,6 +26,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use bulk_tag::{BulkDelete, BulkTag};
+pub use contact_import::ContactImport;
 pub use context::JobContext;
 pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
@@ -171,6 +173,7 @@ impl Registry {
             .with(BulkDelete)
             .with(LeadScoring)
             .with(Webhook::default())
+            .with(ContactImport)
     }
 
     /// The built-in types as configured for this deployment.

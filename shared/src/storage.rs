@@ -1,0 +1,134 @@
+//! Object storage for files jobs read and write (CSV imports, exports,
+//! error reports), through `object_store`: a folder on a laptop, an S3
+//! bucket in production (or a local server speaking S3, such as moto).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::signer::Signer;
+use object_store::ObjectStore;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("no object {0:?} in storage")]
+    NotFound(String),
+    #[error("storage: {0}")]
+    Failed(String),
+}
+
+impl From<object_store::Error> for StorageError {
+    fn from(e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { path, .. } => StorageError::NotFound(path),
+            other => StorageError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Where job files live. Cloning is shallow.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Local(PathBuf),
+    S3(Arc<AmazonS3>),
+}
+
+impl Storage {
+    /// A folder (created if missing).
+    pub fn local(root: impl Into<PathBuf>) -> Result<Storage, StorageError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| StorageError::Failed(format!("cannot create {}: {e}", root.display())))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| StorageError::Failed(format!("{}: {e}", root.display())))?;
+        Ok(Storage {
+            store: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
+            backend: Backend::Local(root),
+        })
+    }
+
+    /// An S3 bucket; with `endpoint`, a local server speaking S3 (path-style
+    /// requests, plain HTTP allowed, fixed local credentials when the
+    /// environment has none).
+    pub fn s3(bucket: &str, region: &str, endpoint: Option<&str>) -> Result<Storage, StorageError> {
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_region(region);
+        if let Some(ep) = endpoint {
+            b = b
+                .with_endpoint(ep)
+                .with_allow_http(true)
+                .with_virtual_hosted_style_request(false);
+            if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+                b = b
+                    .with_access_key_id("offload-local")
+                    .with_secret_access_key("offload-local");
+            }
+        }
+        let s3 = Arc::new(b.build()?);
+        Ok(Storage {
+            store: s3.clone(),
+            backend: Backend::S3(s3),
+        })
+    }
+
+    /// `file:///absolute/folder` or `s3://bucket`.
+    pub fn from_url(
+        url: &str,
+        region: &str,
+        s3_endpoint: Option<&str>,
+    ) -> Result<Storage, StorageError> {
+        if let Some(path) = url.strip_prefix("file://") {
+            Storage::local(path)
+        } else if let Some(bucket) = url.strip_prefix("s3://") {
+            Storage::s3(bucket.trim_end_matches('/'), region, s3_endpoint)
+        } else {
+            Err(StorageError::Failed(format!(
+                "{url:?} is not file:///folder or s3://bucket"
+            )))
+        }
+    }
+
+    pub async fn put(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
+        self.store.put(&Path::from(key), data.into()).await?;
+        Ok(())
+    }
+
+    /// The object's bytes as they arrive (never the whole object in memory).
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, std::io::Error>>, StorageError> {
+        let got = self.store.get(&Path::from(key)).await?;
+        Ok(got
+            .into_stream()
+            .map(|r| r.map_err(std::io::Error::other))
+            .boxed())
+    }
+
+    /// A link to download the object: presigned and expiring after `ttl` on
+    /// S3; a `file://` path locally (local files do not expire).
+    pub async fn download_url(&self, key: &str, ttl: Duration) -> Result<String, StorageError> {
+        match &self.backend {
+            Backend::Local(root) => Ok(format!("file://{}", root.join(key).display())),
+            Backend::S3(s3) => Ok(s3
+                .signed_url(reqwest::Method::GET, &Path::from(key), ttl)
+                .await?
+                .to_string()),
+        }
+    }
+}

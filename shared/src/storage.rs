@@ -108,6 +108,26 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes `dest` as the concatenation of `sources`, streaming (a
+    /// multipart upload on S3), then deletes the sources.
+    pub async fn concat(&self, sources: &[String], dest: &str) -> Result<(), StorageError> {
+        let upload = self.store.put_multipart(&Path::from(dest)).await?;
+        let mut w = object_store::WriteMultipart::new(upload);
+        for key in sources {
+            let mut parts = self.get_stream(key).await?;
+            while let Some(chunk) = parts.next().await {
+                let chunk = chunk.map_err(|e| StorageError::Failed(e.to_string()))?;
+                w.wait_for_capacity(4).await?;
+                w.write(&chunk);
+            }
+        }
+        w.finish().await?;
+        for key in sources {
+            self.store.delete(&Path::from(key.as_str())).await?;
+        }
+        Ok(())
+    }
+
     /// The object's bytes as they arrive (never the whole object in memory).
     pub async fn get_stream(
         &self,

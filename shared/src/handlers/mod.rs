@@ -7,6 +7,7 @@
 //! are rejected there, before anything reaches a queue), and the worker hands
 //! the handler the same typed value.
 
+mod bulk_export;
 mod bulk_tag;
 mod contact_import;
 mod context;
@@ -25,6 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use thiserror::Error;
 
+pub use bulk_export::BulkExport;
 pub use bulk_tag::{BulkDelete, BulkTag};
 pub use contact_import::ContactImport;
 pub use context::JobContext;
@@ -174,6 +176,7 @@ impl Registry {
             .with(LeadScoring)
             .with(Webhook::default())
             .with(ContactImport)
+            .with(BulkExport)
     }
 
     /// The built-in types as configured for this deployment.

@@ -30,5 +30,5 @@ cargo test --workspace --locked
 
 say "benchmark smoke run (tiny sizes; the real figures: cargo run --release -p offload-bench)"
 cargo run -q -p offload-bench -- --jobs 500 --repeat 1 --latency-jobs 20 --latency-rate 100 \
-  --api-secs 1 --api-rate 100 --batches 2 --sqs-jobs 50 \
+  --api-secs 1 --api-rate 100 --batches 2 --sqs-jobs 50 --import-rows 2000 \
   --out target/bench-smoke.json

@@ -47,13 +47,16 @@ struct Args {
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results.json")]
     out: String,
-    /// Figures to measure (comma-separated): drain, latency, cost, api, enqueue, sqs.
+    /// Figures to measure (comma-separated): drain, latency, cost, api, enqueue, sqs, import.
     #[arg(
         long,
-        default_value = "drain,latency,cost,api,enqueue,sqs",
+        default_value = "drain,latency,cost,api,enqueue,sqs,import",
         value_delimiter = ','
     )]
     only: Vec<String>,
+    /// Rows for the contact import and export figures.
+    #[arg(long, default_value_t = 100_000)]
+    import_rows: usize,
     /// Requests per second for the API latency figure.
     #[arg(long, default_value_t = 200)]
     api_rate: u64,
@@ -649,6 +652,92 @@ async fn sqs_once(args: &Args, server: &str, endpoint: &str) -> anyhow::Result<f
     Ok(args.sqs_jobs as f64 / secs)
 }
 
+/// Runs one job of `job_type` to its end through the worker path; returns
+/// (seconds, the job).
+async fn run_job(
+    db: &BenchDb,
+    q: Arc<dyn Queue>,
+    w: Arc<Worker>,
+    job_type: &str,
+    payload: serde_json::Value,
+) -> anyhow::Result<(f64, Job)> {
+    let now = chrono::Utc::now();
+    let nj = NewJob {
+        run_at: now,
+        ..NewJob::new(db.ws, job_type, payload)
+    };
+    let conn = db.pool.get().await?;
+    let job = db.store.insert(&conn, &[nj], now).await?.remove(0).0;
+    drop(conn);
+    send_jobs(&db.store, &*q, &[&job], now).await?;
+    let s = source(q, w, 10, Duration::ZERO);
+    let start = Instant::now();
+    s.drain().await;
+    let secs = start.elapsed().as_secs_f64();
+    let done = db.store.get_any(job.id).await?.expect("job");
+    anyhow::ensure!(
+        done.status == offload::job::JobStatus::Completed,
+        "{job_type} ended {}: {:?}",
+        done.status,
+        done.error_message
+    );
+    Ok((secs, done))
+}
+
+/// A contact import of `rows` CSV rows from storage, then an export of the
+/// same contacts: (import rows/s, export rows/s, peak RSS MiB).
+async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64)> {
+    let db = BenchDb::new(server, "import").await?;
+    let dir = std::env::temp_dir().join(format!("offload-bench-files-{}", std::process::id()));
+    let storage = offload::storage::Storage::local(&dir)?;
+    let mut csv = String::with_capacity(args.import_rows * 60);
+    csv.push_str("Email,First name,Company,Stage\n");
+    for i in 0..args.import_rows {
+        csv.push_str(&format!(
+            "person{i}@example{}.com,Person {i},Company {},lead\n",
+            i % 97,
+            i % 13
+        ));
+    }
+    storage.put("bench.csv", bytes::Bytes::from(csv)).await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let mut w = worker(&db, q.clone(), Registry::builtin());
+    w.storage = storage;
+    let w = Arc::new(w);
+    reset_peak_rss();
+    let mapping = json!({"email": "Email", "first_name": "First name", "company": "Company", "stage": "Stage"});
+    let (secs, job) = run_job(
+        &db,
+        q.clone(),
+        w.clone(),
+        "contact_import",
+        json!({"source": {"object": "bench.csv"}, "mapping": mapping, "batch_size": 5000}),
+    )
+    .await?;
+    let imported = job
+        .result
+        .as_ref()
+        .and_then(|r| r["imported"].as_u64())
+        .unwrap_or(0) as usize;
+    anyhow::ensure!(
+        imported == args.import_rows,
+        "imported {imported} of {}",
+        args.import_rows
+    );
+    let import_rate = args.import_rows as f64 / secs;
+    let (secs, job) = run_job(&db, q, w, "bulk_export", json!({})).await?;
+    let exported = job
+        .result
+        .as_ref()
+        .and_then(|r| r["rows"].as_u64())
+        .unwrap_or(0) as usize;
+    anyhow::ensure!(exported == args.import_rows, "exported {exported}");
+    let rss = peak_rss_mib();
+    let _ = std::fs::remove_dir_all(&dir);
+    db.drop_db().await?;
+    Ok((import_rate, args.import_rows as f64 / secs, rss))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     offload::telemetry::init();
@@ -770,6 +859,23 @@ async fn main() -> anyhow::Result<()> {
         report("enqueue_single", single, "jobs/s");
         report("enqueue_batch", batch, "jobs/s");
         report("enqueue_batch_1000_p50", batch_ms, "ms");
+    }
+    if want("import") {
+        eprintln!(
+            "import: contact_import of {} CSV rows from storage, then bulk_export of them, {} runs",
+            args.import_rows, args.repeat
+        );
+        let (mut imp, mut exp, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let (a, b, m) = import_once(&args, &server).await?;
+            eprintln!("  import {a:.0} rows/s, export {b:.0} rows/s, peak RSS {m:.1} MiB");
+            imp.push(a);
+            exp.push(b);
+            rss.push(m);
+        }
+        report("contact_import", imp, "rows/s");
+        report("bulk_export", exp, "rows/s");
+        report("import_export_peak_rss", rss, "MiB");
     }
     if want("sqs") {
         match args

@@ -325,6 +325,20 @@ async fn schedules_can_be_created_read_changed_and_deleted() {
         StatusCode::NOT_FOUND,
     )
     .await;
+
+    // The nightly lead scoring of the README runs at 02:00 in its own zone.
+    let resp = app
+        .req("POST", "/schedules")
+        .json(&json!({"name": "nightly lead scoring", "cron": "0 2 * * *",
+                      "timezone": "America/New_York", "type": "lead_scoring"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let s: Value = resp.json().await.unwrap();
+    let next = chrono::DateTime::parse_from_rfc3339(s["next_run_at"].as_str().unwrap()).unwrap();
+    use chrono::Timelike;
+    assert_eq!(next.with_timezone(&chrono_tz::America::New_York).hour(), 2);
 }
 
 #[tokio::test]

@@ -274,6 +274,29 @@ pub async fn enqueue(db: &TestDb, queue: &dyn Queue, jobs: &[Job]) {
     );
 }
 
+/// Drains `source` until the job is finished (delayed retries come back
+/// between drains), and returns it; fails the test after `within`.
+pub async fn run_until_finished(
+    db: &TestDb,
+    source: &EventSource,
+    id: JobId,
+    within: Duration,
+) -> Job {
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        source.drain().await;
+        let j = db.job(id).await;
+        if j.status.is_terminal() {
+            return j;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "job stuck after {within:?}: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An event source over the `default` queue, as the local runner builds it.
 pub fn event_source(queue: Arc<dyn Queue>, worker: Worker) -> EventSource {
     EventSource {

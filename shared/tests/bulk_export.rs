@@ -13,7 +13,7 @@ use offload::ids::WorkspaceId;
 use offload::job::JobStatus;
 use offload::queue::Queue;
 use offload::storage::Storage;
-use offload::testing::{enqueue, event_source, new_job, sqs_endpoint, TestDb};
+use offload::testing::{enqueue, event_source, new_job, run_until_finished, sqs_endpoint, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
@@ -52,16 +52,7 @@ async fn run(
     worker.storage = storage;
     let mut source = event_source(q.clone(), worker);
     source.invocation_timeout = timeout;
-    let end = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        source.drain().await;
-        let j = db.job(job.id).await;
-        if j.status.is_terminal() {
-            return j;
-        }
-        assert!(tokio::time::Instant::now() < end, "export stuck: {j:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run_until_finished(db, &source, job.id, Duration::from_secs(60)).await
 }
 
 async fn read_all(storage: &Storage, key: &str) -> String {

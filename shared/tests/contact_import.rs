@@ -10,7 +10,7 @@ use offload::config::WorkerConfig;
 use offload::ids::WorkspaceId;
 use offload::job::{ErrorKind, JobStatus};
 use offload::queue::Queue;
-use offload::testing::{enqueue, event_source, new_job, TestDb};
+use offload::testing::{enqueue, event_source, new_job, run_until_finished, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
@@ -30,16 +30,7 @@ async fn run(
     enqueue(db, &*q, std::slice::from_ref(&job)).await;
     let mut source = event_source(q.clone(), db.worker(q.clone(), config));
     source.invocation_timeout = timeout;
-    let end = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        source.drain().await;
-        let j = db.job(job.id).await;
-        if j.status.is_terminal() {
-            return j;
-        }
-        assert!(tokio::time::Instant::now() < end, "import stuck: {j:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run_until_finished(db, &source, job.id, Duration::from_secs(120)).await
 }
 
 fn mapping() -> Value {

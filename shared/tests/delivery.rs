@@ -13,7 +13,7 @@ use offload::event_source::to_event;
 use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::job::{JobStatus, QueueName};
 use offload::queue::Queue;
-use offload::testing::{enqueue, event_source, new_job, sqs_queue, TestDb};
+use offload::testing::{enqueue, event_source, new_job, run_until_finished, sqs_queue, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::json;
@@ -39,26 +39,9 @@ async fn retry_delays_ms(db: &TestDb) -> Vec<i64> {
 }
 
 /// Delivers until the job is finished, as the event source would.
-async fn run_until_finished(
-    db: &TestDb,
-    q: Arc<dyn Queue>,
-    config: WorkerConfig,
-    job: &Job,
-) -> Job {
+async fn run_to_end(db: &TestDb, q: Arc<dyn Queue>, config: WorkerConfig, job: &Job) -> Job {
     let source = event_source(q.clone(), db.worker(q, config));
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        source.drain().await;
-        let j = db.job(job.id).await;
-        if j.status.is_terminal() {
-            return j;
-        }
-        assert!(
-            tokio::time::Instant::now() < end,
-            "job never finished: {j:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run_until_finished(db, &source, job.id, Duration::from_secs(30)).await
 }
 
 fn fast_retries() -> WorkerConfig {
@@ -78,7 +61,7 @@ async fn four_failures_then_success_completes_on_attempt_five_with_growing_delay
         .await
         .remove(0);
     enqueue(&db, &*q, std::slice::from_ref(&job)).await;
-    let j = run_until_finished(&db, q, fast_retries(), &job).await;
+    let j = run_to_end(&db, q, fast_retries(), &job).await;
     assert_eq!((j.status, j.attempts), (JobStatus::Completed, 5));
     let delays = retry_delays_ms(&db).await;
     assert_eq!(delays.len(), 4, "{delays:?}");
@@ -101,7 +84,7 @@ async fn the_fifth_failure_is_dead_with_the_reason() {
         .await
         .remove(0);
     enqueue(&db, &*q, std::slice::from_ref(&job)).await;
-    let j = run_until_finished(&db, q.clone(), fast_retries(), &job).await;
+    let j = run_to_end(&db, q.clone(), fast_retries(), &job).await;
     assert_eq!((j.status, j.attempts), (JobStatus::Dead, 5));
     assert!(j.error_message.unwrap().contains("failing attempt 5"));
     assert_eq!(
@@ -125,7 +108,7 @@ async fn a_retry_comes_back_through_sqs_visibility() {
         backoff_base: Duration::from_secs(1),
         ..WorkerConfig::default()
     };
-    let j = run_until_finished(&db, q, config, &job).await;
+    let j = run_to_end(&db, q, config, &job).await;
     assert_eq!((j.status, j.attempts), (JobStatus::Completed, 2));
 }
 

@@ -9,7 +9,7 @@ use offload::enqueue::send_jobs;
 use offload::ids::WorkspaceId;
 use offload::job::JobStatus;
 use offload::queue::Queue;
-use offload::testing::{event_source, new_job, TestDb};
+use offload::testing::{event_source, new_job, run_until_finished, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
@@ -62,16 +62,7 @@ async fn run(
         .unwrap();
     let mut source = event_source(q.clone(), db.worker(q.clone(), config));
     source.invocation_timeout = timeout;
-    let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        source.drain().await;
-        let j = db.job(job.id).await;
-        if j.status.is_terminal() {
-            return j;
-        }
-        assert!(tokio::time::Instant::now() < end, "job stuck: {j:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    run_until_finished(db, &source, job.id, Duration::from_secs(30)).await
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use offload::enqueue::send_jobs;
 use offload::handlers::{Registry, Webhook};
 use offload::job::{ErrorKind, JobStatus};
 use offload::queue::Queue;
-use offload::testing::{event_source, new_job, TestDb};
+use offload::testing::{event_source, new_job, run_until_finished, TestDb};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
@@ -71,16 +71,7 @@ async fn run(db: &TestDb, allow_private: bool, payload: Value, max_attempts: i32
     };
     let registry = Registry::builtin().with(Webhook { allow_private });
     let source = event_source(q.clone(), db.worker_with(q.clone(), config, registry));
-    let end = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        source.drain().await;
-        let j = db.job(job.id).await;
-        if j.status.is_terminal() {
-            return j;
-        }
-        assert!(tokio::time::Instant::now() < end, "stuck: {j:?}");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
+    run_until_finished(db, &source, job.id, Duration::from_secs(20)).await
 }
 
 #[tokio::test]

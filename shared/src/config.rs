@@ -117,6 +117,9 @@ pub struct Config {
     pub s3_endpoint: Option<String>,
     /// `AWS_REGION` (default `us-east-1`).
     pub aws_region: String,
+    /// Most contacts one `bulk_tag` or `bulk_delete` job may touch
+    /// (`OFFLOAD_MAX_BULK_CONTACTS`).
+    pub max_bulk_contacts: usize,
     /// Let `webhook` jobs call loopback and private addresses
     /// (`OFFLOAD_WEBHOOK_ALLOW_PRIVATE`; off: no server-side request forgery).
     pub webhook_allow_private: bool,
@@ -268,6 +271,8 @@ impl Config {
             aws_region: var("AWS_REGION")
                 .or_else(|| var("AWS_DEFAULT_REGION"))
                 .unwrap_or_else(|| "us-east-1".into()),
+            max_bulk_contacts: num(&var, "OFFLOAD_MAX_BULK_CONTACTS", 10_000, 1..=1_000_000)?
+                as usize,
             webhook_allow_private: var("OFFLOAD_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),

@@ -386,3 +386,15 @@ async fn lead_scoring_scores_a_whole_workspace() {
     .await;
     assert_eq!(one.status, JobStatus::Dead);
 }
+
+#[test]
+fn the_bulk_limit_is_configurable() {
+    use offload::handlers::{BulkTag, Registry};
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    let payload = json!({"contact_ids": ids, "add": ["x"]});
+    assert!(Registry::builtin().validate("bulk_tag", &payload).is_ok());
+    let small = Registry::builtin().with(BulkTag { max_contacts: 10 });
+    let e = small.validate("bulk_tag", &payload).unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("contact_ids"));
+    assert!(e.message.contains("1 to 10"), "{e}");
+}

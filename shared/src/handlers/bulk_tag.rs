@@ -12,18 +12,19 @@ use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
 use crate::db::DbError;
 use crate::job::Progress;
 
-/// Most contacts one bulk job may touch.
-pub const MAX_BULK: usize = 10_000;
+/// Most contacts one bulk job may touch unless configured otherwise
+/// (`OFFLOAD_MAX_BULK_CONTACTS`).
+pub const DEFAULT_MAX_BULK: usize = 10_000;
 
 fn default_batch() -> usize {
     500
 }
 
-fn check_ids(ids: &[Uuid], batch: usize) -> Result<(), PayloadError> {
-    if ids.is_empty() || ids.len() > MAX_BULK {
+fn check_ids(ids: &[Uuid], batch: usize, max: usize) -> Result<(), PayloadError> {
+    if ids.is_empty() || ids.len() > max {
         return Err(PayloadError::field(
             "contact_ids",
-            format!("give 1 to {MAX_BULK} contact ids, got {}", ids.len()),
+            format!("give 1 to {max} contact ids, got {}", ids.len()),
         ));
     }
     if !(1..=1000).contains(&batch) {
@@ -39,7 +40,19 @@ struct Done {
     changed: u64,
 }
 
-pub struct BulkTag;
+/// `bulk_tag`, limited to `max_contacts` contacts per job.
+#[derive(Clone, Copy, Debug)]
+pub struct BulkTag {
+    pub max_contacts: usize,
+}
+
+impl Default for BulkTag {
+    fn default() -> Self {
+        BulkTag {
+            max_contacts: DEFAULT_MAX_BULK,
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,7 +72,7 @@ impl JobHandler for BulkTag {
     const TYPE: &'static str = "bulk_tag";
 
     fn validate(&self, p: &BulkTagPayload) -> Result<(), PayloadError> {
-        check_ids(&p.contact_ids, p.batch_size)?;
+        check_ids(&p.contact_ids, p.batch_size, self.max_contacts)?;
         if p.add.is_empty() && p.remove.is_empty() {
             return Err(PayloadError::field("add", "give tags to add or to remove"));
         }
@@ -150,7 +163,19 @@ impl JobHandler for BulkTag {
     }
 }
 
-pub struct BulkDelete;
+/// `bulk_delete`, limited to `max_contacts` contacts per job.
+#[derive(Clone, Copy, Debug)]
+pub struct BulkDelete {
+    pub max_contacts: usize,
+}
+
+impl Default for BulkDelete {
+    fn default() -> Self {
+        BulkDelete {
+            max_contacts: DEFAULT_MAX_BULK,
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,7 +191,7 @@ impl JobHandler for BulkDelete {
     const TYPE: &'static str = "bulk_delete";
 
     fn validate(&self, p: &BulkDeletePayload) -> Result<(), PayloadError> {
-        check_ids(&p.contact_ids, p.batch_size)
+        check_ids(&p.contact_ids, p.batch_size, self.max_contacts)
     }
 
     async fn run(&self, p: BulkDeletePayload, ctx: &mut JobContext) -> Result<Outcome, JobError> {

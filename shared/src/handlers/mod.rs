@@ -171,8 +171,8 @@ impl Registry {
             .with(Noop)
             .with(Sleep)
             .with(SequenceSubscription)
-            .with(BulkTag)
-            .with(BulkDelete)
+            .with(BulkTag::default())
+            .with(BulkDelete::default())
             .with(LeadScoring)
             .with(Webhook::default())
             .with(ContactImport)
@@ -181,9 +181,16 @@ impl Registry {
 
     /// The built-in types as configured for this deployment.
     pub fn for_config(config: &crate::config::Config) -> Self {
-        Registry::builtin().with(Webhook {
-            allow_private: config.webhook_allow_private,
-        })
+        Registry::builtin()
+            .with(Webhook {
+                allow_private: config.webhook_allow_private,
+            })
+            .with(BulkTag {
+                max_contacts: config.max_bulk_contacts,
+            })
+            .with(BulkDelete {
+                max_contacts: config.max_bulk_contacts,
+            })
     }
 
     /// Adds a handler under its `TYPE` (replacing one of the same name).

@@ -207,6 +207,19 @@ async fn a_database_outage_answers_503_and_loses_nothing() {
             .send()
     };
 
+    // The server binds right after printing its exports.
+    for _ in 0..100 {
+        if client
+            .get(format!("{}/health", vars["OFFLOAD_URL"]))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let mut accepted: Vec<String> = Vec::new();
     for _ in 0..10 {
         let r = create(json!({"type": "sleep", "payload": {"ms": 300, "steps": 3}}))

@@ -40,6 +40,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let token =
         Keys::new(&config.jwt_secret).issue(DEMO_USER, now, now + chrono::Duration::hours(24));
     let url = format!("http://{}", config.bind);
+    // Listen before printing, so the lines printed can be used at once.
+    let listener = tokio::net::TcpListener::bind(config.bind)
+        .await
+        .map_err(|e| anyhow::anyhow!("OFFLOAD_BIND: cannot listen on {}: {e}", config.bind))?;
+
     // One write, and no panic if whoever started us stopped reading.
     let banner = format!(
         "export OFFLOAD_URL={url}\n\
@@ -59,9 +64,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(config.bind)
-        .await
-        .map_err(|e| anyhow::anyhow!("OFFLOAD_BIND: cannot listen on {}: {e}", config.bind))?;
     let mut tasks = tokio::task::JoinSet::new();
 
     let listener_task = services

@@ -345,6 +345,50 @@ pub fn new_job(workspace: WorkspaceId, job_type: &str, payload: Value) -> NewJob
     NewJob::new(workspace, job_type, payload)
 }
 
+/// The fields of DESIGN.md's job object, in its order.
+pub const JOB_FIELDS: [&str; 19] = [
+    "id",
+    "workspace_id",
+    "type",
+    "queue",
+    "priority",
+    "status",
+    "payload",
+    "attempts",
+    "max_attempts",
+    "run_at",
+    "progress",
+    "result",
+    "error_message",
+    "error_kind",
+    "tags",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+];
+
+/// Checks that `resp` is an error of `status` with a problem body (stable
+/// `type` URI, a `detail` for people) and returns the body.
+pub async fn expect_problem(
+    resp: reqwest::Response,
+    status: reqwest::StatusCode,
+) -> serde_json::Value {
+    assert_eq!(resp.status(), status);
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/problem+json",
+        "errors are problem bodies"
+    );
+    let body: serde_json::Value = resp.json().await.expect("a JSON problem body");
+    assert!(
+        body["type"].as_str().unwrap_or("").starts_with("https://"),
+        "{body}"
+    );
+    assert!(!body["detail"].as_str().unwrap_or("").is_empty(), "{body}");
+    body
+}
+
 /// The API served on a free loopback port; dropped with the test.
 pub struct TestApp {
     pub base: String,

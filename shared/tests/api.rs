@@ -6,23 +6,10 @@ use std::sync::Arc;
 use offload::ids::UserId;
 use offload::job::QueueName;
 use offload::queue::{OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage};
-use offload::testing::{token, TestApp, TestDb};
+use offload::testing::{expect_problem as problem, token, TestApp, TestDb, JOB_FIELDS};
 use offload::workspace::Tier;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
-    assert_eq!(resp.status(), status);
-    assert_eq!(
-        resp.headers()["content-type"],
-        "application/problem+json",
-        "errors are problem bodies"
-    );
-    let body: Value = resp.json().await.unwrap();
-    assert!(body["type"].as_str().unwrap().starts_with("https://"));
-    assert!(!body["detail"].as_str().unwrap().is_empty());
-    body
-}
 
 #[tokio::test]
 async fn create_answers_202_with_the_job_object_and_get_returns_it() {
@@ -40,27 +27,7 @@ async fn create_answers_202_with_the_job_object_and_get_returns_it() {
         .keys()
         .map(|k| k.as_str())
         .collect();
-    for k in [
-        "id",
-        "workspace_id",
-        "type",
-        "queue",
-        "priority",
-        "status",
-        "payload",
-        "attempts",
-        "max_attempts",
-        "run_at",
-        "progress",
-        "result",
-        "error_message",
-        "error_kind",
-        "tags",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "updated_at",
-    ] {
+    for k in JOB_FIELDS {
         assert!(keys.contains(&k), "missing {k} in {job}");
     }
     assert_eq!(keys.len(), 19, "no extra fields: {keys:?}");

@@ -8,16 +8,12 @@ use std::time::{Duration, Instant};
 use offload::api::ApiSettings;
 use offload::config::WorkerConfig;
 use offload::ids::UserId;
-use offload::testing::{event_source, token, TestApp, TestDb};
+use offload::testing::{
+    event_source, expect_problem as problem, token, TestApp, TestDb, JOB_FIELDS,
+};
 use offload::workspace::{self, Role, Tier};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-async fn problem(resp: reqwest::Response, status: StatusCode) -> Value {
-    assert_eq!(resp.status(), status);
-    assert_eq!(resp.headers()["content-type"], "application/problem+json");
-    resp.json().await.unwrap()
-}
 
 #[tokio::test]
 async fn a_batch_creates_all_in_order_or_nothing() {
@@ -673,27 +669,7 @@ async fn the_openapi_document_describes_every_route_with_the_job_shape() {
         .map(|k| k.as_str())
         .collect();
     keys.sort();
-    let mut want = vec![
-        "id",
-        "workspace_id",
-        "type",
-        "queue",
-        "priority",
-        "status",
-        "payload",
-        "attempts",
-        "max_attempts",
-        "run_at",
-        "progress",
-        "result",
-        "error_message",
-        "error_kind",
-        "tags",
-        "created_at",
-        "started_at",
-        "finished_at",
-        "updated_at",
-    ];
+    let mut want = JOB_FIELDS.to_vec();
     want.sort();
     assert_eq!(keys, want);
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use thiserror::Error;
 
 pub use postgres::PgQueue;
-pub use sqs::SqsQueue;
+pub use sqs::{create_queues, sqs_client, SqsQueue};
 
 use crate::job::QueueName;
 

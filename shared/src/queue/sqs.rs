@@ -62,7 +62,7 @@ impl SqsQueue {
     /// queue URLs: as configured, else by name, else (only with an endpoint
     /// override, i.e. a local server) by creating the queues.
     pub async fn connect(cfg: &SqsConfig, max_receive_count: u32) -> Result<SqsQueue, QueueError> {
-        let client = client(cfg).await;
+        let client = sqs_client(cfg).await;
         let urls = match &cfg.urls {
             Some(urls) => urls.clone(),
             None if cfg.endpoint.is_some() => {
@@ -98,7 +98,7 @@ impl SqsQueue {
 /// An SDK client; with an endpoint override and no credentials in the
 /// environment it uses fixed local ones (a local server ignores them, and
 /// the default chain would otherwise wait on the EC2 metadata service).
-pub async fn client(cfg: &SqsConfig) -> Client {
+pub async fn sqs_client(cfg: &SqsConfig) -> Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(cfg.region.clone()));
     if let Some(endpoint) = &cfg.endpoint {

@@ -29,22 +29,24 @@ fn start_moto(port: u16) -> Moto {
         std::path::Path::new(python).exists(),
         "this test needs moto in .local/venv: run it through scripts/test.sh"
     );
-    let child = Command::new(python)
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto");
+    let moto = Moto(
+        Command::new(python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto"),
+    );
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Moto(child);
+            return moto;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -25,12 +25,6 @@ pub struct Sent {
     pub error: Option<QueueError>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EnqueueError {
-    #[error(transparent)]
-    Db(#[from] DbError),
-}
-
 /// Sends a message for each job due within the queues' maximum delay (with
 /// `DelaySeconds` up to its `run_at`) and marks the sent ones `queued`. A
 /// queue failure is reported in [`Sent::error`], not raised: the rows are
@@ -40,11 +34,9 @@ pub async fn send_jobs(
     queue: &dyn Queue,
     jobs: &[&Job],
     now: DateTime<Utc>,
-) -> Result<Sent, EnqueueError> {
+) -> Result<Sent, DbError> {
     let out = send_messages(queue, jobs, now).await;
-    if !out.sent.is_empty() {
-        store.mark_enqueued(&out.sent, now).await?;
-    }
+    store.mark_enqueued(&out.sent, now).await?;
     Ok(out)
 }
 
@@ -173,7 +165,7 @@ pub async fn create_jobs(
         let mut created = store.insert(db, jobs, now).await?;
         let new: Vec<&Job> = created.iter().filter(|(_, n)| *n).map(|(j, _)| j).collect();
         let sent = send_messages(queue, &new, now).await;
-        mark_queued(db, &sent.sent, now).await?;
+        crate::store::mark_enqueued_on(db, &sent.sent, now).await?;
         mark_sent(&mut created, &sent);
         return Ok((created, sent));
     }
@@ -200,27 +192,6 @@ pub async fn create_jobs(
         .await?;
     mark_sent(&mut created, &sent);
     Ok((created, sent))
-}
-
-/// `pending → queued` for jobs whose message the queue accepted, on the
-/// given connection or transaction.
-async fn mark_queued(
-    db: &impl deadpool_postgres::GenericClient,
-    ids: &[JobId],
-    now: DateTime<Utc>,
-) -> Result<(), DbError> {
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
-    let stmt = db
-        .prepare_cached(
-            "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
-             WHERE id = ANY($1) AND status = 'pending'",
-        )
-        .await?;
-    db.execute(&stmt, &[&ids, &now]).await?;
-    Ok(())
 }
 
 /// Shows the jobs that were sent as `queued` in the answer.

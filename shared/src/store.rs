@@ -60,6 +60,27 @@ pub struct Lease {
     pub worker_id: String,
 }
 
+/// `pending → queued` for jobs whose message the queue accepted, on the
+/// caller's connection or transaction (the outbox marks inside the
+/// transaction that locked the rows).
+pub async fn mark_enqueued_on(
+    db: &impl GenericClient,
+    ids: &[JobId],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+    let stmt = db
+        .prepare_cached(
+            "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
+             WHERE id = ANY($1) AND status = 'pending'",
+        )
+        .await?;
+    Ok(db.execute(&stmt, &[&ids, &now]).await?)
+}
+
 /// Filters and cursor of a job listing.
 #[derive(Clone, Debug, Default)]
 pub struct ListFilter {
@@ -433,14 +454,8 @@ impl Store {
 
     /// `pending → queued` once the queue accepted the jobs' messages.
     pub async fn mark_enqueued(&self, ids: &[JobId], now: DateTime<Utc>) -> Result<u64, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
-        db.execute(
-            "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
-                 WHERE id = ANY($1) AND status = 'pending'",
-            &[&ids, &now],
-        )
-        .await
+        let db = self.pool.get().await?;
+        mark_enqueued_on(&db, ids, now).await
     }
 
     /// `pending|queued → running` (or an expired `running` lease taken over)

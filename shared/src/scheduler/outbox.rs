@@ -40,13 +40,7 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     if let Some(e) = &sent.error {
         tracing::warn!(error = %e, unsent = sent.deferred.len(), "outbox: queue refused some messages");
     }
-    let ids: Vec<_> = sent.sent.iter().map(|i| i.0).collect();
-    tx.execute(
-        "UPDATE jobs SET status = 'queued', enqueued_at = $2, updated_at = $2 \
-         WHERE id = ANY($1) AND status = 'pending'",
-        &[&ids, &now],
-    )
-    .await?;
+    crate::store::mark_enqueued_on(&tx, &sent.sent, now).await?;
     tx.commit().await?;
     Ok(sent.sent.len() as u64)
 }

@@ -15,9 +15,7 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     if !jobs.is_empty() {
         let refs: Vec<&Job> = jobs.iter().collect();
         // The jobs are committed; what the queue refuses, the outbox sends.
-        let sent = enqueue::send_jobs(&s.store, &*s.queue, &refs, now)
-            .await
-            .map_err(|enqueue::EnqueueError::Db(e)| e)?;
+        let sent = enqueue::send_jobs(&s.store, &*s.queue, &refs, now).await?;
         if let Some(e) = sent.error {
             tracing::warn!(error = %e, "recurring: queue refused some messages");
         }

@@ -14,9 +14,7 @@ pub(super) async fn run(s: &Scheduler) -> Result<(u64, u64), DbError> {
     if !rescued.requeued.is_empty() {
         let refs: Vec<&Job> = rescued.requeued.iter().collect();
         // What the queue refuses stays pending for the outbox's next run.
-        let sent = enqueue::send_jobs(&s.store, &*s.queue, &refs, now)
-            .await
-            .map_err(|enqueue::EnqueueError::Db(e)| e)?;
+        let sent = enqueue::send_jobs(&s.store, &*s.queue, &refs, now).await?;
         if let Some(e) = sent.error {
             tracing::warn!(error = %e, "rescue: queue refused some messages");
         }

@@ -136,3 +136,30 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonBody<T> {
             })
     }
 }
+
+/// A whole-number query parameter within `range`, `default` when absent;
+/// anything else is a 400 naming the parameter. `unit` reads after "whole
+/// number" in the message (`" of seconds"`, or empty).
+pub fn query_number(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+    unit: &str,
+) -> Result<i64, ApiError> {
+    match q.get(name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name} must be a whole number{unit} from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+                .with_field(name)
+            }),
+    }
+}

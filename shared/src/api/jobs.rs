@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, Member};
+use super::extract::{query_number, JsonBody, Member};
 use super::AppState;
 use crate::enqueue;
 use crate::ids::JobId;
@@ -353,17 +353,7 @@ pub async fn list(
         ))
         .with_field(k.clone()));
     }
-    let limit = match q.get("limit") {
-        None => 50,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=200).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request("limit must be a whole number from 1 to 200")
-                    .with_field("limit")
-            })?,
-    };
+    let limit = query_number(&q, "limit", 50, 1..=200, "")?;
     let filter = ListFilter {
         status: q
             .get("status")
@@ -441,19 +431,7 @@ pub async fn get_one(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_job_id(&ids.1)?;
-    let wait = match q.get("wait") {
-        None => 0,
-        Some(w) => w
-            .parse::<u64>()
-            .ok()
-            .filter(|w| *w <= MAX_WAIT_SECS)
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "wait must be a whole number of seconds from 0 to {MAX_WAIT_SECS}"
-                ))
-                .with_field("wait")
-            })?,
-    };
+    let wait = query_number(&q, "wait", 0, 0..=MAX_WAIT_SECS as i64, " of seconds")? as u64;
     let if_none_match = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -618,17 +596,7 @@ pub async fn logs(
             ApiError::bad_request("cursor is not one this API returned").with_field("cursor")
         })?,
     };
-    let limit = match q.get("limit") {
-        None => 100,
-        Some(l) => l
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=500).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request("limit must be a whole number from 1 to 500")
-                    .with_field("limit")
-            })?,
-    };
+    let limit = query_number(&q, "limit", 100, 1..=500, "")?;
     let rows = state
         .store
         .logs(member.workspace, id, after, limit + 1)

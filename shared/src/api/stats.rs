@@ -9,7 +9,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::Member;
+use super::extract::{query_number, Member};
 use super::AppState;
 use crate::db::DbError;
 
@@ -63,17 +63,7 @@ pub async fn stats(
     member: Member,
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Stats>, ApiError> {
-    let window: i64 = match q.get("window") {
-        None => 3600,
-        Some(w) => w
-            .parse()
-            .ok()
-            .filter(|w| (60..=86_400).contains(w))
-            .ok_or_else(|| {
-                ApiError::bad_request("window must be a whole number of seconds from 60 to 86400")
-                    .with_field("window")
-            })?,
-    };
+    let window = query_number(&q, "window", 3600, 60..=86_400, " of seconds")?;
     let now = state.clock.now();
     let since = now - chrono::Duration::seconds(window);
     let hour = now - chrono::Duration::hours(1);

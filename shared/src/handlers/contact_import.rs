@@ -483,16 +483,133 @@ fn parse(
             return; // the importer stopped (hand-off or cancel)
         }
     }
+    // A header and nothing else is an empty import, not an error.
     if !out.is_empty() {
         let _ = tx.blocking_send(Parsed::Batch(out));
-    } else if row == 0 && skip == 0 {
-        // A header and nothing else: an empty import, not an error.
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::valid_email;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Runs the parser over `chunks` as a stream and collects what it sends.
+    fn parse_chunks(chunks: Vec<Vec<u8>>, skip: u64, batch: usize) -> Vec<Parsed> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let stream: BoxStream<'static, Result<Bytes, std::io::Error>> = Box::pin(
+                futures::stream::iter(chunks.into_iter().map(|c| Ok(Bytes::from(c)))),
+            );
+            let mapping = BTreeMap::from([
+                ("email".to_string(), "Email".to_string()),
+                ("first_name".to_string(), "First".to_string()),
+                ("stage".to_string(), "Stage".to_string()),
+            ]);
+            let (tx, mut rx) = mpsc::channel(2);
+            let parser =
+                tokio::task::spawn_blocking(move || parse(stream, mapping, skip, batch, tx));
+            let mut out = Vec::new();
+            while let Some(p) = rx.recv().await {
+                out.push(p);
+            }
+            parser.await.expect("the parser does not panic");
+            out
+        })
+    }
+
+    fn cell() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z]{1,6}@[a-z]{1,6}\\.(com|io)",
+            Just("lead".to_string()),
+            Just("MQL".to_string()),
+            "\\PC{0,12}",
+            ".{0,3}[\",\"\r\n].{0,3}",
+            "[a-z]{501}",
+            Just(String::new()),
+        ]
+    }
+
+    /// CSV text: sometimes the expected header, rows of generated cells with
+    /// quoting done right or wrong, and the whole cut into random chunks.
+    fn csv_input() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+        let header = prop_oneof![
+            Just("Email,First,Stage".to_string()),
+            Just("Stage,Email,First,Extra".to_string()),
+            Just("Name,Phone".to_string()),
+            Just(String::new()),
+            "\\PC{0,20}",
+        ];
+        let row = prop::collection::vec((cell(), any::<bool>()), 0..5).prop_map(|cells| {
+            cells
+                .into_iter()
+                .map(|(c, quote)| {
+                    if quote {
+                        format!("\"{}\"", c.replace('"', "\"\""))
+                    } else {
+                        c
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        let text = (header, prop::collection::vec(row, 0..40))
+            .prop_map(|(h, rows)| format!("{h}\n{}", rows.join("\n")).into_bytes());
+        let bytes = prop_oneof![8 => text, 1 => any::<Vec<u8>>()];
+        (bytes, prop::collection::vec(1usize..64, 0..8))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(600))]
+
+        #[test]
+        fn any_input_gives_numbered_rows_or_one_reason(
+            (bytes, cuts) in csv_input(),
+            skip in 0u64..3,
+            batch in 1usize..7,
+        ) {
+            let mut chunks = Vec::new();
+            let mut rest = bytes.as_slice();
+            for c in cuts {
+                let (a, b) = rest.split_at(c.min(rest.len()));
+                chunks.push(a.to_vec());
+                rest = b;
+            }
+            chunks.push(rest.to_vec());
+            let out = parse_chunks(chunks, skip, batch);
+            let mut expected_row = skip + 1;
+            for (i, p) in out.iter().enumerate() {
+                match p {
+                    Parsed::Fatal(reason) => {
+                        prop_assert!(!reason.is_empty());
+                        prop_assert_eq!(i, out.len() - 1, "nothing follows a fatal error");
+                    }
+                    Parsed::Batch(rows) => {
+                        prop_assert!(!rows.is_empty() && rows.len() <= batch);
+                        for (n, r) in rows {
+                            prop_assert_eq!(*n, expected_row, "rows are numbered without gaps");
+                            expected_row += 1;
+                            match r {
+                                Ok(c) => {
+                                    prop_assert!(valid_email(&c.email), "{:?}", c.email);
+                                    for f in c.fields.iter().flatten() {
+                                        prop_assert!(f.chars().count() <= 500);
+                                        prop_assert!(!f.contains('\0'));
+                                    }
+                                }
+                                Err((column, reason)) => {
+                                    prop_assert!(!column.is_empty() && !reason.is_empty());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn addresses_are_checked_strictly() {

@@ -57,17 +57,23 @@ ensure_python_tools() {
     say "creating $venv"
     python3 -m venv "$venv" || die "python3 with venv is needed (apt-get install python3-venv)"
   fi
-  if ! "$venv/bin/python" -c 'import moto.server, cfnlint, flask_cors' 2>/dev/null; then
-    say "installing moto[server] and cfn-lint from PyPI"
-    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'cfn-lint>=1,<2'
+  if ! "$venv/bin/python" -c 'import moto.server, cfnlint, flask_cors, schemathesis' 2>/dev/null; then
+    say "installing moto[server], cfn-lint and schemathesis from PyPI"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'cfn-lint>=1,<2' \
+      'schemathesis>=4,<5'
   fi
   export PATH="$venv/bin:$PATH"
+}
+
+# A TCP port nobody listens on, on loopback.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 # Starts moto's server on a free loopback port; exports OFFLOAD_TEST_SQS_ENDPOINT and MOTO_PID.
 start_moto() {
   local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  port=$(free_port)
   "$LOCAL/venv/bin/python" -m moto.server -H 127.0.0.1 -p "$port" >"$LOCAL/moto.log" 2>&1 &
   MOTO_PID=$!
   for _ in $(seq 1 60); do

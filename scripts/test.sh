@@ -28,6 +28,10 @@ say "cargo test"
 export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
 cargo test --workspace --locked
 
+say "API fuzz smoke run (the long run: scripts/fuzz-api.sh)"
+cargo build -q --bin offload
+OFFLOAD_BIN="$ROOT/target/debug/offload" scripts/fuzz-api.sh --max-examples 15
+
 say "benchmark smoke run (tiny sizes; the real figures: cargo run --release -p offload-bench)"
 cargo run -q -p offload-bench -- --jobs 500 --repeat 1 --latency-jobs 20 --latency-rate 100 \
   --api-secs 1 --api-rate 100 --batches 2 --sqs-jobs 50 --import-rows 2000 \

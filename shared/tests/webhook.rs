@@ -1,7 +1,6 @@
 //! The webhook job type against a local HTTP server: success, a 5xx that
 //! recovers, a permanent 4xx, a timeout, and a refused internal address.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +16,12 @@ use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
 
+/// The idempotency key and attempt number of each call to /flaky.
+type Calls = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 /// A local server: /ok 200, /flaky 500 once then 200, /bad 400, /slow 3 s.
-async fn server() -> (String, Arc<AtomicUsize>) {
-    let flaky = Arc::new(AtomicUsize::new(0));
+async fn server() -> (String, Calls) {
+    let flaky: Calls = Arc::default();
     let f = flaky.clone();
     let app = Router::new()
         .route(
@@ -28,10 +30,19 @@ async fn server() -> (String, Arc<AtomicUsize>) {
         )
         .route(
             "/flaky",
-            post(move || {
+            post(move |headers: axum::http::HeaderMap| {
                 let f = f.clone();
                 async move {
-                    if f.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let h = |k: &str| {
+                        headers
+                            .get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let mut calls = f.lock().unwrap();
+                    calls.push((h("idempotency-key"), h("offload-attempt")));
+                    if calls.len() == 1 {
                         (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "try later")
                     } else {
                         (axum::http::StatusCode::OK, "fine now")
@@ -97,7 +108,13 @@ async fn a_500_is_retried_and_then_succeeds() {
     let db = TestDb::new().await;
     let j = run(&db, true, json!({"url": format!("{base}/flaky")}), 5).await;
     assert_eq!((j.status, j.attempts), (JobStatus::Completed, 2));
-    assert_eq!(flaky.load(Ordering::SeqCst), 2);
+    // Both attempts carried the job's id as their idempotency key, so the
+    // receiver can tell a repeat from a new call.
+    let key = j.id.to_string();
+    assert_eq!(
+        *flaky.lock().unwrap(),
+        [(key.clone(), "1".to_string()), (key, "2".to_string())]
+    );
 }
 
 #[tokio::test]

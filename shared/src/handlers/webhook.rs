@@ -151,7 +151,21 @@ impl JobHandler for Webhook {
             .user_agent("Offload-Webhook/1")
             .build()
             .map_err(|e| JobError::Retryable(format!("http client: {e}")))?;
-        let mut req = client.post(url.clone()).json(&p.body);
+        // Every attempt of a job carries the same key, so a receiver can drop
+        // the repeat that at-least-once delivery allows (a worker that dies
+        // after the call and before recording it calls again).
+        let mut req = client
+            .post(url.clone())
+            .json(&p.body)
+            .header("offload-job-id", ctx.job_id().to_string())
+            .header("offload-attempt", ctx.attempt().to_string());
+        if !p
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case("idempotency-key"))
+        {
+            req = req.header("idempotency-key", ctx.job_id().to_string());
+        }
         for (k, v) in &p.headers {
             req = req.header(k, v);
         }

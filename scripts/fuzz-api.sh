@@ -54,6 +54,8 @@ OFFLOAD_FUZZ_SCHEDULE=$(api POST schedules '{"name":"fuzz","cron":"0 3 * * *","t
 export OFFLOAD_FUZZ_JOB OFFLOAD_FUZZ_SCHEDULE
 say "fuzzing $OFFLOAD_URL/api/openapi.json (workspace $OFFLOAD_WORKSPACE)"
 
+# Schemathesis and hypothesis keep their caches in the working directory: keep them in .local.
+cd "$LOCAL"
 export SCHEMATHESIS_HOOKS=offload_checks
 export PYTHONPATH="$ROOT/scripts/fuzz${PYTHONPATH:+:$PYTHONPATH}"
 schemathesis --config-file "$ROOT/scripts/fuzz/schemathesis.toml" run \

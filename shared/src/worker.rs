@@ -22,7 +22,7 @@ use crate::enqueue;
 use crate::handlers::{JobContext, JobError, Outcome, Registry};
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::{ErrorKind, Job, JobMessage, JobStatus, Progress, QueueName};
-use crate::queue::{Queue, MAX_VISIBILITY};
+use crate::queue::{OutgoingMessage, Queue, QueueError, MAX_DELAY, MAX_VISIBILITY};
 use crate::store::{Lease, LogLine, Store};
 use crate::workspace::LimitCache;
 
@@ -186,7 +186,8 @@ impl Worker {
             }
         };
         let now = self.clock.now();
-        for r in unclaimed {
+        let mut later = Vec::new();
+        for r in &unclaimed {
             let job_id = r.job.job_id;
             match states.get(&job_id) {
                 None => {
@@ -198,24 +199,18 @@ impl Worker {
                         "job finished or held by another worker: message acknowledged");
                 }
                 Some((_, run_at)) => {
-                    // Waiting but not yet due (an early duplicate, or a retry
-                    // delivered before its backoff ended): hide it until due.
+                    // Not yet due (an early duplicate, or a retry delivered
+                    // before its backoff ended), or its workspace is at its
+                    // limit of running jobs: it comes back later.
                     let wait = (*run_at - now)
                         .to_std()
                         .unwrap_or(self.config.fairness_delay)
-                        .max(Duration::from_secs(1))
-                        .min(MAX_VISIBILITY);
-                    if let Err(e) = self
-                        .queue
-                        .change_visibility(r.queue, &r.receipt, wait)
-                        .await
-                    {
-                        tracing::warn!(job_id = %job_id, error = %e, "cannot delay message");
-                    }
-                    failures.push(r.message_id);
+                        .max(Duration::from_secs(1));
+                    later.push((r, wait));
                 }
             }
         }
+        self.come_back_later(&later, now, failures).await;
     }
 
     /// Runs every claimed job concurrently while one heartbeat task renews
@@ -417,7 +412,7 @@ impl Worker {
                     let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
                     match self.store.snooze(&r.lease, run_at, now).await {
                         Ok(true) => {
-                            self.come_back_later(job, rec, delay, now, failures).await;
+                            self.come_back_later(&[(rec, delay)], now, failures).await;
                             Ok("snoozed")
                         }
                         other => other.map(|_| "lost"),
@@ -427,7 +422,7 @@ impl Worker {
                 Err(JobError::Retryable(msg)) if r.lease.attempt < job.max_attempts => {
                     let delay = backoff(&self.config, r.lease.attempt, &mut rand::rng());
                     let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    let via_outbox = delay > MAX_VISIBILITY;
+                    let via_outbox = delay > MAX_DELAY;
                     let mut line = span_log(
                         "warn",
                         format!(
@@ -445,7 +440,7 @@ impl Worker {
                         .await
                     {
                         Ok(true) if !via_outbox => {
-                            self.come_back_later(job, rec, delay, now, failures).await;
+                            self.come_back_later(&[(rec, delay)], now, failures).await;
                             Ok("retried")
                         }
                         other => other.map(|_| "retried"),
@@ -494,13 +489,74 @@ impl Worker {
         }
     }
 
-    /// Makes a message come back after `delay`: the message is reported as
-    /// failed after its visibility is set to the delay. When the queue will
-    /// not take the new visibility, the job goes to the outbox instead and
-    /// the message is acknowledged.
+    /// Makes messages come back after their delays without spending a
+    /// receive: each is replaced by a fresh message sent with its delay and
+    /// is itself acknowledged. A message's receive count then grows only
+    /// when a worker fails to finish with it, which is what the dead-letter
+    /// queue's maxReceiveCount is for; hiding the same message instead would
+    /// let snoozes, fairness waits and retries past that count dead-letter a
+    /// job that never failed. Delays beyond the queue's limit go to the
+    /// outbox; where the queue will not take a fresh message, the old one is
+    /// hidden for the delay instead.
     async fn come_back_later(
         &self,
-        job: &Job,
+        later: &[(&Record, Duration)],
+        now: DateTime<Utc>,
+        failures: &mut Vec<String>,
+    ) {
+        let mut by_queue: HashMap<QueueName, Vec<(&Record, Duration)>> = HashMap::new();
+        for &(rec, delay) in later {
+            if delay > MAX_DELAY {
+                self.to_outbox_or_hide(rec, delay, now, failures).await;
+            } else {
+                by_queue.entry(rec.queue).or_default().push((rec, delay));
+            }
+        }
+        for (q, items) in by_queue {
+            let messages: Vec<OutgoingMessage> = items
+                .iter()
+                .enumerate()
+                .map(|(i, (rec, delay))| OutgoingMessage {
+                    id: i.to_string(),
+                    body: rec.job.body(),
+                    delay: *delay,
+                })
+                .collect();
+            let sent: HashSet<String> = match self.queue.send_batch(q, &messages).await {
+                Ok(()) => messages.into_iter().map(|m| m.id).collect(),
+                Err(QueueError::PartialSend { sent, .. }) => sent.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(queue = %q, error = %e, "cannot send fresh messages; hiding the old ones");
+                    HashSet::new()
+                }
+            };
+            for (i, (rec, delay)) in items.into_iter().enumerate() {
+                if !sent.contains(&i.to_string()) {
+                    self.hide(rec, delay, now, failures).await;
+                }
+            }
+        }
+    }
+
+    /// Leaves the job to the scheduler, which sends it when it is due, and
+    /// acknowledges its message.
+    async fn to_outbox_or_hide(
+        &self,
+        rec: &Record,
+        delay: Duration,
+        now: DateTime<Utc>,
+        failures: &mut Vec<String>,
+    ) {
+        if let Err(e) = self.store.to_outbox(rec.job.job_id, now).await {
+            tracing::warn!(job_id = %rec.job.job_id, error = %e, "cannot move job to the outbox");
+            self.hide(rec, delay, now, failures).await;
+        }
+    }
+
+    /// The fallback when no fresh message can be sent: the message itself
+    /// is hidden for the delay and reported failed (spending a receive).
+    async fn hide(
+        &self,
         rec: &Record,
         delay: Duration,
         now: DateTime<Utc>,
@@ -508,15 +564,18 @@ impl Worker {
     ) {
         match self
             .queue
-            .change_visibility(rec.queue, &rec.receipt, delay)
+            .change_visibility(rec.queue, &rec.receipt, delay.min(MAX_VISIBILITY))
             .await
         {
             Ok(()) => failures.push(rec.message_id.clone()),
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "cannot delay message; the scheduler will resend");
-                if let Err(e) = self.store.to_outbox(job.id, now).await {
-                    tracing::error!(job_id = %job.id, error = %e, "cannot move job to the outbox");
-                    failures.push(rec.message_id.clone());
+                tracing::warn!(job_id = %rec.job.job_id, error = %e, "cannot delay message; the scheduler will resend");
+                match self.store.to_outbox(rec.job.job_id, now).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(job_id = %rec.job.job_id, error = %e, "cannot move job to the outbox");
+                        failures.push(rec.message_id.clone());
+                    }
                 }
             }
         }

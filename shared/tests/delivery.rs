@@ -329,7 +329,11 @@ async fn an_empty_rate_limit_snoozes_the_job_without_using_an_attempt() {
         .receive(Q, 10, Duration::from_secs(30), Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(source.invoke(msgs).await, 1, "the snoozed one comes back");
+    assert_eq!(
+        source.invoke(msgs).await,
+        0,
+        "the snoozed one's message is replaced by a fresh, delayed one"
+    );
     let states: Vec<(JobStatus, i32)> = {
         let mut v = Vec::new();
         for j in &jobs {
@@ -343,8 +347,65 @@ async fn an_empty_rate_limit_snoozes_the_job_without_using_an_attempt() {
     assert!(states.contains(&(JobStatus::Queued, 0)), "{states:?}");
     let d = q.depth(Q).await.unwrap();
     assert_eq!(
-        (d.visible, d.in_flight),
-        (0, 1),
-        "hidden until a token is back"
+        (d.visible, d.in_flight, d.delayed),
+        (0, 0, 1),
+        "one fresh message, delayed until a token is back"
     );
+}
+
+/// Snoozes its first three runs, then fails three times, then completes.
+struct Flappy(Arc<AtomicUsize>);
+
+#[async_trait]
+impl JobHandler for Flappy {
+    type Payload = serde_json::Value;
+    const TYPE: &'static str = "flappy";
+    async fn run(&self, _: serde_json::Value, _: &mut JobContext) -> Result<Outcome, JobError> {
+        match self.0.fetch_add(1, Ordering::SeqCst) {
+            0..=2 => Ok(Outcome::Snooze(Duration::from_millis(200))),
+            3..=5 => Err(JobError::Retryable("not yet".into())),
+            _ => Ok(Outcome::Completed(None)),
+        }
+    }
+}
+
+/// A job that comes back more often than the queue's maxReceiveCount
+/// (snoozes and retries, none of them a failure to handle its message)
+/// completes instead of being dead-lettered.
+async fn comes_back_more_often_than_max_receive_count(q: Arc<dyn Queue>, db: &TestDb) {
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let job = db
+        .insert(&[new_job(ws, "flappy", json!({}))])
+        .await
+        .remove(0);
+    enqueue(db, &*q, &[job.clone()]).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let config = WorkerConfig {
+        backoff_base: Duration::from_millis(100),
+        ..WorkerConfig::default()
+    };
+    let worker = db.worker_with(
+        q.clone(),
+        config,
+        Registry::builtin().with(Flappy(runs.clone())),
+    );
+    let source = event_source(q.clone(), worker);
+    let j = run_until_finished(db, &source, job.id, Duration::from_secs(40)).await;
+    assert_eq!(
+        (j.status, j.attempts, runs.load(Ordering::SeqCst)),
+        (JobStatus::Completed, 4, 7),
+        "{j:?}"
+    );
+}
+
+#[tokio::test]
+async fn coming_back_does_not_spend_receives_on_postgres() {
+    let db = TestDb::new().await;
+    comes_back_more_often_than_max_receive_count(Arc::new(db.pg_queue(2)), &db).await;
+}
+
+#[tokio::test]
+async fn coming_back_does_not_spend_receives_on_sqs() {
+    let db = TestDb::new().await;
+    comes_back_more_often_than_max_receive_count(Arc::new(sqs_queue(2).await), &db).await;
 }

@@ -21,6 +21,7 @@ use offload::queue::{PgQueue, Queue};
 use offload::store::{NewJob, Store};
 use offload::worker::Worker;
 use offload::workspace::{self, Tier};
+use offload_bench::{percentile, with_db};
 use serde_json::json;
 
 #[derive(Parser, Clone)]
@@ -91,11 +92,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
-}
-
 /// A database of the benchmark's own, dropped at the end.
 struct BenchDb {
     name: String,
@@ -104,15 +100,6 @@ struct BenchDb {
     pool: deadpool_postgres::Pool,
     store: Store,
     ws: WorkspaceId,
-}
-
-fn with_db(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map(|(b, q)| (b, format!("?{q}")))
-        .unwrap_or((url, String::new()));
-    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
-    format!("{base}/{name}{query}")
 }
 
 impl BenchDb {
@@ -219,6 +206,7 @@ fn source(q: Arc<dyn Queue>, w: Arc<Worker>, batch: usize, wait: Duration) -> Ev
         visibility: Duration::from_secs(60),
         wait,
         invocation_timeout: Duration::from_secs(900),
+        concurrency: Arc::new(tokio::sync::Semaphore::new(1)),
     }
 }
 
@@ -303,7 +291,12 @@ async fn latency_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut loops = Vec::new();
     for _ in 0..2 {
-        let s = source(q.clone(), w.clone(), args.batch, Duration::from_secs(1));
+        let s = Arc::new(source(
+            q.clone(),
+            w.clone(),
+            args.batch,
+            Duration::from_secs(1),
+        ));
         let stop = stop_rx.clone();
         loops.push(tokio::spawn(async move { s.run(stop).await }));
     }

@@ -80,8 +80,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         QueueBackend::Sqs(_) => Duration::from_secs(5),
     };
     for q in QueueName::WORK {
+        let concurrency = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .runner
+                .max_concurrency
+                .max(config.runner.loops_per_queue),
+        ));
         for _ in 0..config.runner.loops_per_queue {
-            let source = EventSource {
+            let source = Arc::new(EventSource {
                 queue: services.queue.clone(),
                 worker: worker.clone(),
                 name: q,
@@ -89,7 +95,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 visibility: config.worker.lease,
                 wait,
                 invocation_timeout: config.runner.invocation_timeout,
-            };
+                concurrency: concurrency.clone(),
+            });
             let stop = stop_rx.clone();
             tasks.spawn(async move { source.run(stop).await });
         }

@@ -83,6 +83,9 @@ pub struct RunnerConfig {
     pub batch_size: usize,
     /// Concurrent receive loops per queue.
     pub loops_per_queue: usize,
+    /// Worker invocations that may run at once per queue (the mapping's
+    /// maximum concurrency; at least `loops_per_queue`).
+    pub max_concurrency: usize,
     /// The invocation time limit the worker sees (Lambda's timeout).
     pub invocation_timeout: Duration,
     pub scheduler_interval: Duration,
@@ -220,6 +223,7 @@ impl Config {
         let runner = RunnerConfig {
             batch_size: num(&var, "OFFLOAD_BATCH_SIZE", 100, 1..=10_000)? as usize,
             loops_per_queue: num(&var, "OFFLOAD_LOOPS_PER_QUEUE", 2, 1..=64)? as usize,
+            max_concurrency: num(&var, "OFFLOAD_MAX_CONCURRENCY", 10, 1..=1_000)? as usize,
             invocation_timeout: secs(&var, "OFFLOAD_INVOCATION_TIMEOUT_SECS", 900, 1..=900)?,
             scheduler_interval: secs(&var, "OFFLOAD_SCHEDULER_INTERVAL_SECS", 5, 1..=3_600)?,
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::job::QueueName;
 use crate::queue::{Queue, ReceivedMessage};
@@ -24,11 +24,26 @@ pub struct EventSource {
     pub visibility: Duration,
     pub wait: Duration,
     pub invocation_timeout: Duration,
+    /// Invocations that may run at once, shared by every poller of the
+    /// queue: the mapping's maximum concurrency. A poller receives only
+    /// when it holds a permit, so a slow batch never holds up new messages
+    /// while permits are free, and messages are never taken that nobody
+    /// can run.
+    pub concurrency: Arc<Semaphore>,
 }
 
 impl EventSource {
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    /// Polls until `stop`, then waits for its invocations in flight.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut running = tokio::task::JoinSet::new();
         while !*stop.borrow() {
+            let permit = tokio::select! {
+                p = self.concurrency.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = stop.changed() => break,
+            };
             let received = tokio::select! {
                 r = self.queue.receive(self.name, self.batch, self.visibility, self.wait) => r,
                 _ = stop.changed() => break,
@@ -36,14 +51,20 @@ impl EventSource {
             match received {
                 Ok(messages) if messages.is_empty() => {}
                 Ok(messages) => {
-                    self.invoke(messages).await;
+                    let me = self.clone();
+                    running.spawn(async move {
+                        me.invoke(messages).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(queue = %self.name, error = %e, "receive failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+            while running.try_join_next().is_some() {}
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// One worker invocation; the batch always runs to its end.

@@ -307,6 +307,7 @@ pub fn event_source(queue: Arc<dyn Queue>, worker: Worker) -> EventSource {
         visibility: Duration::from_secs(30),
         wait: Duration::ZERO,
         invocation_timeout: Duration::from_secs(60),
+        concurrency: Arc::new(tokio::sync::Semaphore::new(1)),
     }
 }
 

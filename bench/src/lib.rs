@@ -1,0 +1,35 @@
+//! Helpers shared by `offload-bench` and `offload-soak`.
+
+/// `url` with its database name replaced by `name` (query string kept).
+pub fn with_db(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map(|(b, q)| (b, format!("?{q}")))
+        .unwrap_or((url, String::new()));
+    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+    format!("{base}/{name}{query}")
+}
+
+/// The value at fraction `p` (0..=1) of an ascending `sorted` slice.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_are_swapped_and_queries_kept() {
+        assert_eq!(
+            with_db("postgres://u:p@h:5432/offload?sslmode=disable", "x"),
+            "postgres://u:p@h:5432/x?sslmode=disable"
+        );
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.5), 3.0);
+        assert_eq!(percentile(&[1.0, 2.0, 3.0, 4.0, 5.0], 1.0), 5.0);
+    }
+}

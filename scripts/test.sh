@@ -28,8 +28,13 @@ say "cargo test"
 export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
 cargo test --workspace --locked
 
+cargo build -q --locked --bin offload --bin offload-soak
+
+say "soak smoke run: 20 s, kills every ~6 s (the long run: scripts/soak.sh)"
+target/debug/offload-soak --secs 20 --rate 20 --kill-every 6 --drain-secs 90 \
+  --out target/soak-smoke.json
+
 say "API fuzz smoke run (the long run: scripts/fuzz-api.sh)"
-cargo build -q --bin offload
 OFFLOAD_BIN="$ROOT/target/debug/offload" scripts/fuzz-api.sh --max-examples 15
 
 say "benchmark smoke run (tiny sizes; the real figures: cargo run --release -p offload-bench)"

@@ -50,7 +50,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How often a running job's lease and message visibility are renewed.
     pub heartbeat: Duration,
-    /// First retry delay; doubles per attempt up to `backoff_cap`, with full jitter.
+    /// First retry delay; doubles per attempt up to `backoff_cap`, jittered
+    /// between half and all of it.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     /// A handler is told to hand off when less than this remains before the deadline.
@@ -59,6 +60,9 @@ pub struct WorkerConfig {
     pub fairness_delay: Duration,
     /// Print one CloudWatch Embedded Metric Format line per finished job.
     pub emit_metrics: bool,
+    /// The queues' maxReceiveCount: a retry whose message is this close to
+    /// the dead-letter queue goes out as a fresh message instead.
+    pub max_receive_count: u32,
 }
 
 impl Default for WorkerConfig {
@@ -71,6 +75,7 @@ impl Default for WorkerConfig {
             handoff_margin: Duration::from_secs(30),
             fairness_delay: Duration::from_secs(5),
             emit_metrics: false,
+            max_receive_count: 5,
         }
     }
 }
@@ -203,6 +208,7 @@ impl Config {
         };
 
         let lease = secs(&var, "OFFLOAD_LEASE_SECS", 60, 5..=43_200)?;
+        let max_receive_count = num(&var, "OFFLOAD_MAX_RECEIVE_COUNT", 5, 1..=1_000)? as u32;
         let worker = WorkerConfig {
             lease,
             heartbeat: lease / 4,
@@ -218,6 +224,7 @@ impl Config {
             emit_metrics: var("OFFLOAD_EMIT_METRICS")
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),
+            max_receive_count,
         };
 
         let runner = RunnerConfig {
@@ -235,7 +242,7 @@ impl Config {
             jwt_secret,
             jwt_secret_is_default,
             queue,
-            max_receive_count: num(&var, "OFFLOAD_MAX_RECEIVE_COUNT", 5, 1..=1_000)? as u32,
+            max_receive_count,
             worker,
             runner,
             retention: Duration::from_secs(

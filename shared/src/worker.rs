@@ -47,6 +47,8 @@ struct Record {
     receipt: String,
     queue: QueueName,
     job: JobMessage,
+    /// Times the queue has delivered this message, this one included.
+    receive_count: u32,
 }
 
 /// What became of one claimed job.
@@ -91,6 +93,11 @@ impl Worker {
                         .as_deref()
                         .and_then(QueueName::from_arn)
                         .unwrap_or_default(),
+                    receive_count: m
+                        .attributes
+                        .get("ApproximateReceiveCount")
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1),
                     job,
                 }),
                 Err(e) => {
@@ -422,7 +429,7 @@ impl Worker {
                 Err(JobError::Retryable(msg)) if r.lease.attempt < job.max_attempts => {
                     let delay = backoff(&self.config, r.lease.attempt, &mut rand::rng());
                     let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    let via_outbox = delay > MAX_DELAY;
+                    let via_outbox = delay > MAX_VISIBILITY;
                     let mut line = span_log(
                         "warn",
                         format!(
@@ -440,7 +447,14 @@ impl Worker {
                         .await
                     {
                         Ok(true) if !via_outbox => {
-                            self.come_back_later(&[(rec, delay)], now, failures).await;
+                            // A failure is reported and its message hidden
+                            // for the backoff, unless the next receive would
+                            // dead-letter a job that has attempts left.
+                            if rec.receive_count + 1 < self.config.max_receive_count {
+                                self.hide(rec, delay, now, failures).await;
+                            } else {
+                                self.come_back_later(&[(rec, delay)], now, failures).await;
+                            }
                             Ok("retried")
                         }
                         other => other.map(|_| "retried"),
@@ -491,13 +505,12 @@ impl Worker {
 
     /// Makes messages come back after their delays without spending a
     /// receive: each is replaced by a fresh message sent with its delay and
-    /// is itself acknowledged. A message's receive count then grows only
-    /// when a worker fails to finish with it, which is what the dead-letter
-    /// queue's maxReceiveCount is for; hiding the same message instead would
-    /// let snoozes, fairness waits and retries past that count dead-letter a
-    /// job that never failed. Delays beyond the queue's limit go to the
-    /// outbox; where the queue will not take a fresh message, the old one is
-    /// hidden for the delay instead.
+    /// is itself acknowledged. Snoozes, fairness waits and early duplicates
+    /// are not failures; hiding the same message instead would count each
+    /// toward the queue's maxReceiveCount and dead-letter a job that never
+    /// failed. Delays beyond the queue's limit go to the outbox; where the
+    /// queue will not take a fresh message, the old one is hidden for the
+    /// delay instead.
     async fn come_back_later(
         &self,
         later: &[(&Record, Duration)],

@@ -370,18 +370,20 @@ impl JobHandler for Flappy {
 }
 
 /// A job that comes back more often than the queue's maxReceiveCount
-/// (snoozes and retries, none of them a failure to handle its message)
-/// completes instead of being dead-lettered.
+/// (snoozes, and retries with attempts left) completes instead of being
+/// dead-lettered: snoozes send a fresh message, and a retry whose next
+/// receive would reach the count does too.
 async fn comes_back_more_often_than_max_receive_count(q: Arc<dyn Queue>, db: &TestDb) {
     let (ws, _) = db.workspace(Tier::Unlimited).await;
     let job = db
         .insert(&[new_job(ws, "flappy", json!({}))])
         .await
         .remove(0);
-    enqueue(db, &*q, &[job.clone()]).await;
+    enqueue(db, &*q, std::slice::from_ref(&job)).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let config = WorkerConfig {
         backoff_base: Duration::from_millis(100),
+        max_receive_count: 2,
         ..WorkerConfig::default()
     };
     let worker = db.worker_with(

@@ -284,3 +284,88 @@ impl Conn {
         Ok(self.0.execute(&stmt, params).await?)
     }
 }
+
+/// Text as PostgreSQL can store it: `text` and `jsonb` refuse the NUL
+/// character, so outside text (a webhook's answer, a handler's error) that
+/// carries one has it replaced by U+FFFD instead of failing the write.
+pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{FFFD}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+/// [`storable_text`] for every string and key of a JSON value; borrowed
+/// when there is nothing to replace, which is nearly always.
+pub fn storable_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
+    if nul_path(v).is_none() {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    fn clean(v: &serde_json::Value) -> serde_json::Value {
+        use serde_json::Value;
+        match v {
+            Value::String(s) => Value::String(storable_text(s).into_owned()),
+            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| (storable_text(k).into_owned(), clean(v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+    std::borrow::Cow::Owned(clean(v))
+}
+
+/// Where in `v` a string or key holds the NUL character, as a path like
+/// `body[0]` (empty for `v` itself), or `None`.
+pub fn nul_path(v: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Some(String::new()),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| nul_path(x).map(|p| format!("[{i}]{}", dotted(&p)))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(k.replace('\0', "\\u0000"))
+            } else {
+                nul_path(x).map(|p| format!("{k}{}", dotted(&p)))
+            }
+        }),
+        _ => None,
+    }
+}
+
+fn dotted(rest: &str) -> String {
+    if rest.is_empty() || rest.starts_with('[') {
+        rest.to_string()
+    } else {
+        format!(".{rest}")
+    }
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_are_found_and_replaced() {
+        let v = json!({"a": [1, {"b": "x\u{0}y"}], "c": "fine"});
+        assert_eq!(nul_path(&v).as_deref(), Some("a[1].b"));
+        assert_eq!(
+            storable_json(&v).into_owned(),
+            json!({"a": [1, {"b": "x\u{FFFD}y"}], "c": "fine"})
+        );
+        let clean = json!({"a": "b"});
+        assert!(matches!(
+            storable_json(&clean),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(storable_text("a\0b"), "a\u{FFFD}b");
+        assert_eq!(nul_path(&json!("\u{0}")).as_deref(), Some(""));
+    }
+}

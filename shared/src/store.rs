@@ -9,7 +9,7 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 
-use crate::db::{Conn, DbError};
+use crate::db::{storable_json, storable_text, Conn, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{ErrorKind, Job, JobStatus, Progress, QueueName};
 use crate::job_columns;
@@ -168,12 +168,22 @@ const INSERT_JOBS_WITH_MESSAGES: &str = concat!(
 /// died; the redelivered message takes it over before the scheduler does).
 /// `attempts + 1` starts the new attempt and `worker_id` names this claim,
 /// which together form the lease every later write checks.
+///
+/// Rows another transaction holds (a concurrent claim of a duplicate
+/// message, a heartbeat, the scheduler's rescue) are skipped rather than
+/// waited for: two claims of overlapping batches would otherwise lock the
+/// same rows in different orders and deadlock. A skipped job's message is
+/// judged afterwards like any other unclaimed one.
 const CLAIM: &str = concat!(
     "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = $2, \
        started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
        updated_at = $3 \
-     FROM (SELECT DISTINCT claim_id FROM unnest($1::uuid[]) AS c(claim_id)) AS c \
-     WHERE id = c.claim_id AND run_at <= $3 \
+     WHERE id = ANY(ARRAY( \
+         SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND run_at <= $3 \
+           AND (status IN ('pending', 'queued') \
+                OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
+         FOR UPDATE SKIP LOCKED)) \
+       AND run_at <= $3 \
        AND (status IN ('pending', 'queued') \
             OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
      RETURNING ",
@@ -259,6 +269,7 @@ impl Store {
         let queues: Vec<_> = jobs.iter().map(|j| j.queue.as_str()).collect();
         let prios: Vec<_> = jobs.iter().map(|j| j.priority).collect();
         let payloads: Vec<_> = jobs.iter().map(|j| &j.payload).collect();
+        let queued: std::collections::HashSet<JobId> = queued.iter().copied().collect();
         let statuses: Vec<_> = jobs
             .iter()
             .map(|j| {
@@ -295,11 +306,14 @@ impl Store {
                 db.query(&stmt, &all).await?
             }
         };
-        let mut inserted: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
+        let mut inserted: std::collections::HashMap<JobId, Job> = rows
+            .iter()
+            .map(|r| Job::from_row(r).map(|j| (j.id, j)))
+            .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
-            if let Some(pos) = inserted.iter().position(|i| i.id == j.id) {
-                out.push((inserted.swap_remove(pos), true));
+            if let Some(job) = inserted.remove(&j.id) {
+                out.push((job, true));
             } else {
                 let key = j.idempotency_key.as_deref().unwrap_or_default();
                 let existing = self
@@ -543,12 +557,16 @@ impl Store {
         let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = done.iter().map(|d| d.0.job_id.0).collect();
         let attempts: Vec<_> = done.iter().map(|d| d.0.attempt).collect();
-        let results: Vec<_> = done.iter().map(|d| d.1.clone()).collect();
+        let results: Vec<_> = done
+            .iter()
+            .map(|d| d.1.as_ref().map(|r| storable_json(r).into_owned()))
+            .collect();
         let progress: Vec<Option<Value>> = done
             .iter()
             .map(|d| {
-                d.2.as_ref()
-                    .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+                d.2.as_ref().map(|p| {
+                    storable_json(&serde_json::to_value(p).unwrap_or(Value::Null)).into_owned()
+                })
             })
             .collect();
         let rows = db
@@ -590,7 +608,7 @@ impl Store {
                     &lease.worker_id,
                     &status.as_str(),
                     &run_at,
-                    &error,
+                    &storable_text(error),
                     &now,
                 ],
             )
@@ -616,7 +634,7 @@ impl Store {
                     &lease.job_id.0,
                     &lease.attempt,
                     &lease.worker_id,
-                    &error,
+                    &storable_text(error),
                     &kind.as_str(),
                     &now,
                 ],
@@ -766,7 +784,7 @@ impl Store {
                     &lease.job_id.0,
                     &lease.attempt,
                     &lease.worker_id,
-                    checkpoint,
+                    &*storable_json(checkpoint),
                     &now,
                 ],
             )
@@ -785,6 +803,7 @@ impl Store {
     ) -> Result<Option<bool>, DbError> {
         let db = Conn::get(&self.pool).await?;
         let value = serde_json::to_value(progress).unwrap_or(Value::Null);
+        let value = storable_json(&value).into_owned();
         let row = db
             .query_opt(
                 "UPDATE jobs SET progress = $4, updated_at = $5 \
@@ -942,8 +961,11 @@ impl Store {
         let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
         let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
         let levels: Vec<_> = lines.iter().map(|l| l.level).collect();
-        let messages: Vec<_> = lines.iter().map(|l| l.message.as_str()).collect();
-        let metadata: Vec<_> = lines.iter().map(|l| l.metadata.clone()).collect();
+        let messages: Vec<_> = lines.iter().map(|l| storable_text(&l.message)).collect();
+        let metadata: Vec<_> = lines
+            .iter()
+            .map(|l| l.metadata.as_ref().map(|m| storable_json(m).into_owned()))
+            .collect();
         db.execute(
             "INSERT INTO job_logs (job_id, workspace_id, attempt, level, message, metadata, created_at) \
              SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::text[], \

@@ -408,7 +408,7 @@ fn any_json() -> impl Strategy<Value = Value> {
 fn every_job_type_judges_any_payload_without_panicking() {
     let registry = Registry::builtin();
     let types: Vec<&str> = registry.types().collect();
-    let mut runner = TestRunner::new(PropConfig::with_cases(2_000));
+    let mut runner = TestRunner::new(PropConfig::with_cases(cases(3_000)));
     runner
         .run(
             &(prop::sample::select(types), any_json()),
@@ -484,6 +484,14 @@ fn any_create_body() -> impl Strategy<Value = Value> {
     ]
 }
 
+/// `PROPTEST_CASES` when set (for long runs), else `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A runtime for the property tests, whose generators are not `Send` and
 /// so drive async code from a plain test thread.
 fn runtime() -> tokio::runtime::Runtime {
@@ -498,7 +506,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn generated_create_bodies_get_a_job_or_a_problem_never_a_5xx() {
     let rt = runtime();
     let app = rt.block_on(TestApp::spawn());
-    let mut runner = TestRunner::new(PropConfig::with_cases(400));
+    let mut runner = TestRunner::new(PropConfig::with_cases(cases(400)));
     let accepted = std::cell::Cell::new(0i64);
     runner
         .run(&any_create_body(), |body| {
@@ -524,7 +532,7 @@ fn generated_create_bodies_get_a_job_or_a_problem_never_a_5xx() {
             Ok(())
         })
         .unwrap();
-    eprintln!("{} of 400 generated bodies were accepted", accepted.get());
+    eprintln!("{} generated bodies were accepted", accepted.get());
     // Exactly the accepted bodies became jobs.
     assert_eq!(
         rt.block_on(app.db.scalar_i64("SELECT count(*) FROM jobs")),
@@ -547,7 +555,7 @@ fn generated_sqs_records_fail_alone_and_real_jobs_still_complete() {
     let rt = runtime();
     let d = rt.block_on(TestDb::new());
     let (ws, _) = rt.block_on(d.workspace(Tier::Unlimited));
-    let mut runner = TestRunner::new(PropConfig::with_cases(40));
+    let mut runner = TestRunner::new(PropConfig::with_cases(cases(40)));
     let strategy = (prop::collection::vec(any_body(), 1..8), 0usize..3);
     runner
         .run(&strategy, |(bodies, real)| {
@@ -595,4 +603,43 @@ fn generated_sqs_records_fail_alone_and_real_jobs_still_complete() {
             })
         })
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_nul_character_is_refused_with_its_place_and_an_escaped_one_is_kept() {
+    let app = TestApp::spawn().await;
+    // PostgreSQL cannot store U+0000 in jsonb: a clear 422, not a 500.
+    let p = problem(
+        app.create_job(json!({"type": "webhook",
+            "payload": {"url": "https://example.com/h", "body": ["ok", "a\u{0}b"]}}))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(p["field"], "payload.body[1]");
+    assert!(p["detail"].as_str().unwrap().contains("NUL"), "{p}");
+    let resp = app
+        .client
+        .post(format!(
+            "{}/api/workspaces/{}/schedules",
+            app.base, app.workspace
+        ))
+        .bearer_auth(&app.token)
+        .json(&json!({"name": "n\u{0}", "cron": "@daily", "type": "noop"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await["field"],
+        "name"
+    );
+    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 0);
+    // A backslash followed by "u0000" is ordinary text.
+    let resp = app
+        .create_job(json!({"type": "webhook",
+            "payload": {"url": "https://example.com/h", "body": "\\u0000"}}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let job: Value = resp.json().await.unwrap();
+    assert_eq!(job["payload"]["body"], "\\u0000");
 }

@@ -50,6 +50,7 @@ async fn server() -> (String, Calls) {
                 }
             }),
         )
+        .route("/nul", post(|| async { "before\u{0}after" }))
         .route(
             "/bad",
             post(|| async { (axum::http::StatusCode::BAD_REQUEST, "missing field email") }),
@@ -100,6 +101,17 @@ async fn a_200_completes_with_the_response() {
     let r = j.result.unwrap();
     assert_eq!(r["status"], 200);
     assert_eq!(r["response"], "got {\"email\":\"a@b.co\"}");
+}
+
+#[tokio::test]
+async fn an_answer_with_a_nul_character_is_stored_with_it_replaced() {
+    // PostgreSQL refuses U+0000 in jsonb; the job must still complete (a
+    // failed write would return the whole batch again and again).
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    let j = run(&db, true, json!({"url": format!("{base}/nul")}), 5).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Completed, 1));
+    assert_eq!(j.result.unwrap()["response"], "before\u{FFFD}after");
 }
 
 #[tokio::test]

@@ -1,7 +1,6 @@
 //! Request extractors: the authenticated member of the workspace in the
 //! path, and JSON bodies whose every rejection is a problem body.
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -98,43 +97,76 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let bytes = match axum::Json::<serde_json::Value>::from_request(req, state).await {
-            Ok(axum::Json(v)) => v,
-            Err(JsonRejection::MissingJsonContentType(_)) => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported-media-type",
-                    "Unsupported media type",
-                    "send the body as JSON with `Content-Type: application/json`",
-                ))
-            }
-            Err(JsonRejection::BytesRejection(e)) => {
-                return Err(ApiError::new(
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<mime::Mime>().ok())
+            .is_some_and(|m| {
+                m.type_() == "application"
+                    && (m.subtype() == "json" || m.suffix().is_some_and(|s| s == "json"))
+            });
+        if !json_type {
+            return Err(ApiError::new(
+                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(
                     axum::http::StatusCode::PAYLOAD_TOO_LARGE,
                     "payload-too-large",
                     "Payload too large",
                     format!("the body could not be read: {}", e.body_text()),
-                ))
-            }
-            Err(e) => {
-                return Err(ApiError::bad_request(format!(
-                    "the body is not valid JSON: {}",
-                    e.body_text()
-                )))
-            }
-        };
-        serde_path_to_error::deserialize(bytes)
-            .map(JsonBody)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let err = ApiError::invalid(&path, e.into_inner().to_string());
-                if path == "." {
-                    ApiError { field: None, ..err }
+                )
+            })?;
+        if has_nul_escape(&bytes) {
+            // PostgreSQL stores no NUL character in text or jsonb: refuse it
+            // here, naming where it is, rather than fail at the insert.
+            let path = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| crate::db::nul_path(&v));
+            if let Some(path) = path {
+                let detail = "text may not contain the NUL character (\\u0000)";
+                return Err(if path.is_empty() {
+                    ApiError::bad_request(detail)
                 } else {
-                    err
-                }
-            })
+                    ApiError::invalid(&path, detail)
+                });
+            }
+        }
+        // Straight from the bytes into the request type (no intermediate
+        // JSON tree: a batch of 1000 jobs is parsed once).
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if !inner.is_data() {
+                return ApiError::bad_request(format!("the body is not valid JSON: {inner}"));
+            }
+            let err = ApiError::invalid(&path, inner.to_string());
+            if path == "." {
+                ApiError { field: None, ..err }
+            } else {
+                err
+            }
+        })?;
+        de.end()
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+        Ok(JsonBody(value))
     }
+}
+
+/// Whether JSON text holds a `\u0000` escape (a backslash-u0000 preceded by
+/// an even number of other backslashes), the only way JSON can carry NUL.
+fn has_nul_escape(bytes: &[u8]) -> bool {
+    bytes.windows(6).enumerate().any(|(i, w)| {
+        w == b"\\u0000" && bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0
+    })
 }
 
 /// A whole-number query parameter within `range`, `default` when absent;

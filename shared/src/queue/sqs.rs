@@ -11,6 +11,7 @@ use aws_sdk_sqs::types::{
 };
 use aws_sdk_sqs::Client;
 use chrono::{TimeZone, Utc};
+use futures::StreamExt;
 
 use super::{
     OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage, MAX_DELAY, MAX_VISIBILITY,
@@ -18,6 +19,11 @@ use super::{
 };
 use crate::config::SqsConfig;
 use crate::job::QueueName;
+
+/// The longest a send may take, retries included.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls of ten messages in flight at once for one large send.
+const PARALLEL_SENDS: usize = 8;
 
 const ALL: [QueueName; 4] = [
     QueueName::High,
@@ -168,6 +174,49 @@ pub async fn create_queues(
     Ok(urls)
 }
 
+impl SqsQueue {
+    /// One call of up to ten messages, bounded by [`SEND_TIMEOUT`].
+    async fn send_chunk<'a>(
+        &self,
+        queue: QueueName,
+        chunk: &'a [OutgoingMessage],
+    ) -> Result<
+        (
+            &'a [OutgoingMessage],
+            Result<
+                aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput,
+                aws_sdk_sqs::error::SdkError<
+                    aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError,
+                >,
+            >,
+        ),
+        QueueError,
+    > {
+        let mut req = self.client.send_message_batch().queue_url(self.url(queue));
+        for m in chunk {
+            let entry = SendMessageBatchRequestEntry::builder()
+                .id(&m.id)
+                .message_body(&m.body)
+                .delay_seconds(secs(m.delay))
+                .build()
+                .map_err(err)?;
+            req = req.entries(entry);
+        }
+        let out = req
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                        .operation_timeout(SEND_TIMEOUT)
+                        .build(),
+                ),
+            )
+            .send()
+            .await;
+        Ok((chunk, out))
+    }
+}
+
 #[async_trait]
 impl Queue for SqsQueue {
     async fn send_batch(
@@ -175,28 +224,32 @@ impl Queue for SqsQueue {
         queue: QueueName,
         messages: &[OutgoingMessage],
     ) -> Result<(), QueueError> {
+        if let Some(m) = messages.iter().find(|m| m.delay > MAX_DELAY) {
+            return Err(QueueError::Rejected(format!(
+                "message {} asks for a delay of {}s; the most is {}s",
+                m.id,
+                m.delay.as_secs(),
+                MAX_DELAY.as_secs()
+            )));
+        }
+        // SQS takes ten per call: the calls for a large batch go out
+        // together, each bounded by SEND_TIMEOUT so that an unreachable queue
+        // answers soon (the jobs stay `pending` for the scheduler) instead of
+        // after the SDK's full retry schedule.
+        let calls: Vec<_> = messages
+            .chunks(SQS_MAX_BATCH)
+            .map(|chunk| self.send_chunk(queue, chunk))
+            .collect();
+        let results: Vec<_> = futures::stream::iter(calls)
+            .buffer_unordered(PARALLEL_SENDS)
+            .collect()
+            .await;
         let mut sent = Vec::new();
         let mut failures = Vec::new();
-        for chunk in messages.chunks(SQS_MAX_BATCH) {
-            let mut req = self.client.send_message_batch().queue_url(self.url(queue));
-            for m in chunk {
-                if m.delay > MAX_DELAY {
-                    return Err(QueueError::Rejected(format!(
-                        "message {} asks for a delay of {}s; the most is {}s",
-                        m.id,
-                        m.delay.as_secs(),
-                        MAX_DELAY.as_secs()
-                    )));
-                }
-                let entry = SendMessageBatchRequestEntry::builder()
-                    .id(&m.id)
-                    .message_body(&m.body)
-                    .delay_seconds(secs(m.delay))
-                    .build()
-                    .map_err(err)?;
-                req = req.entries(entry);
-            }
-            match req.send().await {
+        let mut first_error = None;
+        for r in results {
+            let (chunk, out) = r?;
+            match out {
                 Ok(out) => {
                     sent.extend(out.successful().iter().map(|s| s.id().to_string()));
                     failures.extend(
@@ -205,12 +258,15 @@ impl Queue for SqsQueue {
                             .map(|f| format!("{}: {}", f.id(), f.message().unwrap_or(f.code()))),
                     );
                 }
-                Err(e)
-                    if sent.is_empty() && failures.is_empty() && chunk.len() == messages.len() =>
-                {
-                    return Err(err(e))
+                Err(e) => {
+                    failures.extend(chunk.iter().map(|m| format!("{}: {e}", m.id)));
+                    first_error.get_or_insert(e);
                 }
-                Err(e) => failures.extend(chunk.iter().map(|m| format!("{}: {e}", m.id))),
+            }
+        }
+        if sent.is_empty() {
+            if let Some(e) = first_error {
+                return Err(err(e));
             }
         }
         if failures.is_empty() {

@@ -53,6 +53,9 @@ struct Args {
     /// The `offload` binary; by default the one beside this binary.
     #[arg(long)]
     offload: Option<PathBuf>,
+    /// Keep the soak's database afterwards, to look into what happened.
+    #[arg(long)]
+    keep_db: bool,
     /// Where the figures are written as JSON.
     #[arg(long, default_value = "target/soak-results.json")]
     out: PathBuf,
@@ -286,9 +289,13 @@ async fn main() -> anyhow::Result<()> {
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
     let result = soak(&args, bin, &url).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    if args.keep_db {
+        eprintln!("the database is kept: {url}");
+    } else {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
+    }
     let report = result?;
     let failed = report.lost != 0 || report.duplicated != 0;
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
@@ -338,7 +345,10 @@ async fn soak(args: &Args, bin: PathBuf, url: &str) -> anyhow::Result<Report> {
             ("OFFLOAD_BACKOFF_BASE_MS", "200".into()),
             ("OFFLOAD_BACKOFF_CAP_SECS", "5".into()),
             ("OFFLOAD_WEBHOOK_ALLOW_PRIVATE", "true".into()),
-            ("RUST_LOG", "warn".into()),
+            (
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -12,7 +12,7 @@ use clap::Parser;
 use offload::clock::Clock;
 use offload::config::WorkerConfig;
 use offload::db;
-use offload::enqueue::send_jobs;
+use offload::enqueue::{create_jobs, send_jobs};
 use offload::event_source::EventSource;
 use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::ids::WorkspaceId;
@@ -309,10 +309,11 @@ async fn latency_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
         let t = Instant::now();
         let now = chrono::Utc::now();
         let nj = NewJob::new(db.ws, "stamp", json!({ "seq": seq }));
+        // The API's create path: with the Postgres queue, the row and its
+        // message in one statement.
         let conn = db.pool.get().await?;
-        let job = db.store.insert(&conn, &[nj], now).await?.remove(0).0;
+        create_jobs(&db.store, &*q, &conn, &[nj], now).await?;
         drop(conn);
-        send_jobs(&db.store, &*q, &[&job], now).await?;
         created.insert(seq, t);
     }
     let end = Instant::now() + Duration::from_secs(10);

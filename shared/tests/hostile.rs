@@ -521,6 +521,13 @@ fn generated_create_bodies_get_a_job_or_a_problem_never_a_5xx() {
             if status == StatusCode::ACCEPTED {
                 accepted.set(accepted.get() + 1);
                 prop_assert_eq!(&resp.1["type"], &body["type"]);
+                // The answer is the job as stored: reading it back gives the
+                // same object.
+                let id = resp.1["id"].as_str().unwrap_or_default().to_string();
+                let stored: Value = rt.block_on(async {
+                    app.get_job(&id).await.json().await.unwrap_or(Value::Null)
+                });
+                prop_assert_eq!(&resp.1, &stored);
             } else {
                 prop_assert!(status.is_client_error(), "{body} → {status}");
                 prop_assert_eq!(

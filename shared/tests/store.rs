@@ -430,3 +430,49 @@ async fn an_idempotency_key_returns_the_first_job() {
     assert_eq!(first.0.id, again.0.id);
     assert_eq!(db.scalar_i64("SELECT count(*) FROM jobs").await, 1);
 }
+
+#[tokio::test]
+async fn jobs_belong_to_a_workspace_that_exists_and_go_with_it() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let (other, _) = db.workspace(Tier::Standard).await;
+    let jobs = db
+        .insert(&[
+            new_job(ws, "noop", json!({})),
+            new_job(other, "noop", json!({})),
+        ])
+        .await;
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT unfinished::int8 FROM workspaces WHERE id = '{ws}'"
+        ))
+        .await,
+        1
+    );
+
+    // A batch naming a workspace that does not exist is refused whole.
+    let ghost = offload::ids::WorkspaceId::new();
+    let conn = db.pool.get().await.unwrap();
+    let err = db
+        .store
+        .insert(
+            &conn,
+            &[
+                new_job(ws, "noop", json!({})),
+                new_job(ghost, "noop", json!({})),
+            ],
+            Utc::now(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM jobs").await, 2);
+
+    // Deleting a workspace deletes its jobs (and their logs), nobody else's.
+    conn.execute("DELETE FROM workspaces WHERE id = $1", &[&ws.0])
+        .await
+        .unwrap();
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(db.job(jobs[1].id).await.workspace_id, other);
+}

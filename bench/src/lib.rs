@@ -10,6 +10,28 @@ pub fn with_db(url: &str, name: &str) -> String {
     format!("{base}/{name}{query}")
 }
 
+/// Makes an empty database `name` on the server of `server` (dropping one
+/// left by an earlier run) and returns its URL.
+pub async fn fresh_database(server: &str, name: &str) -> anyhow::Result<String> {
+    let admin = offload::db::connect(&with_db(server, "postgres")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(with_db(server, name))
+}
+
+/// Drops database `name` on the server of `server`.
+pub async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let admin = offload::db::connect(&with_db(server, "postgres")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}
+
 /// The value at fraction `p` (0..=1) of an ascending `sorted` slice.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

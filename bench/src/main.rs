@@ -21,7 +21,7 @@ use offload::queue::{PgQueue, Queue};
 use offload::store::{NewJob, Store};
 use offload::worker::Worker;
 use offload::workspace::{self, Tier};
-use offload_bench::{percentile, with_db};
+use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
 #[derive(Parser, Clone)]
@@ -105,14 +105,7 @@ struct BenchDb {
 impl BenchDb {
     async fn new(server: &str, tag: &str) -> anyhow::Result<BenchDb> {
         let name = format!("offload_bench_{tag}_{}", std::process::id());
-        let admin = db::connect(&with_db(server, "postgres")).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await?;
-        let url = with_db(server, &name);
+        let url = fresh_database(server, &name).await?;
         db::migrate(&url).await?;
         let pool = db::pool_with(&url, 16, false)?;
         let ws = WorkspaceId::new();
@@ -132,11 +125,7 @@ impl BenchDb {
             name, server, pool, ..
         } = self;
         pool.close();
-        let admin = db::connect(&with_db(&server, "postgres")).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
-        Ok(())
+        drop_database(&server, &name).await
     }
 
     /// Inserts and enqueues `n` jobs of `job_type`, 1000 per statement.

@@ -21,7 +21,7 @@ use offload::auth::Keys;
 use offload::db;
 use offload::ids::{UserId, WorkspaceId};
 use offload::workspace::{self, Role, Tier};
-use offload_bench::{percentile, with_db};
+use offload_bench::{drop_database, fresh_database, percentile};
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
@@ -280,21 +280,12 @@ async fn main() -> anyhow::Result<()> {
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| offload::config::DEFAULT_DATABASE_URL.into());
     let name = format!("offload_soak_{}", std::process::id());
-    let url = with_db(&server, &name);
-    let admin = db::connect(&with_db(&server, "postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
+    let url = fresh_database(&server, &name).await?;
     let result = soak(&args, bin, &url).await;
     if args.keep_db {
         eprintln!("the database is kept: {url}");
     } else {
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
+        drop_database(&server, &name).await?;
     }
     let report = result?;
     let failed = report.lost != 0 || report.duplicated != 0;

@@ -252,16 +252,7 @@ async fn injection_shaped_filters_match_nothing_and_break_nothing() {
         .collect();
     assert_eq!(own.len(), 3);
 
-    let params = [
-        "status",
-        "type",
-        "tag",
-        "created_after",
-        "created_before",
-        "cursor",
-        "limit",
-    ];
-    for param in params {
+    for param in offload::api::jobs::LIST_PARAMETERS {
         for value in NASTY {
             let resp = app
                 .req("GET", "/jobs")
@@ -524,9 +515,8 @@ fn generated_create_bodies_get_a_job_or_a_problem_never_a_5xx() {
                 // The answer is the job as stored: reading it back gives the
                 // same object.
                 let id = resp.1["id"].as_str().unwrap_or_default().to_string();
-                let stored: Value = rt.block_on(async {
-                    app.get_job(&id).await.json().await.unwrap_or(Value::Null)
-                });
+                let stored: Value = rt
+                    .block_on(async { app.get_job(&id).await.json().await.unwrap_or(Value::Null) });
                 prop_assert_eq!(&resp.1, &stored);
             } else {
                 prop_assert!(status.is_client_error(), "{body} → {status}");

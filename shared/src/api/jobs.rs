@@ -315,6 +315,17 @@ fn parse_time(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime
         .transpose()
 }
 
+/// The query parameters `GET …/jobs` takes; any other is a 400.
+pub const LIST_PARAMETERS: [&str; 7] = [
+    "status",
+    "type",
+    "tag",
+    "created_after",
+    "created_before",
+    "cursor",
+    "limit",
+];
+
 /// `GET /api/workspaces/{ws}/jobs?status=&type=&tag=&created_after=&created_before=&cursor=&limit=`
 #[utoipa::path(get, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
     params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
@@ -337,19 +348,10 @@ pub async fn list(
     member: Member,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<JobList>, ApiError> {
-    const KNOWN: [&str; 7] = [
-        "status",
-        "type",
-        "tag",
-        "created_after",
-        "created_before",
-        "cursor",
-        "limit",
-    ];
-    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+    if let Some(k) = q.keys().find(|k| !LIST_PARAMETERS.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
             "unknown query parameter {k:?}; known: {}",
-            KNOWN.join(", ")
+            LIST_PARAMETERS.join(", ")
         ))
         .with_field(k.clone()));
     }

@@ -3,7 +3,7 @@
 
 mod error;
 mod extract;
-mod jobs;
+pub mod jobs;
 mod limits;
 mod schedules;
 mod stats;

@@ -54,6 +54,19 @@ pub struct OutgoingMessage {
     pub delay: Duration,
 }
 
+/// Refuses a batch holding a message delayed beyond [`MAX_DELAY`], as SQS does.
+pub(crate) fn check_delays(messages: &[OutgoingMessage]) -> Result<(), QueueError> {
+    match messages.iter().find(|m| m.delay > MAX_DELAY) {
+        Some(m) => Err(QueueError::Rejected(format!(
+            "message {} asks for a delay of {}s; the most is {}s",
+            m.id,
+            m.delay.as_secs(),
+            MAX_DELAY.as_secs()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// A received message, valid to change or delete by `receipt_handle` until
 /// its visibility timeout ends.
 #[derive(Clone, Debug, PartialEq)]

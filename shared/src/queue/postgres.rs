@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 
-use super::{OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage, MAX_DELAY};
+use super::{OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage};
 use crate::db;
 use crate::job::QueueName;
 
@@ -122,14 +122,7 @@ impl PgQueue {
         if messages.is_empty() {
             return Ok(());
         }
-        if let Some(m) = messages.iter().find(|m| m.delay > MAX_DELAY) {
-            return Err(QueueError::Rejected(format!(
-                "message {} asks for a delay of {}s; the most is {}s",
-                m.id,
-                m.delay.as_secs(),
-                MAX_DELAY.as_secs()
-            )));
-        }
+        super::check_delays(messages)?;
         let bodies: Vec<&str> = messages.iter().map(|m| m.body.as_str()).collect();
         let delays: Vec<f64> = messages
             .iter()

@@ -14,8 +14,7 @@ use chrono::{TimeZone, Utc};
 use futures::StreamExt;
 
 use super::{
-    OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage, MAX_DELAY, MAX_VISIBILITY,
-    SQS_MAX_BATCH,
+    OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage, MAX_VISIBILITY, SQS_MAX_BATCH,
 };
 use crate::config::SqsConfig;
 use crate::job::QueueName;
@@ -224,14 +223,7 @@ impl Queue for SqsQueue {
         queue: QueueName,
         messages: &[OutgoingMessage],
     ) -> Result<(), QueueError> {
-        if let Some(m) = messages.iter().find(|m| m.delay > MAX_DELAY) {
-            return Err(QueueError::Rejected(format!(
-                "message {} asks for a delay of {}s; the most is {}s",
-                m.id,
-                m.delay.as_secs(),
-                MAX_DELAY.as_secs()
-            )));
-        }
+        super::check_delays(messages)?;
         // SQS takes ten per call: the calls for a large batch go out
         // together, each bounded by SEND_TIMEOUT so that an unreachable queue
         // answers soon (the jobs stay `pending` for the scheduler) instead of

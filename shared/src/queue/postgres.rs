@@ -41,7 +41,37 @@ RETURNING msg_id, body, read_ct, enqueued_at";
 pub struct PgQueue {
     pool: Pool,
     max_receive_count: i32,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
+}
+
+/// Wakes waiting receivers when messages are sent: one receiver per queue
+/// (not all of them, which would send every idle poller of every queue to
+/// look for the same message); a receiver that comes back with a full batch
+/// wakes the next one of its queue, so a burst is shared out.
+#[derive(Default)]
+struct Wake {
+    queues: [Notify; 4],
+}
+
+impl Wake {
+    fn of(&self, queue: QueueName) -> &Notify {
+        &self.queues[match queue {
+            QueueName::High => 0,
+            QueueName::Default => 1,
+            QueueName::Low => 2,
+            QueueName::DeadLetter => 3,
+        }]
+    }
+
+    /// A message was sent to some queue: wake one receiver of each.
+    fn one_each(&self) {
+        self.queues.iter().for_each(Notify::notify_one);
+    }
+
+    /// Something may have been missed: wake every receiver.
+    fn all(&self) {
+        self.queues.iter().for_each(Notify::notify_waiters);
+    }
 }
 
 impl PgQueue {
@@ -51,7 +81,7 @@ impl PgQueue {
         PgQueue {
             pool,
             max_receive_count: max_receive_count as i32,
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(Wake::default()),
         }
     }
 
@@ -66,7 +96,7 @@ impl PgQueue {
                     tracing::warn!(error = %e, "queue listener lost its connection; reconnecting");
                 }
                 // Wake everyone so nobody sleeps through what was missed.
-                wake.notify_waiters();
+                wake.all();
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         })
@@ -143,7 +173,7 @@ impl PgQueue {
     }
 }
 
-async fn listen_once(url: &str, wake: &Notify) -> Result<(), db::DbError> {
+async fn listen_once(url: &str, wake: &Wake) -> Result<(), db::DbError> {
     let cfg = db::parse_url(url)?;
     let (client, mut conn) =
         cfg.connect(tokio_postgres::NoTls)
@@ -158,9 +188,9 @@ async fn listen_once(url: &str, wake: &Notify) -> Result<(), db::DbError> {
     let mut listening = false;
     loop {
         tokio::select! {
-            r = &mut listen, if !listening => { r?; listening = true; wake.notify_waiters(); }
+            r = &mut listen, if !listening => { r?; listening = true; wake.all(); }
             m = messages.next() => match m {
-                Some(Ok(AsyncMessage::Notification(_))) => wake.notify_waiters(),
+                Some(Ok(AsyncMessage::Notification(_))) => wake.one_each(),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
@@ -204,10 +234,15 @@ impl Queue for PgQueue {
         loop {
             // Register for a wake-up before looking, so a send between the
             // look and the wait is not missed.
-            let notified = self.wake.notified();
+            let wake = self.wake.of(queue);
+            let notified = wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let got = self.receive_now(queue, max, visibility).await?;
+            if got.len() >= max {
+                // There may be more: let the next receiver look too.
+                wake.notify_one();
+            }
             if !got.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(got);
             }

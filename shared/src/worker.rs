@@ -295,7 +295,13 @@ impl Worker {
         // guards stop the handlers and the heartbeat with it: a heartbeat
         // that outlived its batch would keep a dead invocation's leases
         // alive for ever, and nobody would ever rescue those jobs.
-        let _heartbeat = AbortOnDrop(vec![self.spawn_heartbeat(worker_id, runs, cancels)]);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let mut heartbeat = AbortOnDrop(vec![self.spawn_heartbeat(
+            worker_id,
+            runs,
+            cancels,
+            stop.clone(),
+        )]);
         let mut tasks = AbortOnDrop(tasks);
         let mut ran = Vec::with_capacity(tasks.0.len());
         for (task, (_, job)) in tasks.0.iter_mut().zip(runs) {
@@ -307,6 +313,13 @@ impl Worker {
                 Err(e) => tracing::error!(job_id = %job.id, error = %e, "job task lost"),
             }
         }
+        // The heartbeat ends before the outcomes are written: its statement
+        // and the completion's touch the same rows, and two statements
+        // locking them in different orders could deadlock.
+        stop.notify_one();
+        if let Some(h) = heartbeat.0.pop() {
+            let _ = h.await;
+        }
         ran
     }
 
@@ -315,6 +328,7 @@ impl Worker {
         worker_id: &str,
         runs: &[(Record, Job)],
         cancels: HashMap<JobId, Arc<AtomicBool>>,
+        stop: Arc<tokio::sync::Notify>,
     ) -> tokio::task::JoinHandle<()> {
         let store = self.store.clone();
         let queue = self.queue.clone();
@@ -329,7 +343,10 @@ impl Worker {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(Instant::now() + every, every);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.notified() => return,
+                }
                 let leases: Vec<(JobId, i32)> = held.iter().map(|h| (h.0, h.1)).collect();
                 let chrono_lease = chrono::Duration::from_std(lease).unwrap_or_default();
                 match store

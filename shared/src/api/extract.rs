@@ -72,12 +72,7 @@ impl FromRequestParts<AppState> for Member {
         let workspace: WorkspaceId = ws.parse().map_err(|_| {
             ApiError::bad_request(format!("workspace id {ws:?} is not a UUID")).with_field("ws")
         })?;
-        let db = state
-            .store
-            .pool()
-            .get()
-            .await
-            .map_err(crate::db::DbError::from)?;
+        let db = state.db().await?;
         match workspace::member_role(&db, workspace, user).await? {
             Some(role) => Ok(Member {
                 user,

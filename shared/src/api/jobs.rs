@@ -216,12 +216,7 @@ pub async fn create(
     let now = state.clock.now();
     let key = idempotency_key(&headers)?;
     let new = validate(&state, &member, body, key, now)?;
-    let db = state
-        .store
-        .pool()
-        .get()
-        .await
-        .map_err(crate::db::DbError::from)?;
+    let db = state.db().await?;
     // A repeat of an earlier request is answered without counting against
     // the creation limits; keys older than the TTL are forgotten first.
     if let Some(key) = &new.idempotency_key {
@@ -680,12 +675,7 @@ pub async fn create_batch(
             e
         })?);
     }
-    let db = state
-        .store
-        .pool()
-        .get()
-        .await
-        .map_err(crate::db::DbError::from)?;
+    let db = state.db().await?;
     super::limits::admit(&db, &member, n).await?;
     let (created, sent) = enqueue::create_jobs(&state.store, &*state.queue, &db, &new, now).await?;
     drop(db);

@@ -40,6 +40,13 @@ pub struct AppState {
     pub settings: ApiSettings,
 }
 
+impl AppState {
+    /// A connection from the pool; an unreachable database is a 503.
+    pub async fn db(&self) -> Result<deadpool_postgres::Object, crate::db::DbError> {
+        Ok(self.store.pool().get().await?)
+    }
+}
+
 /// HTTP-level settings from the configuration.
 #[derive(Clone, Debug)]
 pub struct ApiSettings {
@@ -203,12 +210,7 @@ async fn problem_for_bare_errors(resp: axum::response::Response) -> axum::respon
     responses((status = 200, description = "Up, database reachable"),
               (status = 503, description = "Database unreachable", body = error::Problem, content_type = "application/problem+json")))]
 async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let db = state
-        .store
-        .pool()
-        .get()
-        .await
-        .map_err(crate::db::DbError::from)?;
+    let db = state.db().await?;
     db.query_one("SELECT 1", &[])
         .await
         .map_err(crate::db::DbError::from)?;

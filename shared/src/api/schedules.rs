@@ -13,7 +13,6 @@ use uuid::Uuid;
 use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, Member};
 use super::AppState;
-use crate::db::DbError;
 use crate::schedule::{self, Schedule, ScheduleSpec};
 
 /// A schedule as a client writes it.
@@ -158,7 +157,7 @@ pub async fn list(
     State(state): State<AppState>,
     member: Member,
 ) -> Result<Json<ScheduleList>, ApiError> {
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
     let schedules = schedule::list(&**db, member.workspace).await?;
     Ok(Json(ScheduleList {
         schedules: schedules.into_iter().map(Into::into).collect(),
@@ -181,7 +180,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     member.require_admin()?;
     let spec = spec(&state, body)?;
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
     let s = schedule::create(
         &**db,
         member.workspace,
@@ -206,7 +205,7 @@ pub async fn get_one(
     Path(ids): Path<(String, String)>,
 ) -> Result<Json<ScheduleView>, ApiError> {
     let id = parse_id(&ids.1)?;
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
     schedule::get(&**db, member.workspace, id)
         .await?
         .map(|s| Json(s.into()))
@@ -231,7 +230,7 @@ pub async fn update(
     member.require_admin()?;
     let id = parse_id(&ids.1)?;
     let spec = spec(&state, body)?;
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
     schedule::update(&**db, member.workspace, id, &spec, state.clock.now())
         .await?
         .map_err(schedule_error)?
@@ -253,7 +252,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     member.require_admin()?;
     let id = parse_id(&ids.1)?;
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
     if schedule::delete(&**db, member.workspace, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -68,7 +68,7 @@ pub async fn stats(
     let since = now - chrono::Duration::seconds(window);
     let hour = now - chrono::Duration::hours(1);
     let ws = member.workspace.0;
-    let db = state.store.pool().get().await.map_err(DbError::from)?;
+    let db = state.db().await?;
 
     let mut by_status: BTreeMap<String, i64> = crate::job::JobStatus::ALL
         .iter()

@@ -726,6 +726,28 @@ async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64
     Ok((import_rate, args.import_rows as f64 / secs, rss))
 }
 
+/// Runs a create-latency measurement `repeat` times; the p50s and p99s of
+/// each run, in run order.
+async fn p50_p99_runs<F, Fut>(repeat: usize, mut once: F) -> anyhow::Result<(Vec<f64>, Vec<f64>)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<f64>>>,
+{
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for _ in 0..repeat {
+        let ms = once().await?;
+        eprintln!(
+            "  p50 {:.2} ms, p99 {:.2} ms ({} requests)",
+            percentile(&ms, 0.5),
+            percentile(&ms, 0.99),
+            ms.len()
+        );
+        p50.push(percentile(&ms, 0.50));
+        p99.push(percentile(&ms, 0.99));
+    }
+    Ok((p50, p99))
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     offload::telemetry::init();
@@ -802,35 +824,14 @@ async fn main() -> anyhow::Result<()> {
             "api: create-job latency over loopback HTTP at {}/s for {} s, {} runs",
             args.api_rate, args.api_secs, args.repeat
         );
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        for _ in 0..args.repeat {
-            let ms = api_once(&args, &server).await?;
-            eprintln!(
-                "  p50 {:.2} ms, p99 {:.2} ms ({} requests)",
-                percentile(&ms, 0.5),
-                percentile(&ms, 0.99),
-                ms.len()
-            );
-            p50.push(percentile(&ms, 0.50));
-            p99.push(percentile(&ms, 0.99));
-        }
+        let (p50, p99) = p50_p99_runs(args.repeat, || api_once(&args, &server)).await?;
         report("api_create_p50", p50, "ms");
         report("api_create_p99", p99, "ms");
         eprintln!(
             "router: the same load through the router in-process, {} runs",
             args.repeat
         );
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        for _ in 0..args.repeat {
-            let ms = router_once(&args, &server).await?;
-            eprintln!(
-                "  p50 {:.2} ms, p99 {:.2} ms",
-                percentile(&ms, 0.5),
-                percentile(&ms, 0.99)
-            );
-            p50.push(percentile(&ms, 0.50));
-            p99.push(percentile(&ms, 0.99));
-        }
+        let (p50, p99) = p50_p99_runs(args.repeat, || router_once(&args, &server)).await?;
         report("router_create_p50", p50, "ms");
         report("router_create_p99", p99, "ms");
     }

@@ -177,8 +177,7 @@ impl JobHandler for BulkExport {
             }
             ctx.storage()
                 .put(&chunk_key(cur.chunks), Bytes::from(out))
-                .await
-                .map_err(|e| JobError::Retryable(e.to_string()))?;
+                .await?;
             cur.chunks += 1;
             cur.rows += rows.len() as u64;
             cur.after = rows.last().map(|r| r.get(0));
@@ -199,22 +198,12 @@ impl JobHandler for BulkExport {
         if cur.chunks == 0 && p.format == "csv" {
             // No rows: still a valid CSV with its header.
             let header = format!("{}\n", fields.join(","));
-            ctx.storage()
-                .put(&key, Bytes::from(header))
-                .await
-                .map_err(|e| JobError::Retryable(e.to_string()))?;
+            ctx.storage().put(&key, Bytes::from(header)).await?;
         } else {
             let sources: Vec<String> = (0..cur.chunks).map(chunk_key).collect();
-            ctx.storage()
-                .concat(&sources, &key)
-                .await
-                .map_err(|e| JobError::Retryable(e.to_string()))?;
+            ctx.storage().concat(&sources, &key).await?;
         }
-        let url = ctx
-            .storage()
-            .download_url(&key, LINK_TTL)
-            .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        let url = ctx.storage().download_url(&key, LINK_TTL).await?;
         ctx.log("info", format!("Exported {} contacts", cur.rows), None)
             .await?;
         Ok(Outcome::Completed(Some(json!({

@@ -356,15 +356,8 @@ impl ContactImport {
             .into_inner()
             .map_err(|e| JobError::Retryable(e.to_string()))?;
         let key = format!("imports/{job}/errors.csv");
-        ctx.storage()
-            .put(&key, Bytes::from(bytes))
-            .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
-        let url = ctx
-            .storage()
-            .download_url(&key, REPORT_TTL)
-            .await
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        ctx.storage().put(&key, Bytes::from(bytes)).await?;
+        let url = ctx.storage().download_url(&key, REPORT_TTL).await?;
         Ok(Some(url))
     }
 }

@@ -75,6 +75,13 @@ impl From<DbError> for JobError {
     }
 }
 
+/// Storage that fails is worth another try later, like the database.
+impl From<crate::storage::StorageError> for JobError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        JobError::Retryable(e.to_string())
+    }
+}
+
 /// A payload that does not fit its job type's schema.
 #[derive(Debug, Error, PartialEq)]
 #[error("{message}")]

@@ -172,19 +172,20 @@ impl BenchDb {
 }
 
 fn worker(db: &BenchDb, q: Arc<dyn Queue>, registry: Registry) -> Worker {
-    Worker {
-        store: db.store.clone(),
-        queue: q,
-        registry: Arc::new(registry),
-        config: WorkerConfig::default(),
-        clock: Clock::System,
-        name: "bench".into(),
-        limits: Default::default(),
-        storage: offload::storage::Storage::local(
-            std::env::temp_dir().join("offload-bench-storage"),
-        )
-        .expect("bench storage"),
-    }
+    Worker::new(
+        db.store.clone(),
+        q,
+        Arc::new(registry),
+        WorkerConfig::default(),
+        Clock::System,
+        "bench",
+        bench_storage(),
+    )
+}
+
+fn bench_storage() -> offload::storage::Storage {
+    offload::storage::Storage::local(std::env::temp_dir().join("offload-bench-storage"))
+        .expect("bench storage")
 }
 
 fn source(q: Arc<dyn Queue>, w: Arc<Worker>, batch: usize, wait: Duration) -> EventSource {
@@ -370,21 +371,17 @@ async fn cost_once(server: &str) -> anyhow::Result<f64> {
     let pool = db::pool_with(&db.url, 4, false)?;
     let store = Store::new(pool.clone());
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(pool.clone(), 5));
-    let w = Arc::new(Worker {
+    let w = Arc::new(Worker::new(
         store,
-        queue: q.clone(),
-        registry: Arc::new(Registry::builtin()),
-        config: WorkerConfig::default(),
-        clock: Clock::System,
-        name: "bench".into(),
-        limits: Default::default(),
-        storage: offload::storage::Storage::local(
-            std::env::temp_dir().join("offload-bench-storage"),
-        )
-        .expect("bench storage"),
-    });
+        q.clone(),
+        Arc::new(Registry::builtin()),
+        WorkerConfig::default(),
+        Clock::System,
+        "bench",
+        bench_storage(),
+    ));
     // Warm the limit cache as a long-lived worker would be.
-    w.limits.max_running(&pool, &[db.ws]).await?;
+    w.warm_limits(&[db.ws]).await?;
     let s = source(q.clone(), w, 10, Duration::ZERO);
     let invocations = s.drain().await;
     anyhow::ensure!(
@@ -689,9 +686,15 @@ async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64
     }
     storage.put("bench.csv", bytes::Bytes::from(csv)).await?;
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
-    let mut w = worker(&db, q.clone(), Registry::builtin());
-    w.storage = storage;
-    let w = Arc::new(w);
+    let w = Arc::new(Worker::new(
+        db.store.clone(),
+        q.clone(),
+        Arc::new(Registry::builtin()),
+        WorkerConfig::default(),
+        Clock::System,
+        "bench",
+        storage,
+    ));
     reset_peak_rss();
     let mapping = json!({"email": "Email", "first_name": "First name", "company": "Company", "stage": "Stage"});
     let (secs, job) = run_job(

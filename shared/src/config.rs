@@ -56,8 +56,17 @@ pub struct WorkerConfig {
     pub backoff_cap: Duration,
     /// A handler is told to hand off when less than this remains before the deadline.
     pub handoff_margin: Duration,
-    /// Delay before a message over its workspace's concurrency limit comes back.
+    /// Delay before a message whose job another transaction held comes back.
     pub fairness_delay: Duration,
+    /// For this long after an invocation starts, slots its finished jobs
+    /// free are filled by starting their workspaces' parked jobs in the same
+    /// invocation; after it, those jobs are released by message, so one busy
+    /// workspace never keeps an invocation to itself.
+    pub refill_window: Duration,
+    /// About how long (jittered between half and all) messages wait before
+    /// coming back when a whole batch could not be handled (the database
+    /// unreachable, a statement refused).
+    pub batch_failure_delay: Duration,
     /// Print one CloudWatch Embedded Metric Format line per finished job.
     pub emit_metrics: bool,
     /// The queues' maxReceiveCount: a retry whose message is this close to
@@ -74,6 +83,8 @@ impl Default for WorkerConfig {
             backoff_cap: Duration::from_secs(3600),
             handoff_margin: Duration::from_secs(30),
             fairness_delay: Duration::from_secs(5),
+            refill_window: Duration::from_millis(1_000),
+            batch_failure_delay: Duration::from_secs(5),
             emit_metrics: false,
             max_receive_count: 5,
         }
@@ -221,6 +232,13 @@ impl Config {
             backoff_cap: secs(&var, "OFFLOAD_BACKOFF_CAP_SECS", 3_600, 1..=1_209_600)?,
             handoff_margin: secs(&var, "OFFLOAD_HANDOFF_MARGIN_SECS", 30, 1..=600)?,
             fairness_delay: secs(&var, "OFFLOAD_FAIRNESS_DELAY_SECS", 5, 1..=900)?,
+            refill_window: Duration::from_millis(num(
+                &var,
+                "OFFLOAD_REFILL_WINDOW_MS",
+                1_000,
+                0..=900_000,
+            )?),
+            batch_failure_delay: secs(&var, "OFFLOAD_BATCH_FAILURE_DELAY_SECS", 5, 1..=900)?,
             emit_metrics: var("OFFLOAD_EMIT_METRICS")
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),

@@ -369,3 +369,35 @@ mod nul_tests {
         assert_eq!(nul_path(&json!("\u{0}")).as_deref(), Some(""));
     }
 }
+
+/// Whether an error is a deadlock (40P01) or a serialization failure
+/// (40001): the server rolled the transaction back and the same work may
+/// simply be tried again.
+pub fn is_conflict(e: &DbError) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(e, DbError::Query(q)
+        if q.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+            || q.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE))
+}
+
+/// Runs `work` again, up to four more times with a short random pause, while
+/// it fails with a deadlock or a serialization failure. Each try must be a
+/// whole transaction (or one statement): the server rolled back the last one.
+pub async fn retry_conflicts<T, F, Fut>(mut work: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut tries = 0;
+    loop {
+        match work().await {
+            Err(e) if is_conflict(&e) && tries < 4 => {
+                tries += 1;
+                tracing::debug!(error = %e, tries, "transaction conflict; trying again");
+                let pause = rand::random_range(1..=10u64 * tries);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            other => return other,
+        }
+    }
+}

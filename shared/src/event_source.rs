@@ -67,11 +67,23 @@ impl EventSource {
         while running.join_next().await.is_some() {}
     }
 
-    /// One worker invocation; the batch always runs to its end.
+    /// One worker invocation. Like Lambda, it is stopped at its deadline:
+    /// handlers still running are dropped, nothing is deleted, and every
+    /// message of the batch returns when its visibility ends (jobs whose
+    /// outcome was already written are acknowledged then).
     pub async fn invoke(&self, messages: Vec<ReceivedMessage>) -> usize {
         let event = to_event(&messages, &self.queue.arn(self.name));
         let deadline = tokio::time::Instant::now() + self.invocation_timeout;
-        let response = self.worker.handle(event, deadline).await;
+        let response =
+            match tokio::time::timeout_at(deadline, self.worker.handle(event, deadline)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::error!(queue = %self.name, messages = messages.len(),
+                    timeout_secs = self.invocation_timeout.as_secs(),
+                    "invocation timed out and was stopped, as Lambda stops it");
+                    return messages.len();
+                }
+            };
         let failed: HashSet<String> = response
             .batch_item_failures
             .into_iter()

@@ -114,16 +114,15 @@ impl Services {
     }
 
     pub fn worker(&self, name: &str) -> Worker {
-        Worker {
-            store: self.store.clone(),
-            queue: self.queue.clone(),
-            registry: self.registry.clone(),
-            config: self.config.worker.clone(),
-            clock: self.clock.clone(),
-            name: name.to_string(),
-            limits: Default::default(),
-            storage: self.storage.clone(),
-        }
+        Worker::new(
+            self.store.clone(),
+            self.queue.clone(),
+            self.registry.clone(),
+            self.config.worker.clone(),
+            self.clock.clone(),
+            name,
+            self.storage.clone(),
+        )
     }
 
     pub fn scheduler(&self) -> Scheduler {

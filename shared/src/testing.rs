@@ -236,16 +236,15 @@ impl TestDb {
         config: WorkerConfig,
         registry: Registry,
     ) -> Worker {
-        Worker {
-            store: self.store.clone(),
+        Worker::new(
+            self.store.clone(),
             queue,
-            registry: Arc::new(registry),
+            Arc::new(registry),
             config,
-            clock: Clock::System,
-            name: "test-worker".into(),
-            limits: Default::default(),
-            storage: self.storage(),
-        }
+            Clock::System,
+            "test-worker",
+            self.storage(),
+        )
     }
 
     pub fn api_state(&self, queue: Arc<dyn Queue>) -> AppState {

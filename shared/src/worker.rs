@@ -1,8 +1,16 @@
-//! The worker: the SQS event handler. For a batch of messages it claims
-//! every job in one statement, runs the claimed ones concurrently with a
-//! shared heartbeat, writes each outcome with a compare-and-set, and returns
-//! the messages that must come back (`batchItemFailures`); Lambda, or the
-//! local runner, deletes the rest.
+//! The worker: the SQS event handler. For a batch of messages it claims the
+//! jobs in one statement (parking, in the database, those whose workspace is
+//! at its concurrency limit), runs the claimed ones concurrently, and
+//! records each outcome as soon as its handler returns: whatever finished
+//! while the previous write was under way is written together (a group
+//! commit), so a short job never waits for a long neighbour and a crash
+//! re-runs only what was still running. The same transaction fills the
+//! slots those jobs freed with their workspaces' parked jobs, which this
+//! invocation starts itself for a short while and then releases by message.
+//! It returns the messages that must come back (`batchItemFailures`);
+//! Lambda, or the local runner, deletes the rest.
+
+mod decide;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,31 +22,37 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use rand::Rng;
 use serde_json::json;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
+
+pub use decide::{backoff, decide, Action, Facts, Route};
 
 use crate::clock::Clock;
 use crate::config::WorkerConfig;
+use crate::db::{self, DbError};
 use crate::enqueue;
 use crate::handlers::{JobContext, JobError, Outcome, Registry};
 use crate::ids::{JobId, WorkspaceId};
-use crate::job::{ErrorKind, Job, JobMessage, JobStatus, Progress, QueueName};
+use crate::job::{Job, JobMessage, JobStatus, Progress, QueueName};
 use crate::queue::{OutgoingMessage, Queue, QueueError, MAX_DELAY, MAX_VISIBILITY};
-use crate::store::{Lease, LogLine, Store};
+use crate::storage::Storage;
+use crate::store::{self, Lease, LogLine, Refill, Store};
 use crate::workspace::LimitCache;
 
 /// Everything a worker invocation needs, built once per process.
 pub struct Worker {
-    pub store: Store,
-    pub queue: Arc<dyn Queue>,
-    pub registry: Arc<Registry>,
-    pub config: WorkerConfig,
-    pub clock: Clock,
-    /// Names this process in `worker_id` (with a fresh suffix per batch).
-    pub name: String,
+    store: Store,
+    queue: Arc<dyn Queue>,
+    registry: Arc<Registry>,
+    config: WorkerConfig,
+    clock: Clock,
+    /// Names this process in `worker_id` (with a fresh suffix per claim).
+    name: String,
     /// Workspaces' concurrency limits, read at most every 30 s.
-    pub limits: Arc<LimitCache>,
+    limits: LimitCache,
     /// Where handlers read and write files.
-    pub storage: crate::storage::Storage,
+    storage: Storage,
 }
 
 /// One message of the batch, parsed.
@@ -51,97 +65,142 @@ struct Record {
     receive_count: u32,
 }
 
-/// What became of one claimed job.
-struct Ran {
+/// A job this invocation runs.
+struct Held {
     job: Job,
     lease: Lease,
+    /// The message that delivered it (none for a parked job taken into a
+    /// freed slot).
+    record: Option<Arc<Record>>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// What a handler returned, with what its context kept.
+struct Ran {
+    job_id: JobId,
     result: Result<Outcome, JobError>,
     checkpoint: Option<serde_json::Value>,
     progress: Option<Progress>,
     run_time: Duration,
 }
 
-/// Delay before retry number `attempt` (1-based): exponential from `base`,
-/// capped, then jittered uniformly between half and all of that value. Pure
-/// "full jitter" (zero to all) can retry a failing dependency at once; the
-/// lower half-bound keeps every wait at least half the exponential step
-/// while still spreading a burst of failures apart.
-pub fn backoff(config: &WorkerConfig, attempt: i32, rng: &mut impl Rng) -> Duration {
-    let exp = config
-        .backoff_base
-        .saturating_mul(2u32.saturating_pow(attempt.clamp(1, 31) as u32 - 1))
-        .min(config.backoff_cap);
-    let ms = exp.as_millis() as u64;
-    Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
+/// What writing an action left the job as.
+enum Written {
+    /// The statement won; the job is now in this status.
+    Now(JobStatus),
+    /// The lease was lost: nothing was written.
+    Lost,
+}
+
+/// A job to deliver again after `delay` by a fresh message.
+struct ComeBack {
+    job: JobMessage,
+    queue: QueueName,
+    /// Its current message, if it came with one.
+    record: Option<Arc<Record>>,
+    delay: Duration,
+}
+
+impl ComeBack {
+    fn of(held: &Held, delay: Duration) -> ComeBack {
+        ComeBack {
+            job: JobMessage {
+                job_id: held.job.id,
+                workspace_id: held.job.workspace_id,
+            },
+            queue: held.job.queue,
+            record: held.record.clone(),
+            delay,
+        }
+    }
 }
 
 impl Worker {
+    pub fn new(
+        store: Store,
+        queue: Arc<dyn Queue>,
+        registry: Arc<Registry>,
+        config: WorkerConfig,
+        clock: Clock,
+        name: impl Into<String>,
+        storage: Storage,
+    ) -> Worker {
+        Worker {
+            store,
+            queue,
+            registry,
+            config,
+            clock,
+            name: name.into(),
+            limits: LimitCache::default(),
+            storage,
+        }
+    }
+
+    /// The same worker with handlers reading and writing `storage`.
+    pub fn with_storage(mut self, storage: Storage) -> Worker {
+        self.storage = storage;
+        self
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Reads the concurrency limits of these workspaces into the cache, as a
+    /// long-lived worker has them.
+    pub async fn warm_limits(&self, workspaces: &[WorkspaceId]) -> Result<(), DbError> {
+        self.limits
+            .max_running(self.store.pool(), workspaces)
+            .await
+            .map(|_| ())
+    }
+
+    /// A name for one claim: the lease guard's `worker_id`.
+    fn claim_name(&self) -> String {
+        format!("{}:{}", self.name, uuid::Uuid::new_v4().simple())
+    }
+
     /// Handles one SQS event. `deadline` is when the invocation will be
     /// stopped (Lambda's deadline); handlers hand off before it.
     pub async fn handle(&self, event: SqsEvent, deadline: Instant) -> SqsBatchResponse {
+        let started = Instant::now();
         let mut failures: Vec<String> = Vec::new();
-        let mut records = Vec::with_capacity(event.records.len());
-        for (i, m) in event.records.into_iter().enumerate() {
-            let message_id = m.message_id.clone().unwrap_or_else(|| format!("#{i}"));
-            let body = m.body.as_deref().unwrap_or("");
-            match serde_json::from_str::<JobMessage>(body) {
-                Ok(job) => records.push(Record {
-                    message_id,
-                    receipt: m.receipt_handle.unwrap_or_default(),
-                    queue: m
-                        .event_source_arn
-                        .as_deref()
-                        .and_then(QueueName::from_arn)
-                        .unwrap_or_default(),
-                    receive_count: m
-                        .attributes
-                        .get("ApproximateReceiveCount")
-                        .and_then(|c| c.parse().ok())
-                        .unwrap_or(1),
-                    job,
-                }),
-                Err(e) => {
-                    // Reported failed, so it returns and, after
-                    // maxReceiveCount receives, reaches the dead-letter
-                    // queue where the scheduler records it.
-                    tracing::warn!(message_id = %message_id, error = %e,
-                        body = %body.chars().take(200).collect::<String>(),
-                        "message body is not a job message");
-                    failures.push(message_id);
-                }
-            }
-        }
+        let records = parse_records(event, &mut failures);
         if records.is_empty() {
             return response(failures);
         }
 
-        let worker_id = format!("{}:{}", self.name, uuid::Uuid::new_v4().simple());
+        let worker_id = self.claim_name();
         let now = self.clock.now();
-        let lease = chrono::Duration::from_std(self.config.lease).unwrap_or_default();
         let ids: Vec<JobId> = records.iter().map(|r| r.job.job_id).collect();
         let workspaces: Vec<WorkspaceId> = records.iter().map(|r| r.job.workspace_id).collect();
-        let claimed = match self.claim(&ids, &workspaces, &worker_id, now, lease).await {
+        let claimed = match self.claim(&ids, &workspaces, &worker_id, now).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, messages = records.len(),
-                    "cannot claim: returning the whole batch");
-                failures.extend(records.into_iter().map(|r| r.message_id));
+                    "cannot claim: the whole batch comes back shortly");
+                self.fail_all(&records, &mut failures).await;
                 return response(failures);
             }
         };
 
         // The first message of each claimed job runs it; any other message
-        // for the same job in this batch is a duplicate and is acknowledged.
-        let mut claimed: HashMap<JobId, Job> = claimed.into_iter().map(|j| (j.id, j)).collect();
-        let mut runs: Vec<(Record, Job)> = Vec::new();
+        // for the same job in this batch is a duplicate and is acknowledged,
+        // and so is the message of a job now parked in the database.
+        let mut running: HashMap<JobId, Job> =
+            claimed.running.into_iter().map(|j| (j.id, j)).collect();
+        let parked: HashSet<JobId> = claimed.parked.into_iter().collect();
+        let mut runs: Vec<(Arc<Record>, Job)> = Vec::new();
         let mut unclaimed: Vec<Record> = Vec::new();
         let mut seen = HashSet::new();
         for r in records {
-            if let Some(job) = claimed.remove(&r.job.job_id) {
-                seen.insert(r.job.job_id);
-                runs.push((r, job));
-            } else if seen.contains(&r.job.job_id) {
-                tracing::info!(job_id = %r.job.job_id, "duplicate message in one batch: acknowledged");
+            let id = r.job.job_id;
+            if let Some(job) = running.remove(&id) {
+                seen.insert(id);
+                runs.push((Arc::new(r), job));
+            } else if seen.contains(&id) || parked.contains(&id) {
+                tracing::debug!(job_id = %id, "duplicate or parked: message acknowledged");
             } else {
                 unclaimed.push(r);
             }
@@ -153,17 +212,29 @@ impl Worker {
             return response(failures);
         }
 
-        let ran = self
-            .run_all(
-                &worker_id,
-                runs_as_leases(&runs, &worker_id),
-                &runs,
-                deadline,
-            )
-            .await;
-        let by_id: HashMap<JobId, &Record> = runs.iter().map(|(r, j)| (j.id, r)).collect();
-        self.finish(ran, &by_id, &worker_id, &mut failures).await;
-        response(failures)
+        let mut inv = Invocation {
+            worker: self,
+            tasks: JoinSet::new(),
+            task_jobs: HashMap::new(),
+            held: HashMap::new(),
+            failures,
+            deadline,
+            refill_until: (started + self.config.refill_window).min(
+                deadline
+                    .checked_sub(self.config.handoff_margin)
+                    .unwrap_or(started),
+            ),
+        };
+        for (record, job) in runs {
+            let lease = Lease {
+                job_id: job.id,
+                attempt: job.attempts,
+                worker_id: worker_id.clone(),
+            };
+            inv.start(job, lease, Some(record));
+        }
+        inv.run().await;
+        response(inv.failures)
     }
 
     async fn claim(
@@ -172,384 +243,150 @@ impl Worker {
         workspaces: &[WorkspaceId],
         worker_id: &str,
         now: DateTime<Utc>,
-        lease: chrono::Duration,
-    ) -> Result<Vec<Job>, crate::db::DbError> {
+    ) -> Result<store::Claimed, DbError> {
         let limits = self
             .limits
             .max_running(self.store.pool(), workspaces)
             .await?;
-        self.store.claim(ids, worker_id, now, lease, &limits).await
+        self.store
+            .claim(ids, worker_id, now, self.lease(), &limits)
+            .await
+    }
+
+    fn lease(&self) -> chrono::Duration {
+        chrono::Duration::from_std(self.config.lease).unwrap_or_default()
+    }
+
+    /// Reports every record failed and hides each for a short, jittered
+    /// delay: a batch-wide failure (the database unreachable, a statement
+    /// refused) is usually brief, and without this the messages would stay
+    /// hidden for the queue's whole visibility timeout.
+    async fn fail_all(&self, records: &[Record], failures: &mut Vec<String>) {
+        let delay = jittered(self.config.batch_failure_delay, &mut rand::rng());
+        for r in records {
+            if let Err(e) = self
+                .queue
+                .change_visibility(r.queue, &r.receipt, delay)
+                .await
+            {
+                tracing::debug!(job_id = %r.job.job_id, error = %e, "cannot shorten visibility");
+            }
+            failures.push(r.message_id.clone());
+        }
     }
 
     /// Decides the fate of messages whose job could not be claimed.
     async fn triage_unclaimed(&self, unclaimed: Vec<Record>, failures: &mut Vec<String>) {
         let ids: Vec<JobId> = unclaimed.iter().map(|r| r.job.job_id).collect();
-        let states: HashMap<JobId, (JobStatus, DateTime<Utc>)> = match self.store.peek(&ids).await {
-            Ok(rows) => rows.into_iter().map(|(id, s, r)| (id, (s, r))).collect(),
+        let states: HashMap<JobId, store::Peeked> = match self.store.peek(&ids).await {
+            Ok(rows) => rows.into_iter().map(|p| (p.id, p)).collect(),
             Err(e) => {
-                tracing::error!(error = %e, "cannot read unclaimed jobs: returning their messages");
-                failures.extend(unclaimed.into_iter().map(|r| r.message_id));
+                tracing::error!(error = %e, "cannot read unclaimed jobs: their messages come back shortly");
+                self.fail_all(&unclaimed, failures).await;
                 return;
             }
         };
         let now = self.clock.now();
+        let cancel: Vec<JobId> = states
+            .values()
+            .filter(|p| p.cancel_requested && !p.status.is_terminal())
+            .map(|p| p.id)
+            .collect();
+        if !cancel.is_empty() {
+            match self.store.end_cancel_requested(&cancel, now).await {
+                Ok(ended) => {
+                    for id in ended {
+                        tracing::info!(job_id = %id, "cancel requested before the job started: cancelled");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot end cancelled jobs; the scheduler will")
+                }
+            }
+        }
         let mut later = Vec::new();
-        for r in &unclaimed {
+        for r in unclaimed {
             let job_id = r.job.job_id;
             match states.get(&job_id) {
                 None => {
                     tracing::warn!(job_id = %job_id, workspace_id = %r.job.workspace_id,
                         "message for a job that does not exist: acknowledged");
                 }
-                Some((status, _)) if status.is_terminal() || *status == JobStatus::Running => {
-                    tracing::debug!(job_id = %job_id, status = %status,
-                        "job finished or held by another worker: message acknowledged");
+                Some(p)
+                    if p.status.is_terminal()
+                        || p.status == JobStatus::Running
+                        || p.cancel_requested =>
+                {
+                    // Finished, held by another worker, or (an expired lease
+                    // with no attempts left, or a cancel) for the scheduler's
+                    // rescue to end.
+                    tracing::debug!(job_id = %job_id, status = %p.status,
+                        "job finished or held elsewhere: message acknowledged");
                 }
-                Some((_, run_at)) => {
+                Some(p) => {
                     // Not yet due (an early duplicate, or a retry delivered
-                    // before its backoff ended), or its workspace is at its
-                    // limit of running jobs: it comes back later.
-                    let wait = (*run_at - now)
+                    // before its backoff ended), or its row was held by
+                    // another transaction: it comes back later.
+                    let wait = (p.run_at - now)
                         .to_std()
                         .unwrap_or(self.config.fairness_delay)
                         .max(Duration::from_secs(1));
-                    later.push((r, wait));
+                    later.push((Arc::new(r), wait));
                 }
             }
         }
-        self.come_back_later(&later, now, failures).await;
+        self.come_back_records(later, now, failures).await;
     }
 
-    /// Runs every claimed job concurrently while one heartbeat task renews
-    /// all their leases and message visibilities.
-    async fn run_all(
+    /// [`Worker::come_back_later`] for messages whose job was not claimed.
+    async fn come_back_records(
         &self,
-        worker_id: &str,
-        leases: Vec<Lease>,
-        runs: &[(Record, Job)],
-        deadline: Instant,
-    ) -> Vec<Ran> {
-        let cancels: HashMap<JobId, Arc<AtomicBool>> = runs
-            .iter()
-            .map(|(_, j)| {
-                (
-                    j.id,
-                    Arc::new(AtomicBool::new(j.cancel_requested_at.is_some())),
-                )
-            })
-            .collect();
-        let tasks: Vec<_> = runs
-            .iter()
-            .zip(leases)
-            .map(|((_, job), lease)| {
-                let mut ctx = JobContext::new(
-                    self.store.clone(),
-                    self.clock.clone(),
-                    lease.clone(),
-                    job.workspace_id,
-                    job.job_type.clone(),
-                    job.checkpoint.clone(),
-                    cancels[&job.id].clone(),
-                    deadline,
-                    self.config.handoff_margin,
-                    self.storage.clone(),
-                );
-                let registry = self.registry.clone();
-                let job = job.clone();
-                tokio::spawn(async move {
-                    let started = Instant::now();
-                    let result = std::panic::AssertUnwindSafe(registry.run(
-                        &job.job_type,
-                        &job.payload,
-                        &mut ctx,
-                    ))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| {
-                        let msg = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(JobError::Retryable(format!("handler panicked: {msg}")))
-                    });
-                    let result = match result {
-                        // The last progress must be written even when the
-                        // throttle held it back.
-                        Ok(o) => ctx.flush_progress().await.map(|_| o),
-                        err => err,
-                    };
-                    Ran {
-                        progress: ctx.last_progress().cloned(),
-                        checkpoint: ctx.take_checkpoint(),
-                        job,
-                        lease,
-                        result,
-                        run_time: started.elapsed(),
-                    }
-                })
-            })
-            .collect();
-
-        // If this future is dropped (the invocation is cancelled), the
-        // guards stop the handlers and the heartbeat with it: a heartbeat
-        // that outlived its batch would keep a dead invocation's leases
-        // alive for ever, and nobody would ever rescue those jobs.
-        let stop = Arc::new(tokio::sync::Notify::new());
-        let mut heartbeat = AbortOnDrop(vec![self.spawn_heartbeat(
-            worker_id,
-            runs,
-            cancels,
-            stop.clone(),
-        )]);
-        let mut tasks = AbortOnDrop(tasks);
-        let mut ran = Vec::with_capacity(tasks.0.len());
-        for (task, (_, job)) in tasks.0.iter_mut().zip(runs) {
-            match task.await {
-                Ok(r) => ran.push(r),
-                // The panic was caught inside the task; a join error here
-                // means the runtime is shutting down. The job's lease will
-                // expire and it will be rescued.
-                Err(e) => tracing::error!(job_id = %job.id, error = %e, "job task lost"),
-            }
-        }
-        // The heartbeat ends before the outcomes are written: its statement
-        // and the completion's touch the same rows, and two statements
-        // locking them in different orders could deadlock.
-        stop.notify_one();
-        if let Some(h) = heartbeat.0.pop() {
-            let _ = h.await;
-        }
-        ran
-    }
-
-    fn spawn_heartbeat(
-        &self,
-        worker_id: &str,
-        runs: &[(Record, Job)],
-        cancels: HashMap<JobId, Arc<AtomicBool>>,
-        stop: Arc<tokio::sync::Notify>,
-    ) -> tokio::task::JoinHandle<()> {
-        let store = self.store.clone();
-        let queue = self.queue.clone();
-        let clock = self.clock.clone();
-        let every = self.config.heartbeat;
-        let lease = self.config.lease;
-        let worker_id = worker_id.to_string();
-        let held: Vec<(JobId, i32, QueueName, String)> = runs
-            .iter()
-            .map(|(r, j)| (j.id, j.attempts, r.queue, r.receipt.clone()))
-            .collect();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = stop.notified() => return,
-                }
-                let leases: Vec<(JobId, i32)> = held.iter().map(|h| (h.0, h.1)).collect();
-                let chrono_lease = chrono::Duration::from_std(lease).unwrap_or_default();
-                match store
-                    .heartbeat(&worker_id, &leases, clock.now(), chrono_lease)
-                    .await
-                {
-                    Ok(alive) => {
-                        for (id, cancel) in &alive {
-                            if *cancel {
-                                cancels[id].store(true, Ordering::Relaxed);
-                            }
-                        }
-                        let alive: HashSet<JobId> = alive.into_iter().map(|a| a.0).collect();
-                        for (id, _, q, receipt) in &held {
-                            if alive.contains(id) {
-                                if let Err(e) = queue.change_visibility(*q, receipt, lease).await {
-                                    tracing::warn!(job_id = %id, error = %e, "cannot extend message visibility");
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-                }
-            }
-        })
-    }
-
-    /// Writes every outcome and fills `failures` with the messages that must
-    /// come back.
-    async fn finish(
-        &self,
-        ran: Vec<Ran>,
-        records: &HashMap<JobId, &Record>,
-        worker_id: &str,
-        failures: &mut Vec<String>,
-    ) {
-        let now = self.clock.now();
-        let mut completed = Vec::new();
-        let mut logs = Vec::new();
-        for r in ran {
-            let rec = records[&r.job.id];
-            let job = &r.job;
-            let span_log = |level: &'static str, message: String| LogLine {
-                job_id: job.id,
-                workspace_id: job.workspace_id,
-                attempt: r.lease.attempt,
-                level,
-                message,
-                metadata: None,
-            };
-            let outcome = match r.result {
-                Ok(Outcome::Completed(result)) => {
-                    completed.push((r.lease.clone(), result, r.progress.clone()));
-                    self.metric(job, "completed", r.run_time);
-                    continue;
-                }
-                Ok(Outcome::Cancelled(partial)) => {
-                    let won = self.store.finish_cancelled(&r.lease, partial, now).await;
-                    logs.push(span_log("info", "stopped on a cancel request".into()));
-                    won.map(|_| "cancelled")
-                }
-                Ok(Outcome::HandOff) => {
-                    let cp = r.checkpoint.clone().unwrap_or(serde_json::Value::Null);
-                    match self
-                        .store
-                        .hand_off(&r.lease, &cp, r.progress.as_ref(), now)
-                        .await
-                    {
-                        Ok(true) => {
-                            logs.push(span_log(
-                                "info",
-                                "handed off to a fresh invocation near the time limit".into(),
-                            ));
-                            let mut fresh = job.clone();
-                            fresh.run_at = now;
-                            if let Err(e) =
-                                enqueue::send_jobs(&self.store, &*self.queue, &[&fresh], now).await
-                            {
-                                tracing::warn!(job_id = %job.id, error = %e, "hand-off send failed; the scheduler will send it");
-                            }
-                            Ok("handed_off")
-                        }
-                        other => other.map(|_| "lost"),
-                    }
-                }
-                Ok(Outcome::Snooze(delay)) => {
-                    let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    match self.store.snooze(&r.lease, run_at, now).await {
-                        Ok(true) => {
-                            self.come_back_later(&[(rec, delay)], now, failures).await;
-                            Ok("snoozed")
-                        }
-                        other => other.map(|_| "lost"),
-                    }
-                }
-                Err(JobError::LeaseLost) => Ok("lost"),
-                Err(JobError::Retryable(msg)) if r.lease.attempt < job.max_attempts => {
-                    let delay = backoff(&self.config, r.lease.attempt, &mut rand::rng());
-                    let run_at = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    let via_outbox = delay > MAX_VISIBILITY;
-                    let mut line = span_log(
-                        "warn",
-                        format!(
-                            "attempt {} of {} failed: {msg}; retrying in {}s",
-                            r.lease.attempt,
-                            job.max_attempts,
-                            delay.as_secs()
-                        ),
-                    );
-                    line.metadata = Some(json!({ "delay_ms": delay.as_millis() as u64 }));
-                    logs.push(line);
-                    match self
-                        .store
-                        .retry_later(&r.lease, run_at, &msg, via_outbox, now)
-                        .await
-                    {
-                        Ok(true) if !via_outbox => {
-                            // A failure is reported and its message hidden
-                            // for the backoff, unless the next receive would
-                            // dead-letter a job that has attempts left.
-                            if rec.receive_count + 1 < self.config.max_receive_count {
-                                self.hide(rec, delay, now, failures).await;
-                            } else {
-                                self.come_back_later(&[(rec, delay)], now, failures).await;
-                            }
-                            Ok("retried")
-                        }
-                        other => other.map(|_| "retried"),
-                    }
-                }
-                Err(e) => {
-                    let (kind, msg) = match &e {
-                        JobError::Permanent(m) => (ErrorKind::Permanent, m.clone()),
-                        other => (
-                            ErrorKind::Retryable,
-                            format!(
-                                "{other} (attempt {} of {}: no attempts left)",
-                                r.lease.attempt, job.max_attempts
-                            ),
-                        ),
-                    };
-                    logs.push(span_log("error", format!("job failed for good: {msg}")));
-                    self.store
-                        .bury(&r.lease, &msg, kind, now)
-                        .await
-                        .map(|_| "dead")
-                }
-            };
-            match outcome {
-                Ok(what) => {
-                    tracing::info!(job_id = %job.id, workspace_id = %job.workspace_id,
-                        attempt = r.lease.attempt, job_type = %job.job_type, outcome = what, "job ended its run");
-                    self.metric(job, what, r.run_time);
-                }
-                Err(e) => {
-                    tracing::error!(job_id = %job.id, error = %e, "cannot record outcome: message returned");
-                    failures.push(rec.message_id.clone());
-                }
-            }
-        }
-        if let Err(e) = self.store.complete(worker_id, &completed, now).await {
-            tracing::error!(error = %e, jobs = completed.len(), "cannot record completions: messages returned");
-            failures.extend(
-                completed
-                    .iter()
-                    .map(|c| records[&c.0.job_id].message_id.clone()),
-            );
-        }
-        if let Err(e) = self.store.append_logs(&logs, now).await {
-            tracing::warn!(error = %e, "cannot write job log lines");
-        }
-    }
-
-    /// Makes messages come back after their delays without spending a
-    /// receive: each is replaced by a fresh message sent with its delay and
-    /// is itself acknowledged. Snoozes, fairness waits and early duplicates
-    /// are not failures; hiding the same message instead would count each
-    /// toward the queue's maxReceiveCount and dead-letter a job that never
-    /// failed. Delays beyond the queue's limit go to the outbox; where the
-    /// queue will not take a fresh message, the old one is hidden for the
-    /// delay instead.
-    async fn come_back_later(
-        &self,
-        later: &[(&Record, Duration)],
+        later: Vec<(Arc<Record>, Duration)>,
         now: DateTime<Utc>,
         failures: &mut Vec<String>,
     ) {
-        let mut by_queue: HashMap<QueueName, Vec<(&Record, Duration)>> = HashMap::new();
-        for &(rec, delay) in later {
-            if delay > MAX_DELAY {
-                self.to_outbox_or_hide(rec, delay, now, failures).await;
+        let items = later
+            .into_iter()
+            .map(|(r, delay)| ComeBack {
+                job: r.job.clone(),
+                queue: r.queue,
+                record: Some(r),
+                delay,
+            })
+            .collect();
+        self.come_back_later(items, now, failures).await;
+    }
+
+    /// Makes jobs come back after their delays without spending a receive:
+    /// each gets a fresh message sent with its delay and its old message (if
+    /// any) is acknowledged. Snoozes, waits and early duplicates are not
+    /// failures; hiding the same message instead would count each toward
+    /// the queue's maxReceiveCount and dead-letter a job that never failed.
+    /// Delays beyond the queue's limit go to the outbox; where the queue
+    /// will not take a fresh message, the old one is hidden for the delay
+    /// instead (or, with no old message, the outbox sends one).
+    async fn come_back_later(
+        &self,
+        items: Vec<ComeBack>,
+        now: DateTime<Utc>,
+        failures: &mut Vec<String>,
+    ) {
+        let mut by_queue: HashMap<QueueName, Vec<ComeBack>> = HashMap::new();
+        for item in items {
+            if item.delay > MAX_DELAY {
+                self.to_outbox_or_hide(&item, now, failures).await;
             } else {
-                by_queue.entry(rec.queue).or_default().push((rec, delay));
+                by_queue.entry(item.queue).or_default().push(item);
             }
         }
         for (q, items) in by_queue {
             let messages: Vec<OutgoingMessage> = items
                 .iter()
                 .enumerate()
-                .map(|(i, (rec, delay))| OutgoingMessage {
+                .map(|(i, c)| OutgoingMessage {
                     id: i.to_string(),
-                    body: rec.job.body(),
-                    delay: *delay,
+                    body: c.job.body(),
+                    delay: c.delay,
                 })
                 .collect();
             let sent: HashSet<String> = match self.queue.send_batch(q, &messages).await {
@@ -560,53 +397,52 @@ impl Worker {
                     HashSet::new()
                 }
             };
-            for (i, (rec, delay)) in items.into_iter().enumerate() {
+            for (i, item) in items.into_iter().enumerate() {
                 if !sent.contains(&i.to_string()) {
-                    self.hide(rec, delay, now, failures).await;
+                    self.to_outbox_or_hide(&item, now, failures).await;
                 }
             }
         }
     }
 
-    /// Leaves the job to the scheduler, which sends it when it is due, and
-    /// acknowledges its message.
+    /// Hides the old message for the delay, or (without one, or beyond the
+    /// queue's limits) leaves the job to the scheduler's outbox.
     async fn to_outbox_or_hide(
         &self,
-        rec: &Record,
-        delay: Duration,
+        item: &ComeBack,
         now: DateTime<Utc>,
         failures: &mut Vec<String>,
     ) {
-        if let Err(e) = self.store.to_outbox(rec.job.job_id, now).await {
-            tracing::warn!(job_id = %rec.job.job_id, error = %e, "cannot move job to the outbox");
-            self.hide(rec, delay, now, failures).await;
+        if item.delay <= MAX_DELAY {
+            if let Some(rec) = &item.record {
+                if self.hide(rec, item.delay, failures).await {
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.store.to_outbox(item.job.job_id, now).await {
+            tracing::error!(job_id = %item.job.job_id, error = %e, "cannot move job to the outbox");
+            if let Some(rec) = &item.record {
+                failures.push(rec.message_id.clone());
+            }
         }
     }
 
-    /// The fallback when no fresh message can be sent: the message itself
-    /// is hidden for the delay and reported failed (spending a receive).
-    async fn hide(
-        &self,
-        rec: &Record,
-        delay: Duration,
-        now: DateTime<Utc>,
-        failures: &mut Vec<String>,
-    ) {
+    /// Hides a message for the delay and reports it failed (spending a
+    /// receive). `false` when the queue refused.
+    async fn hide(&self, rec: &Record, delay: Duration, failures: &mut Vec<String>) -> bool {
         match self
             .queue
             .change_visibility(rec.queue, &rec.receipt, delay.min(MAX_VISIBILITY))
             .await
         {
-            Ok(()) => failures.push(rec.message_id.clone()),
+            Ok(()) => {
+                failures.push(rec.message_id.clone());
+                true
+            }
             Err(e) => {
-                tracing::warn!(job_id = %rec.job.job_id, error = %e, "cannot delay message; the scheduler will resend");
-                match self.store.to_outbox(rec.job.job_id, now).await {
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(job_id = %rec.job.job_id, error = %e, "cannot move job to the outbox");
-                        failures.push(rec.message_id.clone());
-                    }
-                }
+                tracing::warn!(job_id = %rec.job.job_id, error = %e, "cannot delay message");
+                false
             }
         }
     }
@@ -618,6 +454,508 @@ impl Worker {
             println!("{}", metric_line(job, outcome, run_time, self.clock.now()));
         }
     }
+}
+
+/// One invocation's running jobs, from the claim until the last outcome is
+/// written.
+struct Invocation<'w> {
+    worker: &'w Worker,
+    /// Dropping the set (the invocation is cancelled) aborts the handlers.
+    tasks: JoinSet<Ran>,
+    task_jobs: HashMap<tokio::task::Id, JobId>,
+    held: HashMap<JobId, Held>,
+    failures: Vec<String>,
+    deadline: Instant,
+    /// Until then, slots freed here are filled by starting parked jobs in
+    /// this invocation; after it they are released by message, so one busy
+    /// workspace never keeps an invocation (and its concurrency) for itself.
+    refill_until: Instant,
+}
+
+impl Invocation<'_> {
+    /// Starts a claimed job's handler.
+    fn start(&mut self, job: Job, lease: Lease, record: Option<Arc<Record>>) {
+        let w = self.worker;
+        let cancel = Arc::new(AtomicBool::new(job.cancel_requested_at.is_some()));
+        let mut ctx = JobContext::new(
+            w.store.clone(),
+            w.clock.clone(),
+            lease.clone(),
+            job.workspace_id,
+            job.job_type.clone(),
+            job.checkpoint.clone(),
+            cancel.clone(),
+            self.deadline,
+            w.config.handoff_margin,
+            w.storage.clone(),
+        );
+        let registry = w.registry.clone();
+        let span = tracing::info_span!("job", job_id = %job.id, workspace_id = %job.workspace_id,
+            attempt = lease.attempt, job_type = %job.job_type);
+        let (id, job_type, payload) = (job.id, job.job_type.clone(), job.payload.clone());
+        let handle = self.tasks.spawn(
+            async move {
+                let started = Instant::now();
+                let result =
+                    std::panic::AssertUnwindSafe(registry.run(&job_type, &payload, &mut ctx))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|panic| {
+                            let msg = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| s.to_string())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "unknown panic".into());
+                            Err(JobError::Retryable(format!("handler panicked: {msg}")))
+                        });
+                let result = match result {
+                    // The last progress must be written even when the
+                    // throttle held it back.
+                    Ok(o) => ctx.flush_progress().await.map(|_| o),
+                    err => err,
+                };
+                Ran {
+                    job_id: id,
+                    progress: ctx.last_progress().cloned(),
+                    checkpoint: ctx.take_checkpoint(),
+                    result,
+                    run_time: started.elapsed(),
+                }
+            }
+            .instrument(span),
+        );
+        self.task_jobs.insert(handle.id(), id);
+        self.held.insert(
+            id,
+            Held {
+                job,
+                lease,
+                record,
+                cancel,
+            },
+        );
+    }
+
+    /// Writes outcomes as handlers return and renews the leases of what
+    /// still runs, until nothing does. One loop does both, so a heartbeat
+    /// and an outcome never lock the same rows at once.
+    async fn run(&mut self) {
+        let every = self.worker.config.heartbeat;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(first) = self.tasks.join_next_with_id() => {
+                    let mut done = vec![self.ran(first)];
+                    // Whatever else finished meanwhile is written with it.
+                    while let Some(more) = self.tasks.try_join_next_with_id() {
+                        done.push(self.ran(more));
+                    }
+                    self.record(done).await;
+                }
+                _ = tick.tick() => self.heartbeat().await,
+            }
+        }
+    }
+
+    fn ran(&mut self, joined: Result<(tokio::task::Id, Ran), tokio::task::JoinError>) -> Ran {
+        match joined {
+            Ok((id, ran)) => {
+                self.task_jobs.remove(&id);
+                ran
+            }
+            // The panic was caught inside the task; a join error means it was
+            // aborted. Its job is retried like any failure.
+            Err(e) => {
+                let job_id = self.task_jobs.remove(&e.id()).unwrap_or_default();
+                tracing::error!(job_id = %job_id, error = %e, "job task lost");
+                Ran {
+                    job_id,
+                    result: Err(JobError::Retryable(format!("job task lost: {e}"))),
+                    checkpoint: None,
+                    progress: None,
+                    run_time: Duration::ZERO,
+                }
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self) {
+        let w = self.worker;
+        let leases: Vec<Lease> = self.held.values().map(|h| h.lease.clone()).collect();
+        let alive = match w.store.heartbeat(&leases, w.clock.now(), w.lease()).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                return;
+            }
+        };
+        for (id, cancel) in &alive {
+            let Some(h) = self.held.get(id) else { continue };
+            if *cancel {
+                h.cancel.store(true, Ordering::Relaxed);
+            }
+            if let Some(rec) = &h.record {
+                if let Err(e) = w
+                    .queue
+                    .change_visibility(rec.queue, &rec.receipt, w.config.lease)
+                    .await
+                {
+                    tracing::warn!(job_id = %id, error = %e, "cannot extend message visibility");
+                }
+            }
+        }
+    }
+
+    /// Decides, writes in one transaction (with the refill of the slots the
+    /// jobs freed), then sends what must come back and starts what was taken.
+    async fn record(&mut self, done: Vec<Ran>) {
+        let w = self.worker;
+        let now = w.clock.now();
+        let mut plan: Vec<(Held, Action, Ran)> = Vec::with_capacity(done.len());
+        for ran in done {
+            let Some(held) = self.held.remove(&ran.job_id) else {
+                continue;
+            };
+            let facts = Facts {
+                attempt: held.lease.attempt,
+                max_attempts: held.job.max_attempts,
+                cancel_requested: held.cancel.load(Ordering::Relaxed),
+                receive_count: held.record.as_ref().map(|r| r.receive_count),
+                max_receive_count: w.config.max_receive_count,
+            };
+            let delay = backoff(&w.config, held.lease.attempt, &mut rand::rng());
+            let action = decide(&ran.result, ran.checkpoint.as_ref(), &facts, delay);
+            plan.push((held, action, ran));
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let limits = match w
+            .limits
+            .max_running(
+                w.store.pool(),
+                &plan
+                    .iter()
+                    .map(|p| p.0.job.workspace_id)
+                    .collect::<Vec<_>>(),
+            )
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read workspace limits");
+                return self.unrecorded(plan, &e).await;
+            }
+        };
+        let refill = if Instant::now() < self.refill_until {
+            Refill::Take
+        } else {
+            Refill::Release
+        };
+        let claim = w.claim_name();
+        let written =
+            db::retry_conflicts(|| write_group(w, &plan, &limits, refill, &claim, now)).await;
+        let (statuses, refilled) = match written {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, jobs = plan.len(), "cannot record outcomes");
+                return self.unrecorded(plan, &e).await;
+            }
+        };
+
+        let mut later: Vec<ComeBack> = Vec::new();
+        let mut handed_off: Vec<Job> = Vec::new();
+        for ((held, action, ran), written) in plan.into_iter().zip(statuses) {
+            let job = &held.job;
+            let outcome = match (&action, &written) {
+                (_, Written::Lost) => "lost",
+                (_, Written::Now(JobStatus::Cancelled)) => "cancelled",
+                (Action::Complete(_), _) => "completed",
+                (Action::Bury { .. }, _) => "dead",
+                (Action::HandOff(_), _) => {
+                    let mut fresh = held.job.clone();
+                    fresh.run_at = now;
+                    handed_off.push(fresh);
+                    "handed_off"
+                }
+                (Action::Snooze(delay), _) => {
+                    later.push(ComeBack::of(&held, *delay));
+                    "snoozed"
+                }
+                (Action::Retry { delay, route, .. }, _) => {
+                    match (route, &held.record) {
+                        (Route::Visibility, Some(rec)) => {
+                            if !w.hide(rec, *delay, &mut self.failures).await {
+                                later.push(ComeBack::of(&held, *delay));
+                            }
+                        }
+                        (Route::Outbox, _) => {}
+                        _ => later.push(ComeBack::of(&held, *delay)),
+                    }
+                    "retried"
+                }
+                (Action::Cancel(_), _) | (Action::Drop, _) => "cancelled",
+            };
+            tracing::info!(job_id = %job.id, workspace_id = %job.workspace_id,
+                attempt = held.lease.attempt, job_type = %job.job_type, outcome, "job ended its run");
+            w.metric(job, outcome, ran.run_time);
+        }
+        if !handed_off.is_empty() {
+            let refs: Vec<&Job> = handed_off.iter().collect();
+            if let Err(e) = enqueue::send_jobs(&w.store, &*w.queue, &refs, now).await {
+                tracing::warn!(error = %e, "hand-off send failed; the scheduler will send it");
+            }
+        }
+        if !later.is_empty() {
+            w.come_back_later(later, now, &mut self.failures).await;
+        }
+        match refill {
+            Refill::Take => {
+                for job in refilled {
+                    let lease = Lease {
+                        job_id: job.id,
+                        attempt: job.attempts,
+                        worker_id: claim.clone(),
+                    };
+                    self.start(job, lease, None);
+                }
+            }
+            Refill::Release if !refilled.is_empty() => {
+                let refs: Vec<&Job> = refilled.iter().collect();
+                match enqueue::send_jobs(&w.store, &*w.queue, &refs, now).await {
+                    Ok(sent) => {
+                        if let Some(e) = sent.error {
+                            tracing::warn!(error = %e, "released jobs not sent; the outbox will send them");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "released jobs not marked; the outbox will send them")
+                    }
+                }
+            }
+            Refill::Release => {}
+        }
+    }
+
+    /// Outcomes that could not be written: their messages come back shortly
+    /// (a job without one is rescued when its lease expires).
+    async fn unrecorded(&mut self, plan: Vec<(Held, Action, Ran)>, e: &DbError) {
+        let w = self.worker;
+        let delay = jittered(w.config.batch_failure_delay, &mut rand::rng());
+        for (held, _, _) in plan {
+            tracing::warn!(job_id = %held.job.id, error = %e, "outcome not recorded");
+            if let Some(rec) = held.record {
+                if let Err(e) = w
+                    .queue
+                    .change_visibility(rec.queue, &rec.receipt, delay)
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot shorten visibility");
+                }
+                self.failures.push(rec.message_id.clone());
+            }
+        }
+    }
+}
+
+/// Writes a group's outcomes, their log lines and the refill of the slots
+/// they freed in one transaction (one statement when the group is only
+/// completions of unlimited workspaces). Returns what each write left, in
+/// the plan's order, and the parked jobs taken or released.
+async fn write_group(
+    w: &Worker,
+    plan: &[(Held, Action, Ran)],
+    limits: &[(WorkspaceId, i64)],
+    refill: Refill,
+    claim: &str,
+    now: DateTime<Utc>,
+) -> Result<(Vec<Written>, Vec<Job>), DbError> {
+    let mut db = w.store.pool().get().await?;
+    let limited: HashSet<WorkspaceId> = limits.iter().map(|l| l.0).collect();
+    let in_group: Vec<(WorkspaceId, i64)> = limits
+        .iter()
+        .filter(|l| plan.iter().any(|p| p.0.job.workspace_id == l.0))
+        .copied()
+        .collect();
+    let only_completions = plan.iter().all(|p| matches!(p.1, Action::Complete(_)))
+        && !plan.iter().any(|p| limited.contains(&p.0.job.workspace_id));
+    if only_completions {
+        let done: Vec<_> = plan
+            .iter()
+            .map(|(h, a, r)| (h.lease.clone(), completed_result(a), r.progress.clone()))
+            .collect();
+        let won: HashSet<JobId> = store::complete(&db, &done, now)
+            .await?
+            .into_iter()
+            .collect();
+        let statuses = plan
+            .iter()
+            .map(|p| {
+                if won.contains(&p.0.job.id) {
+                    Written::Now(JobStatus::Completed)
+                } else {
+                    Written::Lost
+                }
+            })
+            .collect();
+        return Ok((statuses, Vec::new()));
+    }
+
+    let tx = db.transaction().await?;
+    let ws: Vec<WorkspaceId> = in_group.iter().map(|l| l.0).collect();
+    store::lock_workspaces(&tx, &ws).await?;
+    let done: Vec<_> = plan
+        .iter()
+        .filter(|p| matches!(p.1, Action::Complete(_)))
+        .map(|(h, a, r)| (h.lease.clone(), completed_result(a), r.progress.clone()))
+        .collect();
+    let won: HashSet<JobId> = store::complete(&tx, &done, now)
+        .await?
+        .into_iter()
+        .collect();
+    let mut statuses = Vec::with_capacity(plan.len());
+    let mut logs = Vec::new();
+    for (held, action, ran) in plan {
+        let lease = &held.lease;
+        let job = &held.job;
+        let line = |level: &'static str, message: String| LogLine {
+            job_id: job.id,
+            workspace_id: job.workspace_id,
+            attempt: lease.attempt,
+            level,
+            message,
+            metadata: None,
+        };
+        let status = match action {
+            Action::Complete(_) => won.contains(&job.id).then_some(JobStatus::Completed),
+            Action::Drop => None,
+            Action::Cancel(partial) => {
+                let won = store::finish_cancelled(&tx, lease, partial.clone(), now).await?;
+                if won {
+                    logs.push(line("info", "stopped on a cancel request".into()));
+                }
+                won.then_some(JobStatus::Cancelled)
+            }
+            Action::HandOff(cp) => {
+                let st = store::hand_off(&tx, lease, cp, ran.progress.as_ref(), now).await?;
+                match st {
+                    Some(JobStatus::Cancelled) => logs.push(line(
+                        "info",
+                        "cancel requested: stopped at its hand-off".into(),
+                    )),
+                    Some(_) => logs.push(line(
+                        "info",
+                        "handed off to a fresh invocation near the time limit".into(),
+                    )),
+                    None => {}
+                }
+                st
+            }
+            Action::Snooze(delay) => {
+                let run_at = now + chrono::Duration::from_std(*delay).unwrap_or_default();
+                let st = store::snooze(&tx, lease, run_at, now).await?;
+                if st == Some(JobStatus::Cancelled) {
+                    logs.push(line("info", "cancel requested: not snoozed".into()));
+                }
+                st
+            }
+            Action::Retry {
+                delay,
+                error,
+                route,
+            } => {
+                let run_at = now + chrono::Duration::from_std(*delay).unwrap_or_default();
+                let st =
+                    store::retry_later(&tx, lease, run_at, error, *route == Route::Outbox, now)
+                        .await?;
+                match st {
+                    Some(JobStatus::Cancelled) => logs.push(line(
+                        "info",
+                        format!(
+                            "attempt {} failed: {error}; cancel requested: not retried",
+                            lease.attempt
+                        ),
+                    )),
+                    Some(_) => {
+                        let mut l = line(
+                            "warn",
+                            format!(
+                                "attempt {} of {} failed: {error}; retrying in {}s",
+                                lease.attempt,
+                                job.max_attempts,
+                                delay.as_secs()
+                            ),
+                        );
+                        l.metadata = Some(json!({ "delay_ms": delay.as_millis() as u64 }));
+                        logs.push(l);
+                    }
+                    None => {}
+                }
+                st
+            }
+            Action::Bury { error, kind } => {
+                let won = store::bury(&tx, lease, error, *kind, now).await?;
+                if won {
+                    logs.push(line("error", format!("job failed for good: {error}")));
+                }
+                won.then_some(JobStatus::Dead)
+            }
+        };
+        statuses.push(status.map(Written::Now).unwrap_or(Written::Lost));
+    }
+    store::append_logs(&tx, &logs, now).await?;
+    let refilled = store::refill(&tx, refill, &in_group, claim, now, w.lease()).await?;
+    tx.commit().await?;
+    Ok((statuses, refilled))
+}
+
+fn completed_result(a: &Action) -> Option<serde_json::Value> {
+    match a {
+        Action::Complete(r) => r.clone(),
+        _ => None,
+    }
+}
+
+/// Between half and all of `d`, so many messages failed at once do not
+/// all come back at the same instant.
+fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
+}
+
+/// Parses each record on its own: a bad body fails only its record, which
+/// returns and, after maxReceiveCount receives, reaches the dead-letter
+/// queue where the scheduler records it.
+fn parse_records(event: SqsEvent, failures: &mut Vec<String>) -> Vec<Record> {
+    let mut records = Vec::with_capacity(event.records.len());
+    for (i, m) in event.records.into_iter().enumerate() {
+        let message_id = m.message_id.clone().unwrap_or_else(|| format!("#{i}"));
+        let body = m.body.as_deref().unwrap_or("");
+        match serde_json::from_str::<JobMessage>(body) {
+            Ok(job) => records.push(Record {
+                message_id,
+                receipt: m.receipt_handle.unwrap_or_default(),
+                queue: m
+                    .event_source_arn
+                    .as_deref()
+                    .and_then(QueueName::from_arn)
+                    .unwrap_or_default(),
+                receive_count: m
+                    .attributes
+                    .get("ApproximateReceiveCount")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1),
+                job,
+            }),
+            Err(e) => {
+                tracing::warn!(message_id = %message_id, error = %e,
+                    body = %body.chars().take(200).collect::<String>(),
+                    "message body is not a job message");
+                failures.push(message_id);
+            }
+        }
+    }
+    records
 }
 
 /// The Embedded Metric Format record of one job run: dimensions job type,
@@ -657,27 +995,6 @@ pub fn metric_line(
     })
 }
 
-/// Aborts its tasks when dropped (a finished task ignores the abort).
-struct AbortOnDrop<T>(Vec<tokio::task::JoinHandle<T>>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-fn runs_as_leases(runs: &[(Record, Job)], worker_id: &str) -> Vec<Lease> {
-    runs.iter()
-        .map(|(_, j)| Lease {
-            job_id: j.id,
-            attempt: j.attempts,
-            worker_id: worker_id.to_string(),
-        })
-        .collect()
-}
-
 fn response(failures: Vec<String>) -> SqsBatchResponse {
     let mut resp = SqsBatchResponse::default();
     resp.batch_item_failures = failures
@@ -689,31 +1006,4 @@ fn response(failures: Vec<String>) -> SqsBatchResponse {
         })
         .collect();
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let cfg = WorkerConfig {
-            backoff_base: Duration::from_secs(2),
-            backoff_cap: Duration::from_secs(60),
-            ..WorkerConfig::default()
-        };
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for attempt in 1..=10 {
-            let exp = (2u64 << (attempt - 1)).min(60);
-            for _ in 0..50 {
-                let d = backoff(&cfg, attempt, &mut rng).as_millis() as u64;
-                assert!(d <= exp * 1000, "attempt {attempt}: {d}ms over {exp}s");
-                assert!(
-                    d >= exp * 500,
-                    "attempt {attempt}: {d}ms under half of {exp}s"
-                );
-            }
-        }
-    }
 }

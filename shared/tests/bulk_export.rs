@@ -48,8 +48,9 @@ async fn run(
         .await
         .remove(0);
     enqueue(db, &*q, std::slice::from_ref(&job)).await;
-    let mut worker = db.worker_with(q.clone(), config, Registry::builtin());
-    worker.storage = storage;
+    let worker = db
+        .worker_with(q.clone(), config, Registry::builtin())
+        .with_storage(storage);
     let mut source = event_source(q.clone(), worker);
     source.invocation_timeout = timeout;
     run_until_finished(db, &source, job.id, Duration::from_secs(60)).await

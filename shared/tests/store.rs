@@ -9,9 +9,13 @@ use offload::workspace::Tier;
 use serde_json::json;
 
 fn lease_of(job: &offload::Job, worker: &str) -> Lease {
+    lease_of_id(job.id, job.attempts, worker)
+}
+
+fn lease_of_id(job_id: offload::JobId, attempt: i32, worker: &str) -> Lease {
     Lease {
-        job_id: job.id,
-        attempt: job.attempts,
+        job_id,
+        attempt,
         worker_id: worker.into(),
     }
 }
@@ -31,7 +35,8 @@ async fn a_job_goes_pending_queued_running_completed() {
         .store
         .claim(&[job.id], "w1", now, Duration::seconds(60), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].status, JobStatus::Running);
     assert_eq!(claimed[0].attempts, 1);
@@ -40,7 +45,6 @@ async fn a_job_goes_pending_queued_running_completed() {
     let done = db
         .store
         .complete(
-            "w1",
             &[(
                 lease_of(&claimed[0], "w1"),
                 Some(json!({"ok": true})),
@@ -77,10 +81,11 @@ async fn claim_skips_jobs_not_due_finished_or_under_a_live_lease() {
     db.store
         .claim(&[held.id, done.id], "w1", now, Duration::seconds(60), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     let d = db.job(done.id).await;
     db.store
-        .complete("w1", &[(lease_of(&d, "w1"), None, None)], now)
+        .complete(&[(lease_of(&d, "w1"), None, None)], now)
         .await
         .unwrap();
 
@@ -94,7 +99,8 @@ async fn claim_skips_jobs_not_due_finished_or_under_a_live_lease() {
             &[],
         )
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     assert!(claimed.is_empty(), "claimed {claimed:?}");
     assert_eq!(db.job(held.id).await.worker_id.as_deref(), Some("w1"));
     assert_eq!(db.job(held.id).await.attempts, 1);
@@ -115,7 +121,8 @@ async fn the_same_id_twice_in_one_claim_is_claimed_once() {
             &[],
         )
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     assert_eq!(claimed.len(), 1);
     assert_eq!(db.job(job.id).await.attempts, 1);
 }
@@ -131,6 +138,7 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
         .claim(&[job.id], "old", t0, Duration::seconds(30), &[])
         .await
         .unwrap()
+        .running
         .remove(0);
     // The lease runs out; a redelivered message takes the job over.
     let t1 = t0 + Duration::seconds(31);
@@ -139,13 +147,14 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
         .claim(&[job.id], "new", t1, Duration::seconds(30), &[])
         .await
         .unwrap()
+        .running
         .remove(0);
     assert_eq!(second.attempts, 2);
 
     let old = lease_of(&first, "old");
     let s = &db.store;
     assert!(s
-        .complete("old", &[(old.clone(), Some(json!(1)), None)], t1)
+        .complete(&[(old.clone(), Some(json!(1)), None)], t1)
         .await
         .unwrap()
         .is_empty());
@@ -157,16 +166,19 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
         .save_checkpoint(&old, &json!({"at": 5}), t1)
         .await
         .unwrap());
-    assert!(!s.retry_later(&old, t1, "boom", false, t1).await.unwrap());
+    assert_eq!(
+        s.retry_later(&old, t1, "boom", false, t1).await.unwrap(),
+        None
+    );
     assert!(!s
         .bury(&old, "boom", ErrorKind::Permanent, t1)
         .await
         .unwrap());
     assert!(!s.finish_cancelled(&old, None, t1).await.unwrap());
-    assert!(!s.hand_off(&old, &json!({}), None, t1).await.unwrap());
-    assert!(!s.snooze(&old, t1, t1).await.unwrap());
+    assert_eq!(s.hand_off(&old, &json!({}), None, t1).await.unwrap(), None);
+    assert_eq!(s.snooze(&old, t1, t1).await.unwrap(), None);
     assert!(s
-        .heartbeat("old", &[(job.id, 1)], t1, Duration::seconds(30))
+        .heartbeat(&[lease_of_id(job.id, 1, "old")], t1, Duration::seconds(30))
         .await
         .unwrap()
         .is_empty());
@@ -181,7 +193,7 @@ async fn a_writer_that_lost_its_lease_changes_nothing() {
     // The new holder still can.
     let new = lease_of(&second, "new");
     assert_eq!(
-        s.complete("new", &[(new, None, None)], t1).await.unwrap(),
+        s.complete(&[(new, None, None)], t1).await.unwrap(),
         vec![job.id]
     );
 }
@@ -203,15 +215,18 @@ async fn retry_bury_cancel_hand_off_and_snooze_each_move_a_running_job() {
         .store
         .claim(&ids, "w", now, Duration::seconds(60), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     let lease = |i: usize| lease_of(claimed.iter().find(|j| j.id == ids[i]).unwrap(), "w");
     let s = &db.store;
 
     let later = now + Duration::seconds(8);
-    assert!(s
-        .retry_later(&lease(0), later, "timeout", false, now)
-        .await
-        .unwrap());
+    assert_eq!(
+        s.retry_later(&lease(0), later, "timeout", false, now)
+            .await
+            .unwrap(),
+        Some(JobStatus::Queued)
+    );
     let j = db.job(ids[0]).await;
     assert_eq!(
         (j.status, j.attempts, j.run_at),
@@ -243,15 +258,17 @@ async fn retry_bury_cancel_hand_off_and_snooze_each_move_a_running_job() {
         (JobStatus::Cancelled, Some(json!({"done": 4})))
     );
 
-    assert!(s
-        .hand_off(
+    assert_eq!(
+        s.hand_off(
             &lease(3),
             &json!({"row": 500}),
             Some(&Progress::of(500, 1000)),
             now
         )
         .await
-        .unwrap());
+        .unwrap(),
+        Some(JobStatus::Pending)
+    );
     let j = db.job(ids[3]).await;
     assert_eq!(
         j.status,
@@ -263,7 +280,10 @@ async fn retry_bury_cancel_hand_off_and_snooze_each_move_a_running_job() {
     assert_eq!(j.progress.processed, 500);
     assert_eq!(j.enqueued_at, None);
 
-    assert!(s.snooze(&lease(4), later, now).await.unwrap());
+    assert_eq!(
+        s.snooze(&lease(4), later, now).await.unwrap(),
+        Some(JobStatus::Queued)
+    );
     let j = db.job(ids[4]).await;
     assert_eq!(
         (j.status, j.attempts, j.run_at),
@@ -285,7 +305,8 @@ async fn cancel_is_immediate_when_waiting_and_requested_when_running() {
     db.store
         .claim(&[jobs[1].id], "w", now, Duration::seconds(60), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .running;
 
     let waiting = db
         .store
@@ -332,6 +353,7 @@ async fn manual_retry_starts_a_dead_job_afresh_and_refuses_others() {
         .claim(&[job.id], "w", now, Duration::seconds(60), &[])
         .await
         .unwrap()
+        .running
         .remove(0);
     assert!(
         db.store
@@ -379,12 +401,17 @@ async fn rescue_requeues_expired_leases_and_dead_letters_the_last_attempt_only()
         .store
         .claim(&ids[..3], "w", t0, Duration::seconds(30), &[])
         .await
-        .unwrap();
+        .unwrap()
+        .running;
     // Job 2 keeps heartbeating; job 3 was never claimed (queued).
     let c2 = claimed.iter().find(|j| j.id == ids[2]).unwrap();
     let t1 = t0 + Duration::seconds(25);
     db.store
-        .heartbeat("w", &[(c2.id, c2.attempts)], t1, Duration::seconds(30))
+        .heartbeat(
+            &[lease_of_id(c2.id, c2.attempts, "w")],
+            t1,
+            Duration::seconds(30),
+        )
         .await
         .unwrap();
 

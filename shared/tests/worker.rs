@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use offload::clock::Clock;
 use offload::config::WorkerConfig;
 use offload::event_source::to_event;
 use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
@@ -13,6 +14,7 @@ use offload::job::{ErrorKind, JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::store::Store;
 use offload::testing::{enqueue, event_source, new_job, TestDb};
+use offload::worker::Worker;
 use offload::workspace::Tier;
 use serde_json::json;
 
@@ -275,7 +277,7 @@ async fn a_panicking_handler_fails_only_its_job_and_is_retried() {
 }
 
 #[tokio::test]
-async fn an_unreachable_database_fails_the_whole_batch() {
+async fn an_unreachable_database_fails_the_whole_batch_and_it_comes_back_within_seconds() {
     let db = TestDb::new().await;
     let q = Arc::new(db.pg_queue(5));
     let (ws, _) = db.workspace(Tier::Unlimited).await;
@@ -287,22 +289,51 @@ async fn an_unreachable_database_fails_the_whole_batch() {
         )
         .await;
     enqueue(&db, &*q, &jobs).await;
+    // A visibility of an hour: without the worker's short backoff the
+    // messages would stay hidden that long.
     let msgs = q
         .receive(
             QueueName::Default,
             10,
-            Duration::from_secs(30),
+            Duration::from_secs(3600),
             Duration::ZERO,
         )
         .await
         .unwrap();
-    let mut worker = db.worker(q.clone(), quick());
-    worker.store =
+    let config = WorkerConfig {
+        batch_failure_delay: Duration::from_secs(2),
+        ..quick()
+    };
+    let unreachable =
         Store::new(offload::db::pool("postgres://postgres:x@127.0.0.1:1/none", 1).unwrap());
+    let worker = Worker::new(
+        unreachable,
+        q.clone(),
+        Arc::new(Registry::builtin()),
+        config,
+        Clock::System,
+        "cut-off",
+        db.storage(),
+    );
     let resp = worker
         .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
         .await;
     assert_eq!(resp.batch_item_failures.len(), 4);
+    let mut back = 0;
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    while back < 4 && tokio::time::Instant::now() < end {
+        back += q
+            .receive(
+                QueueName::Default,
+                10,
+                Duration::from_secs(30),
+                Duration::from_millis(500),
+            )
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(back, 4, "the batch is back within seconds, not an hour");
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ mod dead_letters;
 mod outbox;
 mod prune;
 mod recurring;
+mod release;
 mod rescue;
 
 use std::sync::Arc;
@@ -28,6 +29,9 @@ pub struct SchedulerConfig {
     pub batch_limit: i64,
     /// Finished jobs older than this are pruned.
     pub retention: Duration,
+    /// Parked jobs of a workspace with free slots are released when its
+    /// running count has not changed for this long.
+    pub release_grace: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -36,6 +40,7 @@ impl Default for SchedulerConfig {
             outbox_grace: Duration::from_secs(10),
             batch_limit: 1_000,
             retention: Duration::from_secs(7 * 86_400),
+            release_grace: Duration::from_secs(10),
         }
     }
 }
@@ -63,6 +68,8 @@ pub struct Report {
     pub dead_lettered: u64,
     /// Finished jobs deleted after the retention period.
     pub pruned: u64,
+    /// Parked jobs released into free slots nobody filled (each a repair).
+    pub released: u64,
     /// Duties that failed this run (each is retried next run).
     pub errors: Vec<String>,
 }
@@ -87,6 +94,10 @@ impl Scheduler {
             Ok(n) => report.sent = n,
             Err(e) => report.errors.push(format!("outbox: {e}")),
         }
+        match release::run(self).await {
+            Ok(n) => report.released = n,
+            Err(e) => report.errors.push(format!("release: {e}")),
+        }
         match dead_letters::run(self).await {
             Ok(n) => report.dead_lettered = n,
             Err(e) => report.errors.push(format!("dead letters: {e}")),
@@ -102,11 +113,12 @@ impl Scheduler {
                 sent = report.sent,
                 dead_lettered = report.dead_lettered,
                 pruned = report.pruned,
+                released = report.released,
                 "scheduler run"
             );
         } else {
             tracing::warn!(rescued = report.rescued, rescued_dead = report.rescued_dead,
-                scheduled = report.scheduled, sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned,
+                scheduled = report.scheduled, sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned, released = report.released,
                 errors = ?report.errors, "scheduler run with errors");
         }
         report

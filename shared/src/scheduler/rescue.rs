@@ -19,5 +19,11 @@ pub(super) async fn run(s: &Scheduler) -> Result<(u64, u64), DbError> {
             tracing::warn!(error = %e, "rescue: queue refused some messages");
         }
     }
+    if rescued.cancelled > 0 {
+        tracing::info!(
+            cancelled = rescued.cancelled,
+            "rescue: expired leases of cancelled jobs"
+        );
+    }
     Ok((rescued.requeued.len() as u64, rescued.dead))
 }

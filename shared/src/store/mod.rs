@@ -4,15 +4,21 @@
 //! that lost the race, or its lease, changes nothing and learns so from the
 //! returned row count.
 
-use chrono::{DateTime, Duration, SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 
 use crate::db::{storable_json, storable_text, Conn, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
-use crate::job::{ErrorKind, Job, JobStatus, Progress, QueueName};
+use crate::job::{Job, JobStatus, Progress, QueueName};
 use crate::job_columns;
+
+mod lease;
+mod slots;
+
+pub use lease::{bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze};
+pub use slots::{lock_workspaces, refill, Claimed, ParkedWorkspace, Refill};
 
 /// A job to insert, already validated.
 #[derive(Clone, Debug)]
@@ -143,12 +149,24 @@ pub struct LogLine {
     pub metadata: Option<Value>,
 }
 
+/// What the worker reads of a job whose message it could not claim.
+#[derive(Clone, Debug)]
+pub struct Peeked {
+    pub id: JobId,
+    pub status: JobStatus,
+    pub run_at: DateTime<Utc>,
+    pub cancel_requested: bool,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
 /// What the lease rescuer did.
 #[derive(Clone, Debug, Default)]
 pub struct Rescued {
     /// Jobs put back to `pending`, to be sent a fresh message.
     pub requeued: Vec<Job>,
     pub dead: u64,
+    /// Jobs whose cancel was requested before their worker died.
+    pub cancelled: u64,
 }
 
 /// Handle to the jobs tables. Cloning is shallow (the pool is shared).
@@ -199,70 +217,6 @@ const INSERT_JOBS_WITH_MESSAGES: &str = concat!(
     insert_jobs_sql!(),
     "id"
 );
-
-/// Claims the jobs of a batch of messages in one statement. A job is
-/// claimable when it is waiting (`pending` or `queued`) and due, or when it
-/// is `running` under a lease that expired with attempts left (its worker
-/// died; the redelivered message takes it over before the scheduler does).
-/// `attempts + 1` starts the new attempt and `worker_id` names this claim,
-/// which together form the lease every later write checks.
-///
-/// Rows another transaction holds (a concurrent claim of a duplicate
-/// message, a heartbeat, the scheduler's rescue) are skipped rather than
-/// waited for: two claims of overlapping batches would otherwise lock the
-/// same rows in different orders and deadlock. A skipped job's message is
-/// judged afterwards like any other unclaimed one.
-const CLAIM: &str = concat!(
-    "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = $2, \
-       started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
-       updated_at = $3 \
-     WHERE id = ANY(ARRAY( \
-         SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND run_at <= $3 \
-           AND (status IN ('pending', 'queued') \
-                OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
-         FOR UPDATE SKIP LOCKED)) \
-       AND run_at <= $3 \
-       AND (status IN ('pending', 'queued') \
-            OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
-     RETURNING ",
-    job_columns!()
-);
-
-/// [`CLAIM`] for batches with jobs of workspaces that have a concurrency
-/// limit (`$5` the workspaces, `$6` their limits): within each workspace the
-/// candidates are ranked by priority, and only those that fit under the
-/// limit, given the workspace's `running` count, are claimed.
-const CLAIM_FAIR: &str = concat!(
-    "WITH cand AS ( \
-       SELECT id AS cid, workspace_id AS cws, \
-         row_number() OVER (PARTITION BY workspace_id ORDER BY priority DESC, created_at, id) AS rn \
-       FROM jobs \
-       WHERE id = ANY($1) AND run_at <= $3 \
-         AND (status IN ('pending', 'queued') \
-              OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts))), \
-     allowed AS ( \
-       SELECT c.cid FROM cand c \
-       LEFT JOIN unnest($5::uuid[], $6::int8[]) AS l(lws, lmax) ON l.lws = c.cws \
-       LEFT JOIN workspaces w ON w.id = c.cws \
-       WHERE l.lmax IS NULL OR c.rn + coalesce(w.running, 0) <= l.lmax) \
-     UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_id = $2, \
-       started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
-       updated_at = $3 \
-     FROM allowed \
-     WHERE id = allowed.cid AND run_at <= $3 \
-       AND (status IN ('pending', 'queued') \
-            OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts)) \
-     RETURNING ",
-    job_columns!()
-);
-
-/// Completes many jobs in one statement; each row names its own lease.
-const COMPLETE: &str = "UPDATE jobs SET status = 'completed', result = u.res, \
-       progress = coalesce(u.prog, jobs.progress), finished_at = $3, updated_at = $3, \
-       lease_expires_at = NULL, error_message = NULL, error_kind = NULL \
-     FROM unnest($1::uuid[], $2::int4[], $4::jsonb[], $5::jsonb[]) AS u(uid, attempt, res, prog) \
-     WHERE id = u.uid AND status = 'running' AND attempts = u.attempt AND worker_id = $6 \
-     RETURNING id";
 
 impl Store {
     pub fn new(pool: Pool) -> Self {
@@ -520,262 +474,6 @@ impl Store {
         mark_enqueued_on(&db, ids, now).await
     }
 
-    /// `pending|queued → running` (or an expired `running` lease taken over)
-    /// for every claimable job among `ids`. `limits` names the workspaces
-    /// with a concurrency limit: for those, the claim takes at most as many
-    /// jobs as the limit leaves room for (highest priority first), with the
-    /// workspaces' rows locked so two concurrent claims cannot both use the
-    /// last free slot. Without limited workspaces it is one statement.
-    pub async fn claim(
-        &self,
-        ids: &[JobId],
-        worker_id: &str,
-        now: DateTime<Utc>,
-        lease: Duration,
-        limits: &[(WorkspaceId, i64)],
-    ) -> Result<Vec<Job>, DbError> {
-        let mut db = self.pool.get().await?;
-        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
-        if limits.is_empty() {
-            let stmt = db.prepare_cached(CLAIM).await?;
-            let rows = db
-                .query(&stmt, &[&ids, &worker_id, &now, &(now + lease)])
-                .await?;
-            return Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?);
-        }
-        let mut sorted: Vec<(WorkspaceId, i64)> = limits.to_vec();
-        sorted.sort();
-        let lws: Vec<_> = sorted.iter().map(|l| l.0 .0).collect();
-        let lmax: Vec<_> = sorted.iter().map(|l| l.1).collect();
-        let tx = db.transaction().await?;
-        // Locked in id order, so two claimers cannot deadlock. The claim
-        // below is a new statement, so it sees the counts as they are once
-        // the locks are held (READ COMMITTED takes a snapshot per statement).
-        tx.execute(
-            "SELECT 1 FROM workspaces WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-            &[&lws],
-        )
-        .await?;
-        let rows = tx
-            .query(
-                CLAIM_FAIR,
-                &[&ids, &worker_id, &now, &(now + lease), &lws, &lmax],
-            )
-            .await?;
-        tx.commit().await?;
-        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
-    }
-
-    /// Renews the leases of jobs still held by `worker_id` and returns, for
-    /// each lease still held, whether a cancel was requested.
-    pub async fn heartbeat(
-        &self,
-        worker_id: &str,
-        leases: &[(JobId, i32)],
-        now: DateTime<Utc>,
-        lease: Duration,
-    ) -> Result<Vec<(JobId, bool)>, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let ids: Vec<_> = leases.iter().map(|l| l.0 .0).collect();
-        let attempts: Vec<_> = leases.iter().map(|l| l.1).collect();
-        let rows = db
-            .query(
-                "UPDATE jobs SET heartbeat_at = $3, lease_expires_at = $4 \
-                 FROM unnest($1::uuid[], $2::int4[]) AS u(uid, attempt) \
-                 WHERE id = u.uid AND status = 'running' AND attempts = u.attempt \
-                   AND worker_id = $5 \
-                 RETURNING id, cancel_requested_at IS NOT NULL",
-                &[&ids, &attempts, &now, &(now + lease), &worker_id],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| (JobId(r.get(0)), r.get(1))).collect())
-    }
-
-    /// `running → completed` for many jobs at once; returns the ids whose
-    /// lease was still held (only those changed).
-    pub async fn complete(
-        &self,
-        worker_id: &str,
-        done: &[(Lease, Option<Value>, Option<Progress>)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<JobId>, DbError> {
-        if done.is_empty() {
-            return Ok(Vec::new());
-        }
-        let db = Conn::get(&self.pool).await?;
-        let ids: Vec<_> = done.iter().map(|d| d.0.job_id.0).collect();
-        let attempts: Vec<_> = done.iter().map(|d| d.0.attempt).collect();
-        let results: Vec<_> = done
-            .iter()
-            .map(|d| d.1.as_ref().map(|r| storable_json(r).into_owned()))
-            .collect();
-        let progress: Vec<Option<Value>> = done
-            .iter()
-            .map(|d| {
-                d.2.as_ref().map(|p| {
-                    storable_json(&serde_json::to_value(p).unwrap_or(Value::Null)).into_owned()
-                })
-            })
-            .collect();
-        let rows = db
-            .query(
-                COMPLETE,
-                &[&ids, &attempts, &now, &results, &progress, &worker_id],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
-    }
-
-    /// `running → queued` after a retryable failure, due again at `run_at`.
-    /// With `via_outbox` the job goes to `pending` with no message instead,
-    /// for delays longer than a queue can hold a message invisible; the
-    /// scheduler sends it when due.
-    pub async fn retry_later(
-        &self,
-        lease: &Lease,
-        run_at: DateTime<Utc>,
-        error: &str,
-        via_outbox: bool,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let status = if via_outbox {
-            JobStatus::Pending
-        } else {
-            JobStatus::Queued
-        };
-        let n = db
-            .execute(
-                "UPDATE jobs SET status = $4, run_at = $5, error_message = $6, \
-                   error_kind = 'retryable', lease_expires_at = NULL, updated_at = $7, \
-                   enqueued_at = CASE WHEN $4 = 'pending' THEN NULL ELSE enqueued_at END \
-                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
-                &[
-                    &lease.job_id.0,
-                    &lease.attempt,
-                    &lease.worker_id,
-                    &status.as_str(),
-                    &run_at,
-                    &storable_text(error),
-                    &now,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    /// `running → dead`: a permanent error, or the last attempt failed.
-    pub async fn bury(
-        &self,
-        lease: &Lease,
-        error: &str,
-        kind: ErrorKind,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let n = db
-            .execute(
-                "UPDATE jobs SET status = 'dead', error_message = $4, error_kind = $5, \
-                   finished_at = $6, updated_at = $6, lease_expires_at = NULL \
-                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
-                &[
-                    &lease.job_id.0,
-                    &lease.attempt,
-                    &lease.worker_id,
-                    &storable_text(error),
-                    &kind.as_str(),
-                    &now,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    /// `running → cancelled` when the handler stopped on a cancel request,
-    /// keeping what it did so far in `result`.
-    pub async fn finish_cancelled(
-        &self,
-        lease: &Lease,
-        partial: Option<Value>,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let n = db
-            .execute(
-                "UPDATE jobs SET status = 'cancelled', result = $4, finished_at = $5, \
-                   updated_at = $5, lease_expires_at = NULL \
-                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
-                &[
-                    &lease.job_id.0,
-                    &lease.attempt,
-                    &lease.worker_id,
-                    &partial,
-                    &now,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    /// `running → pending` near the invocation deadline: the checkpoint is
-    /// saved, and the attempt is given back (a hand-off is not a failure), so
-    /// a job may need any number of invocations. The next claim is a new
-    /// `worker_id`, so the lease guard still tells the two apart.
-    pub async fn hand_off(
-        &self,
-        lease: &Lease,
-        checkpoint: &Value,
-        progress: Option<&Progress>,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
-        let n = db
-            .execute(
-                "UPDATE jobs SET status = 'pending', attempts = attempts - 1, checkpoint = $4, \
-                   progress = coalesce($5, progress), run_at = $6, enqueued_at = NULL, \
-                   lease_expires_at = NULL, updated_at = $6 \
-                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
-                &[
-                    &lease.job_id.0,
-                    &lease.attempt,
-                    &lease.worker_id,
-                    checkpoint,
-                    &progress,
-                    &now,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
-    /// `running → queued`, due at `run_at`, giving the attempt back: the job
-    /// was not run (a rate limit was empty, or its workspace is at its
-    /// concurrency limit).
-    pub async fn snooze(
-        &self,
-        lease: &Lease,
-        run_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
-        let db = Conn::get(&self.pool).await?;
-        let n = db
-            .execute(
-                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, run_at = $4, \
-                   lease_expires_at = NULL, updated_at = $5 \
-                 WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3",
-                &[
-                    &lease.job_id.0,
-                    &lease.attempt,
-                    &lease.worker_id,
-                    &run_at,
-                    &now,
-                ],
-            )
-            .await?;
-        Ok(n == 1)
-    }
-
     /// `queued → pending` for a job whose message was lost (the queue refused
     /// to delay it), so the scheduler's outbox sends it a new one.
     pub async fn to_outbox(&self, id: JobId, now: DateTime<Utc>) -> Result<bool, DbError> {
@@ -790,30 +488,52 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Status and due time of jobs, for deciding what to do with messages
-    /// whose job could not be claimed.
-    pub async fn peek(
-        &self,
-        ids: &[JobId],
-    ) -> Result<Vec<(JobId, JobStatus, DateTime<Utc>)>, DbError> {
+    /// Status, due time and cancel flag of jobs, for deciding what to do
+    /// with messages whose job could not be claimed.
+    pub async fn peek(&self, ids: &[JobId]) -> Result<Vec<Peeked>, DbError> {
         let db = Conn::get(&self.pool).await?;
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
         let rows = db
             .query(
-                "SELECT id, status, run_at FROM jobs WHERE id = ANY($1)",
+                "SELECT id, status, run_at, cancel_requested_at IS NOT NULL, lease_expires_at \
+                 FROM jobs WHERE id = ANY($1)",
                 &[&ids],
             )
             .await?;
         Ok(rows
             .iter()
-            .map(|r| {
-                (
-                    JobId(r.get(0)),
-                    r.get::<_, &str>(1).parse().unwrap_or(JobStatus::Dead),
-                    r.get(2),
-                )
+            .map(|r| Peeked {
+                id: JobId(r.get(0)),
+                status: r.get::<_, &str>(1).parse().unwrap_or(JobStatus::Dead),
+                run_at: r.get(2),
+                cancel_requested: r.get(3),
+                lease_expires_at: r.get(4),
             })
             .collect())
+    }
+
+    /// Ends `cancelled` the jobs among `ids` whose cancel was requested and
+    /// that nobody holds (waiting, or running under an expired lease): a
+    /// cancel wins over starting them again. Returns the ids it ended.
+    pub async fn end_cancel_requested(
+        &self,
+        ids: &[JobId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2, updated_at = $2, \
+                   parked_at = NULL, lease_expires_at = NULL \
+                 WHERE id = ANY($1) AND cancel_requested_at IS NOT NULL \
+                   AND (status IN ('pending', 'queued') \
+                        OR (status = 'running' AND lease_expires_at < $2)) \
+                 RETURNING id",
+                &[&ids, &now],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
     }
 
     /// Saves a running job's checkpoint; `false` when the lease is lost.
@@ -900,7 +620,8 @@ impl Store {
                     "UPDATE jobs SET \
                        status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, \
                        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $3 END, \
-                       cancel_requested_at = coalesce(cancel_requested_at, $3), updated_at = $3 \
+                       cancel_requested_at = coalesce(cancel_requested_at, $3), updated_at = $3, \
+                       parked_at = NULL \
                      WHERE id = $1 AND workspace_id = $2 \
                        AND status IN ('pending', 'queued', 'running') \
                      RETURNING ",
@@ -929,7 +650,8 @@ impl Store {
                        error_message = NULL, error_kind = NULL, result = NULL, progress = NULL, \
                        checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
                        finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
-                       heartbeat_at = NULL, lease_expires_at = NULL, updated_at = $3 \
+                       heartbeat_at = NULL, lease_expires_at = NULL, parked_at = NULL, \
+                       updated_at = $3 \
                      WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
                      RETURNING ",
                     job_columns!()
@@ -942,7 +664,7 @@ impl Store {
 
     /// Rescues up to `limit` `running` jobs whose lease expired: back to
     /// `pending` (the outbox sends them a fresh message) when attempts
-    /// remain, else `dead`. The row is re-checked under its lock, so a job
+    /// remain, else `dead`; `cancelled` when a cancel was requested. The row is re-checked under its lock, so a job
     /// its worker finished or renewed in the meantime is left alone.
     pub async fn rescue_expired(&self, now: DateTime<Utc>, limit: i64) -> Result<Rescued, DbError> {
         let db = Conn::get(&self.pool).await?;
@@ -950,12 +672,17 @@ impl Store {
             .query(
                 concat!(
                 "UPDATE jobs SET \
-                   status = CASE WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END, \
-                   error_message = CASE WHEN attempts < max_attempts \
+                   status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+                     WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END, \
+                   error_message = CASE WHEN cancel_requested_at IS NOT NULL \
+                     THEN 'lease expired after a cancel request: the worker stopped heartbeating' \
+                     WHEN attempts < max_attempts \
                      THEN 'lease expired: the worker stopped heartbeating; retrying' \
                      ELSE 'lease expired on the last attempt: the worker stopped heartbeating' END, \
-                   error_kind = CASE WHEN attempts < max_attempts THEN 'retryable' ELSE 'permanent' END, \
-                   finished_at = CASE WHEN attempts < max_attempts THEN NULL ELSE $1 END, \
+                   error_kind = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                     THEN 'retryable' ELSE 'permanent' END, \
+                   finished_at = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                     THEN NULL ELSE $1 END, \
                    run_at = CASE WHEN attempts < max_attempts THEN $1 ELSE run_at END, \
                    enqueued_at = NULL, lease_expires_at = NULL, updated_at = $1 \
                  WHERE id = ANY(ARRAY( \
@@ -969,11 +696,16 @@ impl Store {
             )
             .await?;
         let jobs: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
-        let (dead, requeued): (Vec<Job>, Vec<Job>) =
-            jobs.into_iter().partition(|j| j.status == JobStatus::Dead);
+        let (requeued, ended): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.status == JobStatus::Pending);
         Ok(Rescued {
             requeued,
-            dead: dead.len() as u64,
+            dead: ended.iter().filter(|j| j.status == JobStatus::Dead).count() as u64,
+            cancelled: ended
+                .iter()
+                .filter(|j| j.status == JobStatus::Cancelled)
+                .count() as u64,
         })
     }
 
@@ -990,7 +722,7 @@ impl Store {
         let rows = db
             .query(
                 "UPDATE jobs SET status = 'dead', error_message = $2, error_kind = 'permanent', \
-                   finished_at = $3, updated_at = $3, lease_expires_at = NULL \
+                   finished_at = $3, updated_at = $3, lease_expires_at = NULL, parked_at = NULL \
                  WHERE id = ANY($1) AND status IN ('pending', 'queued', 'running') \
                  RETURNING id",
                 &[&ids, &reason, &now],
@@ -1004,24 +736,7 @@ impl Store {
         if lines.is_empty() {
             return Ok(());
         }
-        let db = Conn::get(&self.pool).await?;
-        let job_ids: Vec<_> = lines.iter().map(|l| l.job_id.0).collect();
-        let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
-        let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
-        let levels: Vec<_> = lines.iter().map(|l| l.level).collect();
-        let messages: Vec<_> = lines.iter().map(|l| storable_text(&l.message)).collect();
-        let metadata: Vec<_> = lines
-            .iter()
-            .map(|l| l.metadata.as_ref().map(|m| storable_json(m).into_owned()))
-            .collect();
-        db.execute(
-            "INSERT INTO job_logs (job_id, workspace_id, attempt, level, message, metadata, created_at) \
-             SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::text[], \
-               $6::jsonb[]) AS u",
-            &[&job_ids, &wss, &attempts, &levels, &messages, &metadata, &now],
-        )
-        .await?;
-        Ok(())
+        append_logs(&self.pool.get().await?, lines, now).await
     }
 
     /// A job's log lines in order, after line `after` (a cursor), at most `limit`.
@@ -1058,4 +773,39 @@ impl Store {
         )
         .await
     }
+}
+
+/// Appends log lines in one statement, on the caller's connection or transaction.
+pub async fn append_logs(
+    db: &impl GenericClient,
+    lines: &[LogLine],
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let job_ids: Vec<_> = lines.iter().map(|l| l.job_id.0).collect();
+    let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
+    let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
+    let levels: Vec<_> = lines.iter().map(|l| l.level).collect();
+    let messages: Vec<_> = lines.iter().map(|l| storable_text(&l.message)).collect();
+    let metadata: Vec<_> = lines
+        .iter()
+        .map(|l| l.metadata.as_ref().map(|m| storable_json(m).into_owned()))
+        .collect();
+    let stmt = db
+        .prepare_cached(
+            "INSERT INTO job_logs (job_id, workspace_id, attempt, level, message, metadata, created_at) \
+             SELECT u.*, $7 FROM unnest($1::uuid[], $2::uuid[], $3::int4[], $4::text[], $5::text[], \
+               $6::jsonb[]) AS u",
+        )
+        .await?;
+    db.execute(
+        &stmt,
+        &[
+            &job_ids, &wss, &attempts, &levels, &messages, &metadata, &now,
+        ],
+    )
+    .await?;
+    Ok(())
 }

@@ -1,0 +1,210 @@
+//! The retry policy, apart from any I/O: what becomes of a job whose
+//! handler returned, decided from the outcome, the attempt and the cancel
+//! flag alone. The worker applies the [`Action`] in a separate step.
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::Value;
+
+use crate::config::WorkerConfig;
+use crate::handlers::{JobError, Outcome};
+use crate::job::ErrorKind;
+use crate::queue::MAX_VISIBILITY;
+
+/// What to write for a job whose handler returned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// `completed`, with its result.
+    Complete(Option<Value>),
+    /// `cancelled`, keeping what was done so far.
+    Cancel(Option<Value>),
+    /// Back to `pending` with this checkpoint and a fresh message.
+    HandOff(Value),
+    /// Not run (a rate limit was empty): back after the delay, attempt given back.
+    Snooze(Duration),
+    /// A failed attempt: back after the backoff, by `route`.
+    Retry {
+        delay: Duration,
+        error: String,
+        route: Route,
+    },
+    /// `dead`: a permanent error, or no attempts left.
+    Bury { error: String, kind: ErrorKind },
+    /// The lease was lost: this worker writes nothing.
+    Drop,
+}
+
+/// How a retried job comes back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Its message is hidden for the backoff and reported failed.
+    Visibility,
+    /// A fresh message with the delay: the job came without a message, or
+    /// one more receive would send its message to the dead-letter queue
+    /// while it has attempts left.
+    FreshMessage,
+    /// Longer than a queue can hide a message: the scheduler sends it when due.
+    Outbox,
+}
+
+/// What the policy needs to know of the run.
+#[derive(Clone, Debug)]
+pub struct Facts {
+    /// The attempt that just ran (1-based) and the job's maximum.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// A cancel was requested (as the worker last read it; the statements
+    /// check again).
+    pub cancel_requested: bool,
+    /// Receives of the message that delivered the job, if it came with one.
+    pub receive_count: Option<u32>,
+    pub max_receive_count: u32,
+}
+
+/// Delay before retry number `attempt` (1-based): exponential from `base`,
+/// capped, then jittered uniformly between half and all of that value. Pure
+/// "full jitter" (zero to all) can retry a failing dependency at once; the
+/// lower half-bound keeps every wait at least half the exponential step
+/// while still spreading a burst of failures apart.
+pub fn backoff(config: &WorkerConfig, attempt: i32, rng: &mut impl Rng) -> Duration {
+    let exp = config
+        .backoff_base
+        .saturating_mul(2u32.saturating_pow(attempt.clamp(1, 31) as u32 - 1))
+        .min(config.backoff_cap);
+    let ms = exp.as_millis() as u64;
+    Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
+}
+
+/// The action for a handler's result. A cancel request wins over every way
+/// of coming back (retry, snooze, hand-off); a completion or a permanent
+/// failure is recorded as what it was.
+pub fn decide(
+    result: &Result<Outcome, JobError>,
+    checkpoint: Option<&Value>,
+    facts: &Facts,
+    backoff: Duration,
+) -> Action {
+    let comes_back = |action: Action| {
+        if facts.cancel_requested {
+            Action::Cancel(None)
+        } else {
+            action
+        }
+    };
+    match result {
+        Ok(Outcome::Completed(r)) => Action::Complete(r.clone()),
+        Ok(Outcome::Cancelled(partial)) => Action::Cancel(partial.clone()),
+        Ok(Outcome::HandOff) => {
+            comes_back(Action::HandOff(checkpoint.cloned().unwrap_or(Value::Null)))
+        }
+        Ok(Outcome::Snooze(delay)) => comes_back(Action::Snooze(*delay)),
+        Err(JobError::LeaseLost) => Action::Drop,
+        Err(JobError::Retryable(msg)) if facts.attempt < facts.max_attempts => {
+            let route = if backoff > MAX_VISIBILITY {
+                Route::Outbox
+            } else {
+                match facts.receive_count {
+                    Some(n) if n + 1 < facts.max_receive_count => Route::Visibility,
+                    _ => Route::FreshMessage,
+                }
+            };
+            comes_back(Action::Retry {
+                delay: backoff,
+                error: msg.clone(),
+                route,
+            })
+        }
+        Err(JobError::Retryable(msg)) => Action::Bury {
+            error: format!(
+                "{msg} (attempt {} of {}: no attempts left)",
+                facts.attempt, facts.max_attempts
+            ),
+            kind: ErrorKind::Retryable,
+        },
+        Err(JobError::Permanent(msg)) => Action::Bury {
+            error: msg.clone(),
+            kind: ErrorKind::Permanent,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use serde_json::json;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let cfg = WorkerConfig {
+            backoff_base: Duration::from_secs(2),
+            backoff_cap: Duration::from_secs(60),
+            ..WorkerConfig::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 1..=10 {
+            let exp = (2u64 << (attempt - 1)).min(60);
+            for _ in 0..50 {
+                let d = backoff(&cfg, attempt, &mut rng).as_millis() as u64;
+                assert!(d <= exp * 1000, "attempt {attempt}: {d}ms over {exp}s");
+                assert!(
+                    d >= exp * 500,
+                    "attempt {attempt}: {d}ms under half of {exp}s"
+                );
+            }
+        }
+    }
+
+    fn facts(attempt: i32, cancel: bool, receives: Option<u32>) -> Facts {
+        Facts {
+            attempt,
+            max_attempts: 3,
+            cancel_requested: cancel,
+            receive_count: receives,
+            max_receive_count: 5,
+        }
+    }
+
+    #[test]
+    fn the_policy_as_a_table() {
+        let s = Duration::from_secs;
+        let retry = |route| Action::Retry {
+            delay: s(4),
+            error: "503".into(),
+            route,
+        };
+        let cp = json!({"row": 7});
+        #[rustfmt::skip]
+        let table: Vec<(Result<Outcome, JobError>, Facts, Duration, Action)> = vec![
+            (Ok(Outcome::Completed(Some(json!(1)))), facts(1, false, Some(1)), s(4), Action::Complete(Some(json!(1)))),
+            // A completion stands even when a cancel came too late to stop it.
+            (Ok(Outcome::Completed(None)), facts(1, true, Some(1)), s(4), Action::Complete(None)),
+            (Ok(Outcome::Cancelled(Some(json!(3)))), facts(1, true, Some(1)), s(4), Action::Cancel(Some(json!(3)))),
+            (Ok(Outcome::HandOff), facts(1, false, Some(1)), s(4), Action::HandOff(cp.clone())),
+            (Ok(Outcome::HandOff), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
+            (Ok(Outcome::Snooze(s(9))), facts(1, false, None), s(4), Action::Snooze(s(9))),
+            (Ok(Outcome::Snooze(s(9))), facts(1, true, None), s(4), Action::Cancel(None)),
+            (Err(JobError::Retryable("503".into())), facts(1, false, Some(1)), s(4), retry(Route::Visibility)),
+            // One more receive would reach maxReceiveCount: a fresh message.
+            (Err(JobError::Retryable("503".into())), facts(2, false, Some(4)), s(4), retry(Route::FreshMessage)),
+            // Taken from the parked jobs, without a message of its own.
+            (Err(JobError::Retryable("503".into())), facts(1, false, None), s(4), retry(Route::FreshMessage)),
+            (Err(JobError::Retryable("503".into())), facts(1, false, Some(1)), s(50_000),
+                Action::Retry { delay: s(50_000), error: "503".into(), route: Route::Outbox }),
+            (Err(JobError::Retryable("503".into())), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
+            (Err(JobError::Retryable("503".into())), facts(3, false, Some(1)), s(4),
+                Action::Bury { error: "503 (attempt 3 of 3: no attempts left)".into(), kind: ErrorKind::Retryable }),
+            (Err(JobError::Permanent("410".into())), facts(1, false, Some(1)), s(4),
+                Action::Bury { error: "410".into(), kind: ErrorKind::Permanent }),
+            (Err(JobError::LeaseLost), facts(1, true, Some(1)), s(4), Action::Drop),
+        ];
+        for (i, (result, facts, delay, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                decide(&result, Some(&cp), &facts, delay),
+                want,
+                "row {i}: {result:?} {facts:?}"
+            );
+        }
+    }
+}

@@ -310,6 +310,60 @@ pub fn event_source(queue: Arc<dyn Queue>, worker: Worker) -> EventSource {
     }
 }
 
+/// Worker loops over every work queue, as `offload dev` runs them (2
+/// receive loops per queue, 10 invocations at once, batches of 100, woken by
+/// NOTIFY); stopped and awaited by [`Workers::stop`], aborted on drop.
+pub struct Workers {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Workers {
+    pub fn start(db: &TestDb, queue: Arc<PgQueue>, worker: Worker) -> Workers {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let listener = queue.listen(&db.url);
+        tasks.spawn(async move {
+            let _ = listener.await;
+        });
+        let worker = Arc::new(worker);
+        for name in QueueName::WORK {
+            let concurrency = Arc::new(tokio::sync::Semaphore::new(10));
+            for _ in 0..2 {
+                let source = Arc::new(EventSource {
+                    queue: queue.clone(),
+                    worker: worker.clone(),
+                    name,
+                    batch: 100,
+                    visibility: Duration::from_secs(60),
+                    wait: Duration::from_secs(1),
+                    invocation_timeout: Duration::from_secs(60),
+                    concurrency: concurrency.clone(),
+                });
+                let rx = rx.clone();
+                tasks.spawn(async move { source.run(rx).await });
+            }
+        }
+        Workers { stop, tasks }
+    }
+
+    /// Stops receiving and waits for the invocations in flight.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        // The listener task never ends by itself.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.tasks.len() > 1 && tokio::time::Instant::now() < deadline {
+            if tokio::time::timeout(Duration::from_millis(200), self.tasks.join_next())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+        self.tasks.abort_all();
+    }
+}
+
 /// The SQS API server the tests use (moto, started by scripts/test.sh).
 pub fn sqs_endpoint() -> String {
     std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").unwrap_or_else(|_| {

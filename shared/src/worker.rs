@@ -184,29 +184,34 @@ impl Worker {
                 return response(failures);
             }
         };
-
-        // The first message of each claimed job runs it; any other message
-        // for the same job in this batch is a duplicate and is acknowledged,
-        // and so is the message of a job now parked in the database.
-        let mut running: HashMap<JobId, Job> =
-            claimed.running.into_iter().map(|j| (j.id, j)).collect();
-        let parked: HashSet<JobId> = claimed.parked.into_iter().collect();
         let mut runs: Vec<(Arc<Record>, Job)> = Vec::new();
-        let mut unclaimed: Vec<Record> = Vec::new();
         let mut seen = HashSet::new();
-        for r in records {
-            let id = r.job.job_id;
-            if let Some(job) = running.remove(&id) {
-                seen.insert(id);
-                runs.push((Arc::new(r), job));
-            } else if seen.contains(&id) || parked.contains(&id) {
-                tracing::debug!(job_id = %id, "duplicate or parked: message acknowledged");
-            } else {
-                unclaimed.push(r);
-            }
-        }
-        if !unclaimed.is_empty() {
-            self.triage_unclaimed(unclaimed, &mut failures).await;
+        let unclaimed = sort_claimed(records, claimed, &mut runs, &mut seen);
+        let busy = if unclaimed.is_empty() {
+            Vec::new()
+        } else {
+            self.triage_unclaimed(unclaimed, &mut failures).await
+        };
+        if !busy.is_empty() {
+            // Due and waiting, but another transaction held the row: most
+            // often the sender still marking it `queued` after its message
+            // went out. Such a lock lasts milliseconds; one more claim after
+            // a pause starts the job now instead of seconds later.
+            tokio::time::sleep(BUSY_PAUSE).await;
+            let ids: Vec<JobId> = busy.iter().map(|r| r.job.job_id).collect();
+            let ws: Vec<WorkspaceId> = busy.iter().map(|r| r.job.workspace_id).collect();
+            let again = match self.claim(&ids, &ws, &worker_id, self.clock.now()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "second claim failed");
+                    store::Claimed::default()
+                }
+            };
+            let still = sort_claimed(busy, again, &mut runs, &mut seen);
+            let wait = self.config.fairness_delay;
+            let later = still.into_iter().map(|r| (Arc::new(r), wait)).collect();
+            self.come_back_records(later, self.clock.now(), &mut failures)
+                .await;
         }
         if runs.is_empty() {
             return response(failures);
@@ -275,15 +280,20 @@ impl Worker {
         }
     }
 
-    /// Decides the fate of messages whose job could not be claimed.
-    async fn triage_unclaimed(&self, unclaimed: Vec<Record>, failures: &mut Vec<String>) {
+    /// Decides the fate of messages whose job could not be claimed, and
+    /// returns those whose job is due and waiting (its row was busy).
+    async fn triage_unclaimed(
+        &self,
+        unclaimed: Vec<Record>,
+        failures: &mut Vec<String>,
+    ) -> Vec<Record> {
         let ids: Vec<JobId> = unclaimed.iter().map(|r| r.job.job_id).collect();
         let states: HashMap<JobId, store::Peeked> = match self.store.peek(&ids).await {
             Ok(rows) => rows.into_iter().map(|p| (p.id, p)).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read unclaimed jobs: their messages come back shortly");
                 self.fail_all(&unclaimed, failures).await;
-                return;
+                return Vec::new();
             }
         };
         let now = self.clock.now();
@@ -305,6 +315,7 @@ impl Worker {
             }
         }
         let mut later = Vec::new();
+        let mut busy = Vec::new();
         for r in unclaimed {
             let job_id = r.job.job_id;
             match states.get(&job_id) {
@@ -323,19 +334,18 @@ impl Worker {
                     tracing::debug!(job_id = %job_id, status = %p.status,
                         "job finished or held elsewhere: message acknowledged");
                 }
-                Some(p) => {
+                Some(p) => match (p.run_at - now).to_std() {
                     // Not yet due (an early duplicate, or a retry delivered
-                    // before its backoff ended), or its row was held by
-                    // another transaction: it comes back later.
-                    let wait = (p.run_at - now)
-                        .to_std()
-                        .unwrap_or(self.config.fairness_delay)
-                        .max(Duration::from_secs(1));
-                    later.push((Arc::new(r), wait));
-                }
+                    // before its backoff ended): it comes back when it is.
+                    Ok(wait) if !wait.is_zero() => {
+                        later.push((Arc::new(r), wait.max(Duration::from_secs(1))));
+                    }
+                    _ => busy.push(r),
+                },
             }
         }
         self.come_back_records(later, now, failures).await;
+        busy
     }
 
     /// [`Worker::come_back_later`] for messages whose job was not claimed.
@@ -921,6 +931,37 @@ fn completed_result(a: &Action) -> Option<serde_json::Value> {
 fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
     let ms = d.as_millis() as u64;
     Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
+}
+
+/// How long the worker waits before claiming again a due job whose row was
+/// held by another transaction.
+const BUSY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Sorts a batch's records by what the claim did with their jobs: the first
+/// message of each claimed job goes to `runs`; any other message of a job
+/// already running here is a duplicate, and the message of a job now parked
+/// in the database is done with: both are acknowledged. Returns the rest.
+fn sort_claimed(
+    records: Vec<Record>,
+    claimed: store::Claimed,
+    runs: &mut Vec<(Arc<Record>, Job)>,
+    seen: &mut HashSet<JobId>,
+) -> Vec<Record> {
+    let mut running: HashMap<JobId, Job> = claimed.running.into_iter().map(|j| (j.id, j)).collect();
+    let parked: HashSet<JobId> = claimed.parked.into_iter().collect();
+    let mut rest = Vec::new();
+    for r in records {
+        let id = r.job.job_id;
+        if let Some(job) = running.remove(&id) {
+            seen.insert(id);
+            runs.push((Arc::new(r), job));
+        } else if seen.contains(&id) || parked.contains(&id) {
+            tracing::debug!(job_id = %id, "duplicate or parked: message acknowledged");
+        } else {
+            rest.push(r);
+        }
+    }
+    rest
 }
 
 /// Parses each record on its own: a bad body fails only its record, which

@@ -39,6 +39,14 @@ macro_rules! unless_cancelled {
     };
 }
 
+/// A snooze or hand-off gives its attempt back, unless the job ends
+/// cancelled: then the attempt did run.
+macro_rules! gave_back {
+    () => {
+        "(CASE WHEN cancel_requested_at IS NOT NULL THEN 0 ELSE 1 END)"
+    };
+}
+
 /// Completes many jobs in one statement; each row names its own lease.
 const COMPLETE: &str = "UPDATE jobs SET status = 'completed', result = u.res, \
        progress = coalesce(u.prog, jobs.progress), finished_at = $3, updated_at = $3, \
@@ -148,7 +156,9 @@ pub async fn snooze(
         concat!(
             "UPDATE jobs SET ",
             unless_cancelled!("'queued'", "$5"),
-            ", attempts = attempts - 1, run_at = $4, lease_expires_at = NULL, updated_at = $5",
+            ", attempts = attempts - ",
+            gave_back!(),
+            ", run_at = $4, lease_expires_at = NULL, updated_at = $5",
             held!(),
             " RETURNING status"
         ),
@@ -181,7 +191,9 @@ pub async fn hand_off(
         concat!(
             "UPDATE jobs SET ",
             unless_cancelled!("'pending'", "$6"),
-            ", attempts = attempts - 1, checkpoint = $4, \
+            ", attempts = attempts - ",
+            gave_back!(),
+            ", checkpoint = $4, \
              progress = coalesce($5, progress), run_at = $6, enqueued_at = NULL, \
              lease_expires_at = NULL, updated_at = $6",
             held!(),

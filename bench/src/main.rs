@@ -48,13 +48,21 @@ struct Args {
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results.json")]
     out: String,
-    /// Figures to measure (comma-separated): drain, latency, cost, api, enqueue, sqs, import.
+    /// Figures to measure (comma-separated): tiers, drain, latency, cost, api, enqueue, sqs,
+    /// import, neighbour, backlog, sustained (the last three are long: not in the default set).
     #[arg(
         long,
-        default_value = "drain,latency,cost,api,enqueue,sqs,import",
+        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import",
         value_delimiter = ','
     )]
     only: Vec<String>,
+    /// Tiers for the tiers figure (comma-separated).
+    #[arg(
+        long,
+        default_value = "enterprise,standard,free,unlimited",
+        value_delimiter = ','
+    )]
+    tiers: Vec<Tier>,
     /// Rows for the contact import and export figures.
     #[arg(long, default_value_t = 100_000)]
     import_rows: usize,
@@ -105,12 +113,20 @@ struct BenchDb {
 
 impl BenchDb {
     async fn new(server: &str, tag: &str) -> anyhow::Result<BenchDb> {
+        Self::with_tier(server, tag, Tier::Unlimited).await
+    }
+
+    /// A database whose workspace is of `tier`: its concurrency limit kept,
+    /// its creation limits lifted (the per-workspace overrides), so the
+    /// benchmark can queue as many jobs as it likes.
+    async fn with_tier(server: &str, tag: &str, tier: Tier) -> anyhow::Result<BenchDb> {
         let name = format!("offload_bench_{tag}_{}", std::process::id());
         let url = fresh_database(server, &name).await?;
         db::migrate(&url).await?;
         let pool = db::pool_with(&url, 16, false)?;
         let ws = WorkspaceId::new();
-        workspace::ensure_workspace(&**pool.get().await?, ws, "bench", Tier::Unlimited).await?;
+        workspace::ensure_workspace(&**pool.get().await?, ws, "bench", tier).await?;
+        lift_creation_limits(&pool, ws).await?;
         Ok(BenchDb {
             store: Store::new(pool.clone()),
             name,
@@ -169,6 +185,136 @@ impl BenchDb {
     async fn count(&self, sql: &str) -> anyhow::Result<i64> {
         Ok(self.pool.get().await?.query_one(sql, &[]).await?.get(0))
     }
+}
+
+/// Lifts a workspace's creation limits (per user, per workspace, unfinished)
+/// and keeps its tier's concurrency limit.
+async fn lift_creation_limits(
+    pool: &deadpool_postgres::Pool,
+    ws: WorkspaceId,
+) -> anyhow::Result<()> {
+    pool.get()
+        .await?
+        .execute(
+            "UPDATE workspaces SET max_created_per_user_hour = 2000000000, \
+             max_created_per_hour = 2000000000, max_unfinished = 2000000000 WHERE id = $1",
+            &[&ws.0],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The worker loops as `offload dev` runs them, on one database: event
+/// sources on every work queue (`loops` each, sharing `concurrency`
+/// invocations), woken by NOTIFY. Stopped by [`Loops::stop`].
+struct Loops {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Loops {
+    fn start(db: &BenchDb, q: &PgQueue, w: Arc<Worker>, batch: usize, loops: usize) -> Loops {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let listener = q.listen(&db.url);
+        let queue: Arc<dyn Queue> = Arc::new(q.clone());
+        for name in QueueName::WORK {
+            let concurrency = Arc::new(tokio::sync::Semaphore::new(loops.max(10)));
+            for _ in 0..loops {
+                let source = Arc::new(EventSource {
+                    queue: queue.clone(),
+                    worker: w.clone(),
+                    name,
+                    batch,
+                    visibility: Duration::from_secs(60),
+                    wait: Duration::from_secs(1),
+                    invocation_timeout: Duration::from_secs(900),
+                    concurrency: concurrency.clone(),
+                });
+                let rx = rx.clone();
+                tasks.spawn(async move { source.run(rx).await });
+            }
+        }
+        Loops {
+            stop,
+            tasks,
+            listener,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.listener.abort();
+    }
+}
+
+/// Waits until the workspace has no unfinished job (its trigger-kept
+/// counter: no scan), polling every few milliseconds.
+async fn until_drained(db: &BenchDb, limit: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + limit;
+    loop {
+        let left: i32 = db
+            .pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT unfinished FROM workspaces WHERE id = $1",
+                &[&db.ws.0],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < end, "{left} jobs still unfinished");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Drains `n` queued no-op jobs of one workspace of `tier` through the
+/// worker loops; returns (jobs per second, most jobs seen running at once).
+async fn tier_once(args: &Args, server: &str, tier: Tier, n: usize) -> anyhow::Result<(f64, i64)> {
+    let db = BenchDb::with_tier(server, "tier", tier).await?;
+    let pg = PgQueue::new(db.pool.clone(), 5);
+    db.seed(&pg, n, "noop").await?;
+    let w = Arc::new(worker(&db, Arc::new(pg.clone()), Registry::builtin()));
+    w.warm_limits(&[db.ws]).await?;
+    let watch_pool = db.pool.clone();
+    let ws = db.ws;
+    let (stop_watch, mut stopped) = tokio::sync::watch::channel(false);
+    // The most running at once, sampled from the counter the claim trusts.
+    let watcher = tokio::spawn(async move {
+        let mut most = 0i64;
+        let conn = watch_pool.get().await.expect("connection");
+        while !*stopped.borrow() {
+            let r: i32 = conn
+                .query_one("SELECT running FROM workspaces WHERE id = $1", &[&ws.0])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            most = most.max(r as i64);
+            let _ = tokio::time::timeout(Duration::from_millis(2), stopped.changed()).await;
+        }
+        most
+    });
+    let start = Instant::now();
+    let loops = Loops::start(&db, &pg, w, args.batch, args.loops);
+    until_drained(&db, Duration::from_secs(600)).await?;
+    let secs = start.elapsed().as_secs_f64();
+    loops.stop().await;
+    let _ = stop_watch.send(true);
+    let most = watcher.await?;
+    let done = db
+        .count("SELECT count(*) FROM jobs WHERE status = 'completed' AND attempts = 1")
+        .await?;
+    anyhow::ensure!(
+        done as usize == n,
+        "only {done} of {n} jobs completed on their first attempt"
+    );
+    db.drop_db().await?;
+    Ok((n as f64 / secs, most))
 }
 
 fn worker(db: &BenchDb, q: Arc<dyn Queue>, registry: Registry) -> Worker {
@@ -770,6 +916,32 @@ async fn main() -> anyhow::Result<()> {
         });
     };
     let want = |f: &str| args.only.iter().any(|o| o == f);
+
+    if want("tiers") {
+        eprintln!(
+            "tiers: {} no-op jobs in one workspace per tier, drained through the worker loops \
+             ({} per queue, batch {}), {} runs each",
+            args.jobs, args.loops, args.batch, args.repeat
+        );
+        tier_once(&args, &server, Tier::Enterprise, args.jobs / 10).await?;
+        for &tier in &args.tiers {
+            let name = format!("drain_{tier}");
+            let (mut rates, mut most) = (Vec::new(), Vec::new());
+            for _ in 0..args.repeat {
+                let (r, m) = tier_once(&args, &server, tier, args.jobs).await?;
+                eprintln!("  {tier}: {r:.0} jobs/s, at most {m} running at once");
+                rates.push(r);
+                most.push(m as f64);
+            }
+            let limit = tier.limits().max_running;
+            if let Some(l) = limit {
+                let over = most.iter().filter(|m| **m > l as f64).count();
+                anyhow::ensure!(over == 0, "{tier}: more than {l} running at once");
+            }
+            report(&name, rates, "jobs/s");
+            report(&format!("{name}_most_running"), most, "jobs");
+        }
+    }
 
     if want("drain") {
         eprintln!(

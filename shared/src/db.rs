@@ -347,29 +347,6 @@ fn dotted(rest: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod nul_tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn nul_characters_are_found_and_replaced() {
-        let v = json!({"a": [1, {"b": "x\u{0}y"}], "c": "fine"});
-        assert_eq!(nul_path(&v).as_deref(), Some("a[1].b"));
-        assert_eq!(
-            storable_json(&v).into_owned(),
-            json!({"a": [1, {"b": "x\u{FFFD}y"}], "c": "fine"})
-        );
-        let clean = json!({"a": "b"});
-        assert!(matches!(
-            storable_json(&clean),
-            std::borrow::Cow::Borrowed(_)
-        ));
-        assert_eq!(storable_text("a\0b"), "a\u{FFFD}b");
-        assert_eq!(nul_path(&json!("\u{0}")).as_deref(), Some(""));
-    }
-}
-
 /// Whether an error is a deadlock (40P01) or a serialization failure
 /// (40001): the server rolled the transaction back and the same work may
 /// simply be tried again.
@@ -399,5 +376,28 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn nul_characters_are_found_and_replaced() {
+        let v = json!({"a": [1, {"b": "x\u{0}y"}], "c": "fine"});
+        assert_eq!(nul_path(&v).as_deref(), Some("a[1].b"));
+        assert_eq!(
+            storable_json(&v).into_owned(),
+            json!({"a": [1, {"b": "x\u{FFFD}y"}], "c": "fine"})
+        );
+        let clean = json!({"a": "b"});
+        assert!(matches!(
+            storable_json(&clean),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(storable_text("a\0b"), "a\u{FFFD}b");
+        assert_eq!(nul_path(&json!("\u{0}")).as_deref(), Some(""));
     }
 }

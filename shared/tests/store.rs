@@ -81,8 +81,7 @@ async fn claim_skips_jobs_not_due_finished_or_under_a_live_lease() {
     db.store
         .claim(&[held.id, done.id], "w1", now, Duration::seconds(60), &[])
         .await
-        .unwrap()
-        .running;
+        .unwrap();
     let d = db.job(done.id).await;
     db.store
         .complete(&[(lease_of(&d, "w1"), None, None)], now)
@@ -305,8 +304,7 @@ async fn cancel_is_immediate_when_waiting_and_requested_when_running() {
     db.store
         .claim(&[jobs[1].id], "w", now, Duration::seconds(60), &[])
         .await
-        .unwrap()
-        .running;
+        .unwrap();
 
     let waiting = db
         .store

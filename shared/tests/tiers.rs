@@ -147,7 +147,12 @@ async fn five_thousand_blocked_jobs_do_not_delay_another_workspace() {
         latencies.push(start_latency_ms(&db, &job).await);
     }
     // The busy workspace's excess waits in the database, not in the queue.
-    let messages = db.scalar_i64("SELECT count(*) FROM queue_messages").await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut messages = i64::MAX;
+    while messages > 20 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        messages = db.scalar_i64("SELECT count(*) FROM queue_messages").await;
+    }
     let parked = db
         .scalar_i64(&format!(
             "SELECT count(*) FROM jobs WHERE workspace_id = '{busy}' AND parked_at IS NOT NULL"
@@ -164,8 +169,8 @@ async fn five_thousand_blocked_jobs_do_not_delay_another_workspace() {
         "another workspace's jobs waited {latencies:?} ms"
     );
     assert!(running <= 5, "{running} running; the limit is 5");
-    assert!(parked > 4000, "only {parked} parked");
-    assert!(messages < 100, "{messages} messages still in the queue");
+    assert!(messages <= 20, "{messages} messages still in the queue");
+    assert!(parked > 3000, "only {parked} parked ({running} running)");
 }
 
 #[tokio::test]

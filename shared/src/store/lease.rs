@@ -56,6 +56,13 @@ const COMPLETE: &str = "UPDATE jobs SET status = 'completed', result = u.res, \
      WHERE id = u.uid AND status = 'running' AND attempts = u.attempt AND worker_id = u.wid \
      RETURNING id";
 
+/// Prepares [`complete`]'s statement on the connection (see
+/// [`super::slots::prepare_group`]).
+pub(super) async fn prepare_complete(db: &impl GenericClient) -> Result<(), DbError> {
+    db.prepare_cached(COMPLETE).await?;
+    Ok(())
+}
+
 /// `running → completed` for many jobs at once; returns the ids whose lease
 /// was still held (only those changed).
 pub async fn complete(

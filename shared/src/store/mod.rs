@@ -18,7 +18,7 @@ mod lease;
 mod slots;
 
 pub use lease::{bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze};
-pub use slots::{lock_workspaces, refill, Claimed, ParkedWorkspace, Refill};
+pub use slots::{lock_workspaces, prepare_group, refill, Claimed, ParkedWorkspace, Refill};
 
 /// A job to insert, already validated.
 #[derive(Clone, Debug)]

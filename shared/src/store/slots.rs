@@ -129,19 +129,48 @@ macro_rules! next_parked {
              SELECT id FROM jobs WHERE workspace_id = l.lws AND parked_at IS NOT NULL \
              ORDER BY priority DESC, created_at, id \
              LIMIT greatest(l.lmax - w.running, 0) FOR UPDATE SKIP LOCKED) p)) \
-         AND parked_at IS NOT NULL AND status = 'queued'"
+         AND status = 'queued'"
         )
     };
 }
 
 /// Starts the next parked jobs in the slots just freed, for the invocation
 /// that freed them: no message, no queue round trip.
+///
+/// The rows picked are locked by the sub-selects, so the outer `WHERE`
+/// checks only `status`: repeating `parked_at IS NOT NULL` there let the
+/// planner read the whole parked index with the ids as a filter instead of
+/// looking them up by primary key. For the same reason the candidates'
+/// `parked_at` test is written so it does not match the index's predicate.
+///
+/// Finding the next parked jobs by the index walks past every entry taken
+/// since the table was last vacuumed, which costs milliseconds in a long
+/// drain; a workspace taking five jobs at a time would pay that every five
+/// jobs. So the caller passes candidates it read earlier (`$6`, the next
+/// parked ids in order): they are tried first, by primary key, and the
+/// index is searched only for the slots they leave (its `LIMIT` is what
+/// remains, and a `LIMIT 0` never touches the index), skipping the
+/// candidates so no row counts twice. A newly parked job of higher priority
+/// waits until the caller reads candidates again.
 const TAKE_PARKED: &str = concat!(
     "UPDATE jobs SET ",
     start_attempt!(),
-    " WHERE ",
-    next_parked!(1, 5),
-    " RETURNING true AS run, ",
+    " WHERE id = ANY(ARRAY( \
+       SELECT unnest(a.ids || ARRAY( \
+           SELECT id FROM jobs WHERE workspace_id = l.lws AND parked_at IS NOT NULL \
+             AND id <> ALL($6::uuid[]) \
+           ORDER BY priority DESC, created_at, id \
+           LIMIT greatest(l.lmax - w.running, 0) - cardinality(a.ids) \
+           FOR UPDATE SKIP LOCKED)) \
+       FROM unnest($1::uuid[], $5::int8[]) AS l(lws, lmax) \
+       JOIN workspaces w ON w.id = l.lws \
+       CROSS JOIN LATERAL (SELECT ARRAY( \
+           SELECT id FROM jobs WHERE id = ANY($6::uuid[]) AND workspace_id = l.lws \
+             AND CASE WHEN parked_at IS NULL THEN false ELSE true END AND status = 'queued' \
+           ORDER BY priority DESC, created_at, id \
+           LIMIT greatest(l.lmax - w.running, 0) FOR UPDATE SKIP LOCKED) AS ids) a)) \
+     AND status = 'queued' \
+     RETURNING true AS run, ",
     job_columns!()
 );
 
@@ -155,6 +184,26 @@ const RELEASE_PARKED: &str = concat!(
     job_columns!()
 );
 
+/// Locks workspace rows in id order (so two lockers never deadlock).
+const LOCK_WORKSPACES: &str =
+    "SELECT 1 FROM workspaces WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE";
+
+/// Prepares (or finds in the connection's cache) the statements of a group
+/// commit, so that issuing them together sends them in the order they are
+/// polled: a statement still being prepared would let a later one overtake
+/// it, and a refill that ran before the completions it follows would see
+/// no free slot and leave them unfilled.
+pub async fn prepare_group(db: &impl GenericClient, how: Refill) -> Result<(), DbError> {
+    db.prepare_cached(LOCK_WORKSPACES).await?;
+    super::lease::prepare_complete(db).await?;
+    db.prepare_cached(match how {
+        Refill::Take => TAKE_PARKED,
+        Refill::Release => RELEASE_PARKED,
+    })
+    .await?;
+    Ok(())
+}
+
 /// Locks workspace rows in id order (so two lockers never deadlock) for the
 /// rest of the caller's transaction.
 pub async fn lock_workspaces(
@@ -167,9 +216,7 @@ pub async fn lock_workspaces(
     if ids.is_empty() {
         return Ok(());
     }
-    let stmt = db
-        .prepare_cached("SELECT 1 FROM workspaces WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .await?;
+    let stmt = db.prepare_cached(LOCK_WORKSPACES).await?;
     db.execute(&stmt, &[&ids]).await?;
     Ok(())
 }
@@ -195,11 +242,13 @@ pub enum Refill {
 /// Fills the free slots of `limits`' workspaces with their parked jobs, on
 /// the caller's transaction, which must hold the workspaces' locks and have
 /// written whatever freed the slots. Returns the jobs taken (`running`) or
-/// released (`pending`).
+/// released (`pending`). `candidates` are parked ids read earlier, tried
+/// first when taking (see [`TAKE_PARKED`]).
 pub async fn refill(
     db: &impl GenericClient,
     how: Refill,
     limits: &[(WorkspaceId, i64)],
+    candidates: &[JobId],
     worker_id: &str,
     now: DateTime<Utc>,
     lease: Duration,
@@ -210,9 +259,13 @@ pub async fn refill(
     let (lws, lmax) = limit_arrays(limits);
     let rows = match how {
         Refill::Take => {
+            let cand: Vec<uuid::Uuid> = candidates.iter().map(|c| c.0).collect();
             let stmt = db.prepare_cached(TAKE_PARKED).await?;
-            db.query(&stmt, &[&lws, &worker_id, &now, &(now + lease), &lmax])
-                .await?
+            db.query(
+                &stmt,
+                &[&lws, &worker_id, &now, &(now + lease), &lmax, &cand],
+            )
+            .await?
         }
         Refill::Release => {
             let stmt = db.prepare_cached(RELEASE_PARKED).await?;
@@ -282,6 +335,30 @@ impl Store {
         Ok(out)
     }
 
+    /// The next `per_workspace` parked ids of each workspace, in the order
+    /// they run, read without locks: candidates for [`refill`].
+    pub async fn parked_candidates(
+        &self,
+        workspaces: &[WorkspaceId],
+        per_workspace: i64,
+    ) -> Result<Vec<(WorkspaceId, JobId)>, DbError> {
+        let ws: Vec<uuid::Uuid> = workspaces.iter().map(|w| w.0).collect();
+        let db = crate::db::Conn::get(self.pool()).await?;
+        let rows = db
+            .query(
+                "SELECT l.ws, p.id FROM unnest($1::uuid[]) AS l(ws) \
+                 CROSS JOIN LATERAL (SELECT id FROM jobs \
+                   WHERE workspace_id = l.ws AND parked_at IS NOT NULL \
+                   ORDER BY priority DESC, created_at, id LIMIT $2) p",
+                &[&ws, &per_workspace],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (WorkspaceId(r.get(0)), JobId(r.get(1))))
+            .collect())
+    }
+
     /// Workspaces that have parked jobs, with their running counts.
     pub async fn parked_workspaces(&self, limit: i64) -> Result<Vec<ParkedWorkspace>, DbError> {
         let db = crate::db::Conn::get(self.pool()).await?;
@@ -324,7 +401,7 @@ impl Store {
             let tx = db.transaction().await?;
             let ws: Vec<WorkspaceId> = limits.iter().map(|l| l.0).collect();
             lock_workspaces(&tx, &ws).await?;
-            let jobs = refill(&tx, Refill::Release, limits, "", now, Duration::zero()).await?;
+            let jobs = refill(&tx, Refill::Release, limits, &[], "", now, Duration::zero()).await?;
             tx.commit().await?;
             Ok(jobs)
         })

@@ -453,7 +453,7 @@ async fn latency_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
         // The API's create path: with the Postgres queue, the row and its
         // message in one statement.
         let conn = db.pool.get().await?;
-        create_jobs(&db.store, &*q, &conn, &[nj], now).await?;
+        create_jobs(&db.store, &*q, &conn, &[nj], now, Duration::from_secs(10)).await?;
         drop(conn);
         created.insert(seq, t);
     }

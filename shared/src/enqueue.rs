@@ -4,6 +4,7 @@
 //! through here.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -23,6 +24,10 @@ pub struct Sent {
     pub deferred: Vec<JobId>,
     /// The queue's error, when it refused any.
     pub error: Option<QueueError>,
+    /// Jobs whose message was sent but whose `queued` mark failed: still
+    /// `pending`, so the outbox sends them again (a duplicate message is
+    /// harmless: the claim runs a job once).
+    pub unmarked: Vec<JobId>,
 }
 
 /// Sends a message for each job due within the queues' maximum delay (with
@@ -109,37 +114,74 @@ fn messages_for(
 /// a transaction of their own.
 pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>) -> Sent {
     let targets: Vec<Target> = jobs.iter().map(|j| Target::from(*j)).collect();
-    let (by_queue, deferred) = messages_for(&targets, now);
+    send_targets(queue, &targets, now, None).await
+}
+
+/// Messages sent per call when a time budget is set: between calls the
+/// budget is checked, so a slow queue costs at most one call's overrun.
+const BUDGETED_CHUNK: usize = 100;
+
+/// Sends the targets' messages; with `budget`, what is not sent when it
+/// runs out is left `deferred` (the outbox sends it).
+async fn send_targets(
+    queue: &dyn Queue,
+    targets: &[Target],
+    now: DateTime<Utc>,
+    budget: Option<Duration>,
+) -> Sent {
+    let (by_queue, deferred) = messages_for(targets, now);
     let mut out = Sent {
         deferred,
         ..Sent::default()
     };
+    let until = budget.map(|b| tokio::time::Instant::now() + b);
     for (_, (q, group, messages)) in by_queue {
-        match queue.send_batch(q, &messages).await {
-            Ok(()) => out.sent.extend(group),
-            Err(QueueError::PartialSend {
-                sent,
-                failed,
-                total,
-                reason,
-            }) => {
-                for (i, id) in group.into_iter().enumerate() {
-                    if sent.contains(&i.to_string()) {
-                        out.sent.push(id);
-                    } else {
-                        out.deferred.push(id);
-                    }
-                }
-                out.error = Some(QueueError::PartialSend {
+        let chunk = if until.is_some() {
+            BUDGETED_CHUNK
+        } else {
+            messages.len().max(1)
+        };
+        for (ids, msgs) in group.chunks(chunk).zip(messages.chunks(chunk)) {
+            let result = match until {
+                None => queue.send_batch(q, msgs).await,
+                Some(u) => match tokio::time::timeout_at(u, queue.send_batch(q, msgs)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(QueueError::Unavailable(format!(
+                        "the request's time for sending ({} ms) ran out",
+                        budget.unwrap_or_default().as_millis()
+                    ))),
+                },
+            };
+            let first = msgs
+                .first()
+                .map(|m| m.id.parse::<usize>().unwrap_or(0))
+                .unwrap_or(0);
+            match result {
+                Ok(()) => out.sent.extend_from_slice(ids),
+                Err(QueueError::PartialSend {
                     sent,
                     failed,
                     total,
                     reason,
-                });
-            }
-            Err(e) => {
-                out.deferred.extend(group);
-                out.error = Some(e);
+                }) => {
+                    for (i, id) in ids.iter().enumerate() {
+                        if sent.contains(&(first + i).to_string()) {
+                            out.sent.push(*id);
+                        } else {
+                            out.deferred.push(*id);
+                        }
+                    }
+                    out.error = Some(QueueError::PartialSend {
+                        sent,
+                        failed,
+                        total,
+                        reason,
+                    });
+                }
+                Err(e) => {
+                    out.deferred.extend_from_slice(ids);
+                    out.error = Some(e);
+                }
             }
         }
     }
@@ -149,24 +191,40 @@ pub async fn send_messages(queue: &dyn Queue, jobs: &[&Job], now: DateTime<Utc>)
 /// Inserts jobs and sends their messages: with the Postgres queue in one
 /// statement (the rows, already `queued`, and their messages commit
 /// together: one round trip and one durable commit instead of three); with
-/// SQS the rows commit first and the messages follow. Returns each job with
-/// whether it was new (an existing idempotency key returns the old job),
-/// and what was sent.
+/// SQS the rows commit first and the messages follow, for at most
+/// `send_budget`. Returns each job with whether it was new (an existing
+/// idempotency key returns the old job), and what was sent.
+///
+/// Once the rows are committed nothing fails the call: an error answered
+/// now would make a client without an idempotency key create the jobs
+/// again. Messages not sent in time, and jobs whose `queued` mark failed,
+/// stay `pending` (the answer shows them so) and the outbox sends them.
 pub async fn create_jobs(
     store: &Store,
     queue: &dyn Queue,
     db: &deadpool_postgres::Object,
     jobs: &[crate::store::NewJob],
     now: DateTime<Utc>,
+    send_budget: Duration,
 ) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
     if queue.as_postgres().is_none() {
         // Everything on the one connection the caller holds: taking a
         // second from the pool here could wait on requests that hold the rest.
         let mut created = store.insert(db, jobs, now).await?;
-        let new: Vec<&Job> = created.iter().filter(|(_, n)| *n).map(|(j, _)| j).collect();
-        let sent = send_messages(queue, &new, now).await;
-        crate::store::mark_enqueued_on(db, &sent.sent, now).await?;
-        mark_sent(&mut created, &sent);
+        let new: Vec<Target> = created
+            .iter()
+            .filter(|(_, n)| *n)
+            .map(|(j, _)| Target::from(j))
+            .collect();
+        let mut sent = send_targets(queue, &new, now, Some(send_budget)).await;
+        match crate::store::mark_enqueued_on(db, &sent.sent, now).await {
+            Ok(_) => mark_sent(&mut created, &sent),
+            Err(e) => {
+                tracing::warn!(error = %e, jobs = sent.sent.len(),
+                    "sent, but not marked queued; they show as pending and the outbox sends them again");
+                sent.unmarked = std::mem::take(&mut sent.sent);
+            }
+        }
         return Ok((created, sent));
     }
     // One statement writes the messages and the rows (already `queued`):

@@ -200,3 +200,49 @@ fn bad_webhook_payloads_are_refused_at_creation() {
         assert_eq!(e.field.as_deref(), Some(field), "{payload}: {e}");
     }
 }
+
+#[tokio::test]
+async fn an_endless_response_body_is_cut_off_and_never_read_whole() {
+    // A raw HTTP server: 200, chunked, 1 MiB chunks without end; it counts
+    // what it managed to write before the client stopped reading.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/firehose", listener.local_addr().unwrap());
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let w = written.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut req = [0u8; 4096];
+        let _ = sock.read(&mut req).await;
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+        if sock.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = format!("100000\r\n{}\r\n", "x".repeat(1 << 20));
+        for _ in 0..4096 {
+            if sock.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+            w.fetch_add(1 << 20, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let db = TestDb::new().await;
+    let job = run(
+        &db,
+        true,
+        json!({"url": url, "body": {}, "timeout_ms": 20000}),
+        1,
+    )
+    .await;
+    assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+    let result = job.result.unwrap();
+    assert_eq!(result["truncated"], true);
+    assert_eq!(result["response"].as_str().unwrap().len(), 4096);
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < 64 << 20,
+        "the worker read on: the server wrote {} MiB",
+        sent >> 20
+    );
+}

@@ -49,6 +49,11 @@ pub struct CreateJob {
     pub max_attempts: Option<i64>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Names this job so a repeated request returns it instead of making
+    /// another: in a batch, each job's own key (a retried batch creates
+    /// only what is missing); on a single create, the same as the
+    /// `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
 }
 
 fn empty_object() -> Value {
@@ -174,18 +179,44 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = v
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
-            ))
-            .with_field("Idempotency-Key")
-        })?;
-    Ok(Some(key.to_string()))
+    let key = v.to_str().ok().and_then(valid_key).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+        ))
+        .with_field("Idempotency-Key")
+    })?;
+    Ok(Some(key))
+}
+
+/// An idempotency key as stored: 1 to [`MAX_KEY_LEN`] visible ASCII
+/// characters, trimmed.
+fn valid_key(raw: &str) -> Option<String> {
+    let k = raw.trim();
+    (!k.is_empty()
+        && k.len() <= MAX_KEY_LEN
+        && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+    .then(|| k.to_string())
+}
+
+/// The key a create uses: the header's or the body's (`idempotency_key`),
+/// which must agree when both are given.
+fn request_key(header: Option<String>, body: Option<&str>) -> Result<Option<String>, ApiError> {
+    let body = match body {
+        None => None,
+        Some(raw) => Some(valid_key(raw).ok_or_else(|| {
+            ApiError::invalid(
+                "idempotency_key",
+                format!("idempotency_key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+            )
+        })?),
+    };
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::invalid(
+            "idempotency_key",
+            "idempotency_key and the Idempotency-Key header name different keys",
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
 }
 
 /// `POST /api/workspaces/{ws}/jobs`: 202 with the new job; the same
@@ -214,7 +245,7 @@ pub async fn create(
     JsonBody(body): JsonBody<CreateJob>,
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
-    let key = idempotency_key(&headers)?;
+    let key = request_key(idempotency_key(&headers)?, body.idempotency_key.as_deref())?;
     let new = validate(&state, &member, body, key, now)?;
     let db = state.db().await?;
     // A repeat of an earlier request is answered without counting against
@@ -240,6 +271,7 @@ pub async fn create(
         &db,
         std::slice::from_ref(&new),
         now,
+        state.settings.send_budget(),
     )
     .await?;
     drop(db);
@@ -260,19 +292,23 @@ pub async fn create(
 /// The answer to a repeated `Idempotency-Key`: the original job if the
 /// request is the same, 409 if the key was used for a different job.
 fn same_request(existing: Job, new: &NewJob) -> Result<Response, ApiError> {
-    let same = existing.job_type == new.job_type
-        && existing.payload == new.payload
-        && existing.queue == new.queue
-        && existing.priority == new.priority
-        && existing.max_attempts == new.max_attempts
-        && existing.tags == new.tags;
-    if !same {
+    if !same_job(&existing, new) {
         return Err(ApiError::conflict(
             "this Idempotency-Key was already used for a different job",
         )
         .with_field("Idempotency-Key"));
     }
     Ok((StatusCode::OK, Json(existing)).into_response())
+}
+
+/// Whether a job made earlier is the one `new` asks for.
+fn same_job(existing: &Job, new: &NewJob) -> bool {
+    existing.job_type == new.job_type
+        && existing.payload == new.payload
+        && existing.queue == new.queue
+        && existing.priority == new.priority
+        && existing.max_attempts == new.max_attempts
+        && existing.tags == new.tags
 }
 
 /// A page of jobs.
@@ -635,7 +671,9 @@ pub struct JobBatch {
     params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
     request_body = CreateBatch,
     responses(
-        (status = 202, description = "All created, in the order given; nothing is created if any is invalid", body = JobBatch),
+        (status = 202, description = "Created, in the order given; nothing is created if any is invalid. A job whose idempotency_key was used before is the job it names", body = JobBatch),
+        (status = 200, description = "Every job's idempotency_key was used before: the jobs they name", body = JobBatch),
+        (status = 409, description = "An idempotency_key was used for a different job", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json"),
@@ -644,7 +682,10 @@ pub struct JobBatch {
     ),
     security(("bearer" = [])))]
 /// `POST /api/workspaces/{ws}/jobs/batch`: all in one statement (so all or
-/// none), then one `SendMessageBatch` per 10 on SQS.
+/// none), then one `SendMessageBatch` per 10 on SQS. Jobs may carry their
+/// own `idempotency_key`: a job whose key exists is answered with the job it
+/// names (and not counted against the creation limits), so a client can
+/// retry a whole batch and get exactly one job per key.
 pub async fn create_batch(
     State(state): State<AppState>,
     member: Member,
@@ -653,7 +694,8 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     if headers.contains_key("idempotency-key") {
         return Err(ApiError::bad_request(
-            "Idempotency-Key is not supported on batch creates; send the jobs one at a time to use it",
+            "Idempotency-Key is not supported on batch creates; give each job its own \
+             idempotency_key instead",
         )
         .with_field("Idempotency-Key"));
     }
@@ -666,23 +708,84 @@ pub async fn create_batch(
     }
     let now = state.clock.now();
     let mut new = Vec::with_capacity(n);
+    let mut keys: HashMap<String, usize> = HashMap::new();
     for (i, item) in body.jobs.into_iter().enumerate() {
-        new.push(validate(&state, &member, item, None, now).map_err(|mut e| {
+        let in_item = |mut e: ApiError| {
             e.field = Some(match e.field.take() {
                 Some(f) => format!("jobs[{i}].{f}"),
                 None => format!("jobs[{i}]"),
             });
             e
-        })?);
+        };
+        let key = request_key(None, item.idempotency_key.as_deref()).map_err(in_item)?;
+        if let Some(k) = &key {
+            if let Some(first) = keys.insert(k.clone(), i) {
+                return Err(in_item(ApiError::invalid(
+                    "idempotency_key",
+                    format!("jobs[{first}] has the same idempotency_key"),
+                )));
+            }
+        }
+        new.push(validate(&state, &member, item, key, now).map_err(in_item)?);
     }
     let db = state.db().await?;
-    super::limits::admit(&db, &member, n).await?;
-    let (created, sent) = enqueue::create_jobs(&state.store, &*state.queue, &db, &new, now).await?;
-    drop(db);
-    if let Some(e) = &sent.error {
-        tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
-            "queue refused some of a batch; the scheduler will send them");
+    let key_refs: Vec<&str> = keys.keys().map(String::as_str).collect();
+    let existing = state
+        .store
+        .by_idempotency_keys(
+            &db,
+            member.workspace,
+            &key_refs,
+            now - state.settings.idempotency_ttl,
+        )
+        .await?;
+    let mut answer: Vec<Option<Job>> = vec![None; n];
+    for job in existing {
+        let i = keys[job.idempotency_key.as_deref().unwrap_or_default()];
+        if !same_job(&job, &new[i]) {
+            return Err(ApiError::conflict(format!(
+                "jobs[{i}].idempotency_key was already used for a different job"
+            ))
+            .with_field(&format!("jobs[{i}].idempotency_key")));
+        }
+        answer[i] = Some(job);
     }
-    let jobs: Vec<Job> = created.into_iter().map(|(j, _)| j).collect();
-    Ok((StatusCode::ACCEPTED, Json(JobBatch { jobs })).into_response())
+    // Only what is missing is inserted (and counted against the limits).
+    let missing: Vec<NewJob> = new
+        .into_iter()
+        .zip(&answer)
+        .filter(|(_, a)| a.is_none())
+        .map(|(j, _)| j)
+        .collect();
+    let mut any_new = false;
+    if !missing.is_empty() {
+        super::limits::admit(&db, &member, missing.len()).await?;
+        let (created, sent) = enqueue::create_jobs(
+            &state.store,
+            &*state.queue,
+            &db,
+            &missing,
+            now,
+            state.settings.send_budget(),
+        )
+        .await?;
+        if let Some(e) = &sent.error {
+            tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
+                "queue refused some of a batch; the scheduler will send them");
+        }
+        let mut created = created.into_iter();
+        for slot in answer.iter_mut().filter(|a| a.is_none()) {
+            let (job, is_new) = created.next().expect("one row per job");
+            any_new |= is_new;
+            *slot = Some(job);
+        }
+    }
+    drop(db);
+    let jobs: Vec<Job> = answer.into_iter().flatten().collect();
+    let status = if any_new {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(JobBatch { jobs })).into_response())
 }

@@ -57,6 +57,15 @@ pub struct ApiSettings {
     pub idempotency_ttl: chrono::Duration,
 }
 
+impl ApiSettings {
+    /// How long a create may spend sending its jobs' messages: a third of
+    /// the request's time, so a slow queue never turns a committed create
+    /// into a timeout (what is not sent by then, the outbox sends).
+    pub fn send_budget(&self) -> Duration {
+        self.request_timeout / 3
+    }
+}
+
 impl Default for ApiSettings {
     fn default() -> Self {
         ApiSettings {

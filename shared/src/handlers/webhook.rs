@@ -21,6 +21,10 @@ use crate::ratelimit;
 /// Calls to one host per second, sustained; the burst is the same number.
 const PER_HOST_PER_SEC: f64 = 10.0;
 const MAX_RESPONSE_KEPT: usize = 4096;
+/// Most of a response body read. The rest is never read: the connection is
+/// dropped, so an endpoint streaming without end costs this much memory and
+/// no more.
+const MAX_RESPONSE_READ: usize = 64 * 1024;
 
 /// The `webhook` handler; `allow_private` lets it call internal addresses
 /// (tests, or a deployment whose hooks live on its own network).
@@ -181,15 +185,19 @@ impl JobHandler for Webhook {
             Err(e) => return Err(JobError::Retryable(format!("cannot reach {host}: {e}"))),
         };
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
+        let (body, truncated) = read_capped(resp, MAX_RESPONSE_READ).await;
+        let text = String::from_utf8_lossy(&body);
         let kept: String = text.chars().take(MAX_RESPONSE_KEPT).collect();
+        let truncated = truncated || text.chars().count() > MAX_RESPONSE_KEPT;
         let ms = started.elapsed().as_millis() as u64;
         if status.is_success() {
             ctx.log("info", format!("{host} answered {status} in {ms} ms"), None)
                 .await?;
-            return Ok(Outcome::Completed(Some(
-                json!({ "status": status.as_u16(), "response": kept, "ms": ms }),
-            )));
+            let mut result = json!({ "status": status.as_u16(), "response": kept, "ms": ms });
+            if truncated {
+                result["truncated"] = json!(true);
+            }
+            return Ok(Outcome::Completed(Some(result)));
         }
         let msg = format!(
             "{host} answered {status}: {}",
@@ -203,6 +211,26 @@ impl JobHandler for Webhook {
             )))
         } else {
             Err(JobError::Permanent(msg))
+        }
+    }
+}
+
+/// Reads at most `cap` bytes of a response body; whether there was more.
+/// A body that fails part way (a timeout while it trickles) keeps what came.
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> (Vec<u8>, bool) {
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = cap - body.len();
+                if chunk.len() >= room {
+                    body.extend_from_slice(&chunk[..room]);
+                    return (body, true);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (body, false),
+            Err(_) => return (body, true),
         }
     }
 }

@@ -348,6 +348,37 @@ impl Store {
         Ok(db.execute(&stmt, &[&workspace.0, &key, &before]).await?)
     }
 
+    /// [`Store::expire_idempotency_key`] and [`Store::by_idempotency_key`]
+    /// for many keys at once: forgets those used before `before`, then
+    /// returns the jobs the others name.
+    pub async fn by_idempotency_keys(
+        &self,
+        db: &impl GenericClient,
+        workspace: WorkspaceId,
+        keys: &[&str],
+        before: DateTime<Utc>,
+    ) -> Result<Vec<Job>, DbError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expire = db
+            .prepare_cached(
+                "UPDATE jobs SET idempotency_key = NULL \
+                 WHERE workspace_id = $1 AND idempotency_key = ANY($2) AND created_at < $3",
+            )
+            .await?;
+        db.execute(&expire, &[&workspace.0, &keys, &before]).await?;
+        let stmt = db
+            .prepare_cached(concat!(
+                "SELECT ",
+                job_columns!(),
+                " FROM jobs WHERE workspace_id = $1 AND idempotency_key = ANY($2)"
+            ))
+            .await?;
+        let rows = db.query(&stmt, &[&workspace.0, &keys]).await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
     /// The job created earlier with this idempotency key, if any.
     pub async fn by_idempotency_key(
         &self,

@@ -746,7 +746,7 @@ pub async fn create_batch(
             return Err(ApiError::conflict(format!(
                 "jobs[{i}].idempotency_key was already used for a different job"
             ))
-            .with_field(&format!("jobs[{i}].idempotency_key")));
+            .with_field(format!("jobs[{i}].idempotency_key")));
         }
         answer[i] = Some(job);
     }

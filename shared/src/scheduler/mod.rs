@@ -32,6 +32,15 @@ pub struct SchedulerConfig {
     /// Parked jobs of a workspace with free slots are released when its
     /// running count has not changed for this long.
     pub release_grace: Duration,
+    /// Longest one run spends pruning: it deletes in batches until nothing
+    /// is left to prune or this is spent, so pruning keeps up with a drain
+    /// of tens of thousands of jobs a second.
+    pub prune_budget: Duration,
+    /// A `queued` job whose message has not delivered it this long after it
+    /// was due is sent a fresh one (its message was lost: a purged or
+    /// replaced queue). A duplicate message is harmless, so this only
+    /// bounds how much work a deep but healthy backlog repeats.
+    pub lost_message_after: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -41,6 +50,8 @@ impl Default for SchedulerConfig {
             batch_limit: 1_000,
             retention: Duration::from_secs(7 * 86_400),
             release_grace: Duration::from_secs(10),
+            prune_budget: Duration::from_secs(10),
+            lost_message_after: Duration::from_secs(3600),
         }
     }
 }
@@ -70,6 +81,8 @@ pub struct Report {
     pub pruned: u64,
     /// Parked jobs released into free slots nobody filled (each a repair).
     pub released: u64,
+    /// Queued jobs long past due whose message was lost, sent again.
+    pub resent: u64,
     /// Duties that failed this run (each is retried next run).
     pub errors: Vec<String>,
 }
@@ -89,6 +102,10 @@ impl Scheduler {
         match recurring::run(self).await {
             Ok(n) => report.scheduled = n,
             Err(e) => report.errors.push(format!("recurring: {e}")),
+        }
+        match outbox::resend_lost(self).await {
+            Ok(n) => report.resent = n,
+            Err(e) => report.errors.push(format!("lost messages: {e}")),
         }
         match outbox::run(self).await {
             Ok(n) => report.sent = n,
@@ -114,6 +131,7 @@ impl Scheduler {
                 dead_lettered = report.dead_lettered,
                 pruned = report.pruned,
                 released = report.released,
+                resent = report.resent,
                 "scheduler run"
             );
         } else {

@@ -364,6 +364,71 @@ impl Workers {
     }
 }
 
+/// What a [`HookedQueue`] does around each send.
+#[async_trait::async_trait]
+pub trait SendHook: Send + Sync + 'static {
+    async fn before_send(&self) {}
+    async fn after_send(&self) {}
+}
+
+/// The Postgres queue with a hook around each send, and without offering its
+/// transaction: creates take the path SQS takes (rows committed first, then
+/// the messages), against a real queue.
+pub struct HookedQueue<H> {
+    pub inner: PgQueue,
+    pub hook: H,
+}
+
+#[async_trait::async_trait]
+impl<H: SendHook> Queue for HookedQueue<H> {
+    async fn send_batch(
+        &self,
+        q: QueueName,
+        m: &[crate::queue::OutgoingMessage],
+    ) -> Result<(), crate::queue::QueueError> {
+        self.hook.before_send().await;
+        self.inner.send_batch(q, m).await?;
+        self.hook.after_send().await;
+        Ok(())
+    }
+    async fn receive(
+        &self,
+        q: QueueName,
+        max: usize,
+        visibility: Duration,
+        wait: Duration,
+    ) -> Result<Vec<crate::queue::ReceivedMessage>, crate::queue::QueueError> {
+        self.inner.receive(q, max, visibility, wait).await
+    }
+    async fn change_visibility(
+        &self,
+        q: QueueName,
+        receipt: &str,
+        timeout: Duration,
+    ) -> Result<(), crate::queue::QueueError> {
+        self.inner.change_visibility(q, receipt, timeout).await
+    }
+    async fn delete_batch(
+        &self,
+        q: QueueName,
+        receipts: &[String],
+    ) -> Result<(), crate::queue::QueueError> {
+        self.inner.delete_batch(q, receipts).await
+    }
+    async fn depth(
+        &self,
+        q: QueueName,
+    ) -> Result<crate::queue::QueueDepth, crate::queue::QueueError> {
+        self.inner.depth(q).await
+    }
+    fn max_receive_batch(&self) -> usize {
+        crate::queue::SQS_MAX_BATCH
+    }
+    fn arn(&self, q: QueueName) -> String {
+        self.inner.arn(q)
+    }
+}
+
 /// The SQS API server the tests use (moto, started by scripts/test.sh).
 pub fn sqs_endpoint() -> String {
     std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").unwrap_or_else(|_| {

@@ -8,27 +8,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use offload::api::ApiSettings;
-use offload::job::QueueName;
-use offload::queue::{OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage};
-use offload::testing::{expect_problem, TestApp, TestDb};
+use offload::testing::{expect_problem, HookedQueue, SendHook, TestApp, TestDb};
 use offload::workspace::Tier;
 use serde_json::{json, Value};
 
-/// A queue that sends for real (through Postgres), then does `after_send`
-/// and waits `delay` per call.
-struct Sends {
-    inner: offload::queue::PgQueue,
+/// Each send waits `delay`, then (with `cut_db`) cuts every other
+/// connection to the database: the create's next statement fails as if the
+/// database went away.
+struct SlowOrCut {
     delay: Duration,
-    /// Cut every other connection to the database after each send: the
-    /// create's next statement fails as if the database went away.
     cut_db: Option<String>,
 }
 
 #[async_trait]
-impl Queue for Sends {
-    async fn send_batch(&self, q: QueueName, m: &[OutgoingMessage]) -> Result<(), QueueError> {
+impl SendHook for SlowOrCut {
+    async fn before_send(&self) {
         tokio::time::sleep(self.delay).await;
-        self.inner.send_batch(q, m).await?;
+    }
+    async fn after_send(&self) {
         if let Some(url) = &self.cut_db {
             let c = offload::db::connect(url).await.expect("connect");
             c.execute(
@@ -39,45 +36,23 @@ impl Queue for Sends {
             .await
             .expect("terminate");
         }
-        Ok(())
     }
-    async fn receive(
-        &self,
-        q: QueueName,
-        max: usize,
-        vis: Duration,
-        wait: Duration,
-    ) -> Result<Vec<ReceivedMessage>, QueueError> {
-        self.inner.receive(q, max, vis, wait).await
-    }
-    async fn change_visibility(
-        &self,
-        q: QueueName,
-        r: &str,
-        t: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.change_visibility(q, r, t).await
-    }
-    async fn delete_batch(&self, q: QueueName, r: &[String]) -> Result<(), QueueError> {
-        self.inner.delete_batch(q, r).await
-    }
-    async fn depth(&self, q: QueueName) -> Result<QueueDepth, QueueError> {
-        self.inner.depth(q).await
-    }
-    fn max_receive_batch(&self) -> usize {
-        10
-    }
-    fn arn(&self, q: QueueName) -> String {
-        self.inner.arn(q)
-    }
+}
+
+/// A count on a connection of its own (the pool's may have been cut).
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    let c = offload::db::connect(&app.db.url).await.expect("connect");
+    c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 async fn app(delay: Duration, cut_db: bool, settings: ApiSettings) -> TestApp {
     let db = TestDb::new().await;
-    let queue = Arc::new(Sends {
+    let queue = Arc::new(HookedQueue {
         inner: db.pg_queue(5),
-        delay,
-        cut_db: cut_db.then(|| db.url.clone()),
+        hook: SlowOrCut {
+            delay,
+            cut_db: cut_db.then(|| db.url.clone()),
+        },
     });
     TestApp::spawn_full(db, queue, Tier::Enterprise, settings).await
 }
@@ -92,11 +67,9 @@ async fn a_database_error_after_the_send_still_answers_202_with_one_job() {
         job["status"], "pending",
         "not marked queued, so shown pending"
     );
-    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(count(&app, "SELECT count(*) FROM jobs").await, 1);
     assert_eq!(
-        app.db
-            .scalar_i64("SELECT count(*) FROM queue_messages")
-            .await,
+        count(&app, "SELECT count(*) FROM queue_messages").await,
         1,
         "its message went out"
     );
@@ -136,9 +109,7 @@ async fn a_batch_against_a_slow_queue_answers_in_time_and_a_retry_makes_nothing_
         "{queued} queued, {pending} pending"
     );
     assert_eq!(
-        app.db
-            .scalar_i64("SELECT count(*) FROM jobs WHERE status = 'pending'")
-            .await,
+        count(&app, "SELECT count(*) FROM jobs WHERE status = 'pending'").await,
         pending as i64,
         "the answer shows what waits for the outbox"
     );
@@ -161,7 +132,7 @@ async fn a_batch_against_a_slow_queue_answers_in_time_and_a_retry_makes_nothing_
             .collect()
     };
     assert_eq!(ids(&first), ids(&again), "the same jobs, in the same order");
-    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 1000);
+    assert_eq!(count(&app, "SELECT count(*) FROM jobs").await, 1000);
 
     // Half old, half new: only the new half is made.
     let mut mixed = batch(1000, "import-7");
@@ -178,7 +149,7 @@ async fn a_batch_against_a_slow_queue_answers_in_time_and_a_retry_makes_nothing_
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 1010);
+    assert_eq!(count(&app, "SELECT count(*) FROM jobs").await, 1010);
 }
 
 #[tokio::test]
@@ -215,5 +186,5 @@ async fn a_batch_key_reused_for_another_job_or_twice_in_one_batch_is_refused() {
         .unwrap();
     let body = expect_problem(resp, reqwest::StatusCode::UNPROCESSABLE_ENTITY).await;
     assert_eq!(body["field"], "jobs[1].idempotency_key");
-    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 3);
+    assert_eq!(count(&app, "SELECT count(*) FROM jobs").await, 3);
 }

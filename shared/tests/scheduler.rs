@@ -9,7 +9,7 @@ use offload::clock::Clock;
 use offload::job::{JobMessage, JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::scheduler::{Scheduler, SchedulerConfig};
-use offload::testing::{new_job, TestDb};
+use offload::testing::{new_job, HookedQueue, SendHook, TestDb};
 use offload::workspace::Tier;
 use serde_json::json;
 
@@ -302,59 +302,18 @@ async fn pruning_keeps_up_with_a_busy_system() {
     assert_eq!(db.scalar_i64("SELECT count(*) FROM jobs").await, 10);
 }
 
-/// A queue whose sends wait until told to go on.
-struct Stalled {
-    inner: offload::queue::PgQueue,
+/// Sends wait until told to go on.
+#[derive(Default)]
+struct Stall {
     entered: tokio::sync::Notify,
     go: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
-impl Queue for Stalled {
-    async fn send_batch(
-        &self,
-        q: QueueName,
-        m: &[offload::queue::OutgoingMessage],
-    ) -> Result<(), offload::queue::QueueError> {
+impl SendHook for Stall {
+    async fn before_send(&self) {
         self.entered.notify_one();
         self.go.notified().await;
-        self.inner.send_batch(q, m).await
-    }
-    async fn receive(
-        &self,
-        q: QueueName,
-        max: usize,
-        vis: Duration,
-        wait: Duration,
-    ) -> Result<Vec<offload::queue::ReceivedMessage>, offload::queue::QueueError> {
-        self.inner.receive(q, max, vis, wait).await
-    }
-    async fn change_visibility(
-        &self,
-        q: QueueName,
-        r: &str,
-        t: Duration,
-    ) -> Result<(), offload::queue::QueueError> {
-        self.inner.change_visibility(q, r, t).await
-    }
-    async fn delete_batch(
-        &self,
-        q: QueueName,
-        r: &[String],
-    ) -> Result<(), offload::queue::QueueError> {
-        self.inner.delete_batch(q, r).await
-    }
-    async fn depth(
-        &self,
-        q: QueueName,
-    ) -> Result<offload::queue::QueueDepth, offload::queue::QueueError> {
-        self.inner.depth(q).await
-    }
-    fn max_receive_batch(&self) -> usize {
-        10
-    }
-    fn arn(&self, q: QueueName) -> String {
-        self.inner.arn(q)
     }
 }
 
@@ -363,10 +322,9 @@ async fn an_outbox_run_with_a_stalled_queue_holds_no_row_lock() {
     let db = TestDb::new().await;
     let (ws, _) = db.workspace(Tier::Unlimited).await;
     let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
-    let q = Arc::new(Stalled {
+    let q = Arc::new(HookedQueue {
         inner: db.pg_queue(5),
-        entered: Default::default(),
-        go: Default::default(),
+        hook: Stall::default(),
     });
     let s = Scheduler {
         store: db.store.clone(),
@@ -375,7 +333,7 @@ async fn an_outbox_run_with_a_stalled_queue_holds_no_row_lock() {
         config: SchedulerConfig::default(),
     };
     let run = tokio::spawn(async move { s.run_once().await });
-    q.entered.notified().await;
+    q.hook.entered.notified().await;
     // While the queue stalls, the row can be locked at once (a cancel, a
     // claim): the outbox holds nothing across the call.
     let conn = db.pool.get().await.unwrap();
@@ -385,7 +343,7 @@ async fn an_outbox_run_with_a_stalled_queue_holds_no_row_lock() {
             &[&job.id.0],
         )
         .await;
-    q.go.notify_one();
+    q.hook.go.notify_one();
     let report = run.await.unwrap();
     assert!(locked.is_ok(), "the row was locked: {locked:?}");
     assert_eq!(report.sent, 1);

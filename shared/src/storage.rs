@@ -108,6 +108,32 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes `dest` from chunks as they are made (a multipart upload on S3),
+    /// so an object of any size costs a few chunks of memory. On an error
+    /// the upload is aborted and nothing is written.
+    pub async fn put_stream(
+        &self,
+        dest: &str,
+        mut chunks: BoxStream<'_, Result<Bytes, StorageError>>,
+    ) -> Result<(), StorageError> {
+        let upload = self.store.put_multipart(&Path::from(dest)).await?;
+        let mut w = object_store::WriteMultipart::new(upload);
+        while let Some(chunk) = chunks.next().await {
+            match chunk {
+                Ok(c) => {
+                    w.wait_for_capacity(4).await?;
+                    w.write(&c);
+                }
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(e);
+                }
+            }
+        }
+        w.finish().await?;
+        Ok(())
+    }
+
     /// Writes `dest` as the concatenation of `sources`, streaming (a
     /// multipart upload on S3), then deletes the sources.
     pub async fn concat(&self, sources: &[String], dest: &str) -> Result<(), StorageError> {

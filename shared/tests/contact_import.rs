@@ -317,3 +317,42 @@ async fn an_import_killed_mid_way_resumes_to_the_same_rows() {
     );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM contacts").await, 30_000);
 }
+
+#[tokio::test]
+async fn a_report_longer_than_a_page_lists_every_bad_row_once_in_order() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    // 12 000 rows without an e-mail: more than two pages of the report.
+    let mut csv = String::from("Email,First name\n");
+    for i in 0..12_000 {
+        csv.push_str(&format!(",Person {i}\n"));
+    }
+    db.storage()
+        .put("many-bad.csv", Bytes::from(csv))
+        .await
+        .unwrap();
+    let j = run(
+        &db,
+        ws,
+        json!({"source": {"object": "many-bad.csv"}, "mapping": {"email": "Email", "first_name": "First name"}}),
+        WorkerConfig::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    let r = j.result.unwrap();
+    assert_eq!(r["invalid"].as_u64(), Some(12_000));
+    let url = r["error_report_url"].as_str().unwrap();
+    let report = std::fs::read_to_string(url.strip_prefix("file://").unwrap()).unwrap();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines.len(), 12_001, "a header and one line per bad row");
+    assert_eq!(lines[0], "row,column,reason");
+    for (i, line) in lines[1..].iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("{},email,e-mail is required", i + 1),
+            "line {}",
+            i + 1
+        );
+    }
+}

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
 use crate::db::DbError;
 use crate::job::Progress;
+use crate::storage::StorageError;
 
 pub struct ContactImport;
 
@@ -327,7 +328,9 @@ impl ContactImport {
     }
 
     /// Writes `imports/<job>/errors.csv` (row, column, reason) and returns
-    /// its download link, when there were bad rows.
+    /// its download link, when there were bad rows. The rows are read a page
+    /// at a time and streamed to storage: a file with a million bad rows
+    /// costs one page of memory, not the whole report.
     async fn write_report(
         &self,
         ctx: &JobContext,
@@ -337,29 +340,64 @@ impl ContactImport {
         if invalid == 0 {
             return Ok(None);
         }
-        let db = ctx.db().get().await.map_err(DbError::from)?;
-        let rows = db
-            .query(
-                "SELECT row_num, col, reason FROM import_errors WHERE job_id = $1 ORDER BY row_num, col",
-                &[&job],
-            )
-            .await
-            .map_err(DbError::from)?;
-        let mut w = csv::Writer::from_writer(Vec::new());
-        w.write_record(["row", "column", "reason"])
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
-        for r in rows {
-            w.write_record([r.get::<_, i64>(0).to_string(), r.get(1), r.get(2)])
-                .map_err(|e| JobError::Retryable(e.to_string()))?;
-        }
-        let bytes = w
-            .into_inner()
-            .map_err(|e| JobError::Retryable(e.to_string()))?;
+        let pool = ctx.db().clone();
+        let header = csv_line(["row", "column", "reason"])?;
+        let pages = futures::stream::try_unfold(Some((0i64, String::new())), move |after| {
+            let pool = pool.clone();
+            async move {
+                let Some((row, col)) = after else {
+                    return Ok(None);
+                };
+                let db = pool
+                    .get()
+                    .await
+                    .map_err(|e| StorageError::Failed(e.to_string()))?;
+                let rows = db
+                    .query(
+                        "SELECT row_num, col, reason FROM import_errors \
+                         WHERE job_id = $1 AND (row_num, col) > ($2, $3) \
+                         ORDER BY row_num, col LIMIT $4",
+                        &[&job, &row, &col, &REPORT_PAGE],
+                    )
+                    .await
+                    .map_err(|e| StorageError::Failed(e.to_string()))?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let mut out = Vec::new();
+                for r in &rows {
+                    let line = csv_line([r.get::<_, i64>(0).to_string(), r.get(1), r.get(2)])
+                        .map_err(|e| StorageError::Failed(e.to_string()))?;
+                    out.extend_from_slice(&line);
+                }
+                let last = rows.last().expect("a page has rows");
+                let next = (rows.len() as i64 == REPORT_PAGE)
+                    .then(|| (last.get::<_, i64>(0), last.get::<_, String>(1)));
+                Ok(Some((Bytes::from(out), next)))
+            }
+        });
+        let chunks = futures::stream::once(async move { Ok(Bytes::from(header)) }).chain(pages);
         let key = format!("imports/{job}/errors.csv");
-        ctx.storage().put(&key, Bytes::from(bytes)).await?;
+        ctx.storage().put_stream(&key, chunks.boxed()).await?;
         let url = ctx.storage().download_url(&key, REPORT_TTL).await?;
         Ok(Some(url))
     }
+}
+
+/// Bad rows read per page while the error report is written.
+const REPORT_PAGE: i64 = 5_000;
+
+/// One CSV record, with its line end.
+fn csv_line<I, T>(fields: I) -> Result<Vec<u8>, JobError>
+where
+    I: IntoIterator<Item = T>,
+    T: AsRef<[u8]>,
+{
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(fields)
+        .map_err(|e| JobError::Retryable(e.to_string()))?;
+    w.into_inner()
+        .map_err(|e| JobError::Retryable(e.to_string()))
 }
 
 /// Reads the CSV on a blocking thread and sends batches of parsed rows

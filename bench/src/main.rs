@@ -63,6 +63,12 @@ struct Args {
         value_delimiter = ','
     )]
     tiers: Vec<Tier>,
+    /// Queued jobs of the busy workspace in the neighbour figure.
+    #[arg(long, default_value_t = 100_000)]
+    neighbour_backlog: usize,
+    /// Seconds the 50 quiet workspaces create jobs in the neighbour figure.
+    #[arg(long, default_value_t = 20)]
+    neighbour_secs: u64,
     /// Rows for the contact import and export figures.
     #[arg(long, default_value_t = 100_000)]
     import_rows: usize,
@@ -315,6 +321,80 @@ async fn tier_once(args: &Args, server: &str, tier: Tier, n: usize) -> anyhow::R
     );
     db.drop_db().await?;
     Ok((n as f64 / secs, most))
+}
+
+/// The noisy neighbour: one enterprise workspace with a deep backlog of
+/// no-op jobs, and 50 standard workspaces each creating one job a second
+/// through the API's create path, all through the worker loops as `offload
+/// dev` runs them (batches of 100, 2 loops per queue). Returns the quiet
+/// workspaces' creation-to-start latencies (ms) and the busy one's rate.
+async fn neighbour_once(args: &Args, server: &str) -> anyhow::Result<(Vec<f64>, f64)> {
+    let db = BenchDb::with_tier(server, "neighbour", Tier::Enterprise).await?;
+    let pg = PgQueue::new(db.pool.clone(), 5);
+    db.seed(&pg, args.neighbour_backlog, "noop").await?;
+    let mut quiet = Vec::new();
+    for _ in 0..50 {
+        let ws = WorkspaceId::new();
+        workspace::ensure_workspace(&**db.pool.get().await?, ws, "quiet", Tier::Standard).await?;
+        quiet.push(ws);
+    }
+    let w = Arc::new(worker(&db, Arc::new(pg.clone()), Registry::builtin()));
+    let start = Instant::now();
+    let loops = Loops::start(&db, &pg, w, 100, 2);
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let probes = args.neighbour_secs as usize * quiet.len();
+    for i in 0..probes {
+        tick.tick().await;
+        let nj = NewJob::new(quiet[i % quiet.len()], "noop", json!({}));
+        let conn = db.pool.get().await?;
+        create_jobs(&db.store, &pg, &conn, &[nj], chrono::Utc::now(), Duration::from_secs(10))
+            .await?;
+    }
+    let quiet_ids: Vec<uuid::Uuid> = quiet.iter().map(|w| w.0).collect();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: i64 = db
+            .pool
+            .get()
+            .await?
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE workspace_id = ANY($1) AND started_at IS NULL",
+                &[&quiet_ids],
+            )
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < end, "{left} quiet jobs never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy_done: i64 = db
+        .pool
+        .get()
+        .await?
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE workspace_id = $1 AND status = 'completed'",
+            &[&db.ws.0],
+        )
+        .await?
+        .get(0);
+    let busy_rate = busy_done as f64 / start.elapsed().as_secs_f64();
+    loops.stop().await;
+    let rows = db
+        .pool
+        .get()
+        .await?
+        .query(
+            "SELECT (extract(epoch FROM started_at - created_at) * 1000)::float8 \
+             FROM jobs WHERE workspace_id = ANY($1)",
+            &[&quiet_ids],
+        )
+        .await?;
+    let mut ms: Vec<f64> = rows.iter().map(|r| r.get(0)).collect();
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    db.drop_db().await?;
+    Ok((ms, busy_rate))
 }
 
 fn worker(db: &BenchDb, q: Arc<dyn Queue>, registry: Registry) -> Worker {
@@ -943,6 +1023,28 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if want("neighbour") {
+        eprintln!(
+            "neighbour: an enterprise workspace with {} queued jobs, 50 standard ones creating \
+             a job a second each for {} s, {} runs",
+            args.neighbour_backlog, args.neighbour_secs, args.repeat
+        );
+        let (mut p50, mut p99, mut busy) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.repeat {
+            let (ms, rate) = neighbour_once(&args, &server).await?;
+            eprintln!(
+                "  quiet workspaces' start p50 {:.1} ms, p99 {:.1} ms; busy one {rate:.0} jobs/s",
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99)
+            );
+            p50.push(percentile(&ms, 0.5));
+            p99.push(percentile(&ms, 0.99));
+            busy.push(rate);
+        }
+        report("neighbour_start_p50", p50, "ms");
+        report("neighbour_start_p99", p99, "ms");
+        report("neighbour_busy_drain", busy, "jobs/s");
+    }
     if want("drain") {
         eprintln!(
             "drain: warm-up, then {} runs of {} no-op jobs ({} loops, batch {})",

@@ -115,6 +115,8 @@ struct BenchDb {
     pool: deadpool_postgres::Pool,
     store: Store,
     ws: WorkspaceId,
+    /// The workspace's concurrency limit, if its tier has one.
+    limit: Option<i64>,
 }
 
 impl BenchDb {
@@ -140,6 +142,7 @@ impl BenchDb {
             server: server.to_string(),
             pool,
             ws,
+            limit: tier.limits().max_running,
         })
     }
 
@@ -151,7 +154,9 @@ impl BenchDb {
         drop_database(&server, &name).await
     }
 
-    /// Inserts and enqueues `n` jobs of `job_type`, 1000 per statement.
+    /// Inserts and enqueues `n` jobs of `job_type`, 1000 per statement, as
+    /// the API's batch create does: a limited workspace's jobs go in parked,
+    /// with a message per free slot.
     async fn seed(&self, q: &dyn Queue, n: usize, job_type: &str) -> anyhow::Result<()> {
         let mut left = n;
         while left > 0 {
@@ -163,7 +168,22 @@ impl BenchDb {
                     ..NewJob::new(self.ws, job_type, json!({}))
                 })
                 .collect();
-            let conn = self.pool.get().await?;
+            let mut conn = self.pool.get().await?;
+            if let Some(limit) = self.limit {
+                offload::enqueue::create_parked(
+                    &self.store,
+                    q,
+                    &mut conn,
+                    &new,
+                    self.ws,
+                    limit,
+                    now,
+                    Duration::from_secs(10),
+                )
+                .await?;
+                left -= k;
+                continue;
+            }
             let jobs: Vec<Job> = self
                 .store
                 .insert(&conn, &new, now)
@@ -347,8 +367,15 @@ async fn neighbour_once(args: &Args, server: &str) -> anyhow::Result<(Vec<f64>, 
         tick.tick().await;
         let nj = NewJob::new(quiet[i % quiet.len()], "noop", json!({}));
         let conn = db.pool.get().await?;
-        create_jobs(&db.store, &pg, &conn, &[nj], chrono::Utc::now(), Duration::from_secs(10))
-            .await?;
+        create_jobs(
+            &db.store,
+            &pg,
+            &conn,
+            &[nj],
+            chrono::Utc::now(),
+            Duration::from_secs(10),
+        )
+        .await?;
     }
     let quiet_ids: Vec<uuid::Uuid> = quiet.iter().map(|w| w.0).collect();
     let end = Instant::now() + Duration::from_secs(30);

@@ -252,6 +252,78 @@ pub async fn create_jobs(
     Ok((created, sent))
 }
 
+/// Inserts a batch for a workspace with a concurrency limit that it cannot
+/// all run at once: the jobs enter the database parked (no message each),
+/// and in the same transaction, under the workspace row's lock, as many
+/// parked jobs as the workspace has free slots are released and then sent.
+/// Creating them with a message each put the whole backlog in the queue,
+/// where other tenants' jobs waited behind it until the worker had parked
+/// it message by message. The lock is the one the worker's claims and
+/// refills take, so a job is never parked after the last slot-holder looked.
+/// Like [`create_jobs`], nothing fails the call once the rows are committed.
+#[allow(clippy::too_many_arguments)]
+pub async fn create_parked(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    workspace: crate::ids::WorkspaceId,
+    limit: i64,
+    now: DateTime<Utc>,
+    send_budget: Duration,
+) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
+    let tx = db.transaction().await?;
+    crate::store::lock_workspaces(&tx, &[workspace]).await?;
+    let mut created = store.insert(&tx, jobs, now).await?;
+    let new: Vec<uuid::Uuid> = created
+        .iter()
+        .filter(|(_, n)| *n)
+        .map(|(j, _)| j.id.0)
+        .collect();
+    let park = tx
+        .prepare_cached(
+            "UPDATE jobs SET status = 'queued', parked_at = $2, updated_at = $2 \
+             WHERE id = ANY($1) AND status = 'pending'",
+        )
+        .await?;
+    tx.execute(&park, &[&new, &now]).await?;
+    let released = crate::store::refill(
+        &tx,
+        crate::store::Refill::Release,
+        &[(workspace, limit)],
+        &[],
+        "",
+        now,
+        chrono::Duration::zero(),
+    )
+    .await?;
+    tx.commit().await?;
+    for (j, is_new) in created.iter_mut() {
+        if *is_new {
+            j.status = crate::job::JobStatus::Queued;
+        }
+    }
+    let targets: Vec<Target> = released.iter().map(Target::from).collect();
+    let mut sent = send_targets(queue, &targets, now, Some(send_budget)).await;
+    if let Err(e) = crate::store::mark_enqueued_on(&*db, &sent.sent, now).await {
+        tracing::warn!(error = %e, "released jobs sent, but not marked queued; the outbox sends them again");
+        sent.unmarked = std::mem::take(&mut sent.sent);
+    }
+    // Released jobs whose message did not go out wait for the outbox.
+    let waiting: std::collections::HashSet<JobId> = sent
+        .deferred
+        .iter()
+        .chain(&sent.unmarked)
+        .copied()
+        .collect();
+    for (j, _) in created.iter_mut() {
+        if waiting.contains(&j.id) {
+            j.status = crate::job::JobStatus::Pending;
+        }
+    }
+    Ok((created, sent))
+}
+
 /// Shows the jobs that were sent as `queued` in the answer.
 fn mark_sent(created: &mut [(Job, bool)], sent: &Sent) {
     let ids: std::collections::HashSet<JobId> = sent.sent.iter().copied().collect();

@@ -259,3 +259,46 @@ async fn the_scheduler_releases_parked_jobs_nobody_took() {
     assert_eq!(scheduler(0).run_once().await.released, 0);
     assert_eq!(jobs.len(), 8);
 }
+
+#[tokio::test]
+async fn a_batch_beyond_the_limit_goes_in_parked_with_a_message_per_free_slot() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let app = offload::testing::TestApp::spawn_full(
+        db,
+        q.clone(),
+        Tier::Standard,
+        offload::api::ApiSettings::default(),
+    )
+    .await;
+    let body = json!({"jobs": (0..1000).map(|_| json!({"type": "noop"})).collect::<Vec<_>>()});
+    let resp = app
+        .req("POST", "/jobs/batch")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let answer: serde_json::Value = resp.json().await.unwrap();
+    assert!(answer["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["status"] == "queued"));
+    let db = &app.db;
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM queue_messages").await,
+        5,
+        "a message for each free slot, not for each job"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM jobs WHERE parked_at IS NOT NULL")
+            .await,
+        995
+    );
+    let workers = Workers::start(db, q.clone(), db.worker(q.clone(), WorkerConfig::default()));
+    let (max_running, drained) = max_running_while(db, app.workspace, 30).await;
+    workers.stop().await;
+    assert!(drained, "never drained");
+    assert!(max_running <= 5, "{max_running} running at once");
+}

@@ -45,6 +45,8 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
+/// The API over such a queue, for an unlimited workspace: its batches get a
+/// message per job (a limited one's batch beyond its limit goes in parked).
 async fn app(delay: Duration, cut_db: bool, settings: ApiSettings) -> TestApp {
     let db = TestDb::new().await;
     let queue = Arc::new(HookedQueue {
@@ -54,7 +56,7 @@ async fn app(delay: Duration, cut_db: bool, settings: ApiSettings) -> TestApp {
             cut_db: cut_db.then(|| db.url.clone()),
         },
     });
-    TestApp::spawn_full(db, queue, Tier::Enterprise, settings).await
+    TestApp::spawn_full(db, queue, Tier::Unlimited, settings).await
 }
 
 #[tokio::test]

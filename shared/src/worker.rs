@@ -20,13 +20,12 @@ use std::time::Duration;
 use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use rand::Rng;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use decide::{backoff, decide, Action, Facts, Route};
+pub use decide::{backoff, decide, jittered, Action, Facts, Route};
 
 use crate::clock::Clock;
 use crate::config::WorkerConfig;
@@ -143,10 +142,6 @@ impl Worker {
         self
     }
 
-    pub fn config(&self) -> &WorkerConfig {
-        &self.config
-    }
-
     /// Reads the concurrency limits of these workspaces into the cache, as a
     /// long-lived worker has them.
     pub async fn warm_limits(&self, workspaces: &[WorkspaceId]) -> Result<(), DbError> {
@@ -180,7 +175,8 @@ impl Worker {
             Err(e) => {
                 tracing::error!(error = %e, messages = records.len(),
                     "cannot claim: the whole batch comes back shortly");
-                self.fail_all(&records, &mut failures).await;
+                self.fail_all(&records.iter().collect::<Vec<_>>(), &mut failures)
+                    .await;
                 return response(failures);
             }
         };
@@ -267,7 +263,7 @@ impl Worker {
     /// delay: a batch-wide failure (the database unreachable, a statement
     /// refused) is usually brief, and without this the messages would stay
     /// hidden for the queue's whole visibility timeout.
-    async fn fail_all(&self, records: &[Record], failures: &mut Vec<String>) {
+    async fn fail_all(&self, records: &[&Record], failures: &mut Vec<String>) {
         let delay = jittered(self.config.batch_failure_delay, &mut rand::rng());
         for r in records {
             if let Err(e) = self
@@ -293,7 +289,8 @@ impl Worker {
             Ok(rows) => rows.into_iter().map(|p| (p.id, p)).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "cannot read unclaimed jobs: their messages come back shortly");
-                self.fail_all(&unclaimed, failures).await;
+                self.fail_all(&unclaimed.iter().collect::<Vec<_>>(), failures)
+                    .await;
                 return Vec::new();
             }
         };
@@ -823,28 +820,17 @@ impl Invocation<'_> {
     /// Outcomes that could not be written: their messages come back shortly
     /// (a job without one is rescued when its lease expires).
     async fn unrecorded(&mut self, plan: Vec<(Held, Action, Ran)>, e: &DbError) {
-        let w = self.worker;
-        let delay = jittered(w.config.batch_failure_delay, &mut rand::rng());
-        for (held, _, _) in plan {
+        for (held, _, _) in &plan {
             tracing::warn!(job_id = %held.job.id, error = %e, "outcome not recorded");
-            if let Some(rec) = held.record {
-                if let Err(e) = w
-                    .queue
-                    .change_visibility(rec.queue, &rec.receipt, delay)
-                    .await
-                {
-                    tracing::debug!(error = %e, "cannot shorten visibility");
-                }
-                self.failures.push(rec.message_id.clone());
-            }
         }
+        let records: Vec<&Record> = plan
+            .iter()
+            .filter_map(|(h, _, _)| h.record.as_deref())
+            .collect();
+        self.worker.fail_all(&records, &mut self.failures).await;
     }
 }
 
-/// Writes a group's outcomes, their log lines and the refill of the slots
-/// they freed in one transaction (one statement when the group is only
-/// completions of unlimited workspaces). Returns what each write left, in
-/// the plan's order, and the parked jobs taken or released.
 #[allow(clippy::too_many_arguments)]
 async fn write_group(
     w: &Worker,
@@ -1017,13 +1003,6 @@ fn completed_result(a: &Action) -> Option<serde_json::Value> {
         Action::Complete(r) => r.clone(),
         _ => None,
     }
-}
-
-/// Between half and all of `d`, so many messages failed at once do not
-/// all come back at the same instant.
-fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
-    let ms = d.as_millis() as u64;
-    Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
 }
 
 /// Scheduler turns an outcome waits, before its group is written, for

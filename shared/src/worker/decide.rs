@@ -72,7 +72,12 @@ pub fn backoff(config: &WorkerConfig, attempt: i32, rng: &mut impl Rng) -> Durat
         .backoff_base
         .saturating_mul(2u32.saturating_pow(attempt.clamp(1, 31) as u32 - 1))
         .min(config.backoff_cap);
-    let ms = exp.as_millis() as u64;
+    jittered(exp, rng)
+}
+
+/// Uniformly between half and all of `d`.
+pub fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
+    let ms = d.as_millis() as u64;
     Duration::from_millis(rng.random_range(ms / 2..=ms.max(1)))
 }
 

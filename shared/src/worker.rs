@@ -259,13 +259,14 @@ impl Worker {
         chrono::Duration::from_std(self.config.lease).unwrap_or_default()
     }
 
-    /// Reports every record failed and hides each for a short, jittered
-    /// delay: a batch-wide failure (the database unreachable, a statement
+    /// Reports every record failed and hides each for a short delay,
+    /// jittered per message so they do not all come back at the same
+    /// instant: a batch-wide failure (the database unreachable, a statement
     /// refused) is usually brief, and without this the messages would stay
     /// hidden for the queue's whole visibility timeout.
     async fn fail_all(&self, records: &[&Record], failures: &mut Vec<String>) {
-        let delay = jittered(self.config.batch_failure_delay, &mut rand::rng());
         for r in records {
+            let delay = jittered(self.config.batch_failure_delay, &mut rand::rng());
             if let Err(e) = self
                 .queue
                 .change_visibility(r.queue, &r.receipt, delay)

@@ -216,15 +216,8 @@ pub async fn create_jobs(
             .filter(|(_, n)| *n)
             .map(|(j, _)| Target::from(j))
             .collect();
-        let mut sent = send_targets(queue, &new, now, Some(send_budget)).await;
-        match crate::store::mark_enqueued_on(db, &sent.sent, now).await {
-            Ok(_) => mark_sent(&mut created, &sent),
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = sent.sent.len(),
-                    "sent, but not marked queued; they show as pending and the outbox sends them again");
-                sent.unmarked = std::mem::take(&mut sent.sent);
-            }
-        }
+        let sent = send_and_mark(queue, db, &new, now, send_budget).await;
+        mark_sent(&mut created, &sent);
         return Ok((created, sent));
     }
     // One statement writes the messages and the rows (already `queued`):
@@ -304,11 +297,7 @@ pub async fn create_parked(
         }
     }
     let targets: Vec<Target> = released.iter().map(Target::from).collect();
-    let mut sent = send_targets(queue, &targets, now, Some(send_budget)).await;
-    if let Err(e) = crate::store::mark_enqueued_on(&*db, &sent.sent, now).await {
-        tracing::warn!(error = %e, "released jobs sent, but not marked queued; the outbox sends them again");
-        sent.unmarked = std::mem::take(&mut sent.sent);
-    }
+    let sent = send_and_mark(queue, db, &targets, now, send_budget).await;
     // Released jobs whose message did not go out wait for the outbox.
     let waiting: std::collections::HashSet<JobId> = sent
         .deferred
@@ -322,6 +311,26 @@ pub async fn create_parked(
         }
     }
     Ok((created, sent))
+}
+
+/// Sends committed jobs' messages within `budget` and marks the sent ones
+/// `queued` on `db`. Nothing fails: what was not sent is `deferred`, and if
+/// the mark fails the sent ones are `unmarked` (still `pending`, so the
+/// outbox sends them again; a duplicate message is harmless).
+async fn send_and_mark(
+    queue: &dyn Queue,
+    db: &deadpool_postgres::Object,
+    targets: &[Target],
+    now: DateTime<Utc>,
+    budget: Duration,
+) -> Sent {
+    let mut sent = send_targets(queue, targets, now, Some(budget)).await;
+    if let Err(e) = crate::store::mark_enqueued_on(db, &sent.sent, now).await {
+        tracing::warn!(error = %e, jobs = sent.sent.len(),
+            "sent, but not marked queued; they show as pending and the outbox sends them again");
+        sent.unmarked = std::mem::take(&mut sent.sent);
+    }
+    sent
 }
 
 /// Shows the jobs that were sent as `queued` in the answer.

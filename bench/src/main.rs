@@ -244,24 +244,20 @@ impl Loops {
         let (stop, rx) = tokio::sync::watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         let listener = q.listen(&db.url);
-        let queue: Arc<dyn Queue> = Arc::new(q.clone());
-        for name in QueueName::WORK {
-            let concurrency = Arc::new(tokio::sync::Semaphore::new(loops.max(10)));
-            for _ in 0..loops {
-                let source = Arc::new(EventSource {
-                    queue: queue.clone(),
-                    worker: w.clone(),
-                    name,
-                    batch,
-                    visibility: Duration::from_secs(60),
-                    wait: Duration::from_secs(1),
-                    invocation_timeout: Duration::from_secs(900),
-                    concurrency: concurrency.clone(),
-                });
-                let rx = rx.clone();
-                tasks.spawn(async move { source.run(rx).await });
-            }
-        }
+        offload::event_source::spawn_all(
+            &mut tasks,
+            Arc::new(q.clone()),
+            w,
+            &offload::event_source::Polling {
+                batch,
+                loops_per_queue: loops,
+                max_concurrency: loops.max(10),
+                visibility: Duration::from_secs(60),
+                wait: Duration::from_secs(1),
+                invocation_timeout: Duration::from_secs(900),
+            },
+            &rx,
+        );
         Loops {
             stop,
             tasks,

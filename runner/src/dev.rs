@@ -6,10 +6,9 @@ use std::time::Duration;
 use chrono::Utc;
 use offload::auth::Keys;
 use offload::config::{Config, QueueBackend};
-use offload::event_source::EventSource;
+use offload::event_source::Polling;
 use offload::handlers::Registry;
 use offload::ids::{UserId, WorkspaceId};
-use offload::job::QueueName;
 use offload::startup::Services;
 use offload::workspace::{self, Role, Tier};
 use tokio::sync::watch;
@@ -79,28 +78,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         QueueBackend::Postgres => Duration::from_secs(1),
         QueueBackend::Sqs(_) => Duration::from_secs(5),
     };
-    for q in QueueName::WORK {
-        let concurrency = Arc::new(tokio::sync::Semaphore::new(
-            config
-                .runner
-                .max_concurrency
-                .max(config.runner.loops_per_queue),
-        ));
-        for _ in 0..config.runner.loops_per_queue {
-            let source = Arc::new(EventSource {
-                queue: services.queue.clone(),
-                worker: worker.clone(),
-                name: q,
-                batch,
-                visibility: config.worker.lease,
-                wait,
-                invocation_timeout: config.runner.invocation_timeout,
-                concurrency: concurrency.clone(),
-            });
-            let stop = stop_rx.clone();
-            tasks.spawn(async move { source.run(stop).await });
-        }
-    }
+    offload::event_source::spawn_all(
+        &mut tasks,
+        services.queue.clone(),
+        worker,
+        &Polling {
+            batch,
+            loops_per_queue: config.runner.loops_per_queue,
+            max_concurrency: config.runner.max_concurrency,
+            visibility: config.worker.lease,
+            wait,
+            invocation_timeout: config.runner.invocation_timeout,
+        },
+        &stop_rx,
+    );
     let scheduler = services.scheduler();
     let every = config.runner.scheduler_interval;
     let mut stop = stop_rx.clone();

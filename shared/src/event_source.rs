@@ -121,6 +121,52 @@ impl EventSource {
     }
 }
 
+/// How the local event sources poll each work queue.
+#[derive(Clone, Debug)]
+pub struct Polling {
+    /// Messages per invocation.
+    pub batch: usize,
+    /// Receive loops per queue.
+    pub loops_per_queue: usize,
+    /// Invocations at once per queue (at least `loops_per_queue`).
+    pub max_concurrency: usize,
+    pub visibility: Duration,
+    /// How long a receive waits for a first message.
+    pub wait: Duration,
+    pub invocation_timeout: Duration,
+}
+
+/// Starts the event sources of every work queue on `tasks`, as `offload
+/// dev` runs them: `loops_per_queue` receive loops per queue sharing its
+/// invocations, each running until `stop`.
+pub fn spawn_all(
+    tasks: &mut tokio::task::JoinSet<()>,
+    queue: Arc<dyn Queue>,
+    worker: Arc<Worker>,
+    polling: &Polling,
+    stop: &watch::Receiver<bool>,
+) {
+    for name in QueueName::WORK {
+        let concurrency = Arc::new(Semaphore::new(
+            polling.max_concurrency.max(polling.loops_per_queue),
+        ));
+        for _ in 0..polling.loops_per_queue {
+            let source = Arc::new(EventSource {
+                queue: queue.clone(),
+                worker: worker.clone(),
+                name,
+                batch: polling.batch,
+                visibility: polling.visibility,
+                wait: polling.wait,
+                invocation_timeout: polling.invocation_timeout,
+                concurrency: concurrency.clone(),
+            });
+            let stop = stop.clone();
+            tasks.spawn(async move { source.run(stop).await });
+        }
+    }
+}
+
 /// Builds the event Lambda would deliver for these messages.
 pub fn to_event(messages: &[ReceivedMessage], arn: &str) -> SqsEvent {
     let mut event = SqsEvent::default();

@@ -326,24 +326,20 @@ impl Workers {
         tasks.spawn(async move {
             let _ = listener.await;
         });
-        let worker = Arc::new(worker);
-        for name in QueueName::WORK {
-            let concurrency = Arc::new(tokio::sync::Semaphore::new(10));
-            for _ in 0..2 {
-                let source = Arc::new(EventSource {
-                    queue: queue.clone(),
-                    worker: worker.clone(),
-                    name,
-                    batch: 100,
-                    visibility: Duration::from_secs(60),
-                    wait: Duration::from_secs(1),
-                    invocation_timeout: Duration::from_secs(60),
-                    concurrency: concurrency.clone(),
-                });
-                let rx = rx.clone();
-                tasks.spawn(async move { source.run(rx).await });
-            }
-        }
+        crate::event_source::spawn_all(
+            &mut tasks,
+            queue,
+            Arc::new(worker),
+            &crate::event_source::Polling {
+                batch: 100,
+                loops_per_queue: 2,
+                max_concurrency: 10,
+                visibility: Duration::from_secs(60),
+                wait: Duration::from_secs(1),
+                invocation_timeout: Duration::from_secs(60),
+            },
+            &rx,
+        );
         Workers { stop, tasks }
     }
 

@@ -843,31 +843,6 @@ async fn write_group(
     now: DateTime<Utc>,
 ) -> Result<(Vec<Written>, Vec<Job>), DbError> {
     let mut db = w.store.pool().get().await?;
-    let only_completions =
-        plan.iter().all(|p| matches!(p.1, Action::Complete(_))) && in_group.is_empty();
-    if only_completions {
-        let done: Vec<_> = plan
-            .iter()
-            .map(|(h, a, r)| (h.lease.clone(), completed_result(a), r.progress.clone()))
-            .collect();
-        let won: HashSet<JobId> = store::complete(&db, &done, now)
-            .await?
-            .into_iter()
-            .collect();
-        let statuses = plan
-            .iter()
-            .map(|p| {
-                if won.contains(&p.0.job.id) {
-                    Written::Now(JobStatus::Completed)
-                } else {
-                    Written::Lost
-                }
-            })
-            .collect();
-        return Ok((statuses, Vec::new()));
-    }
-
-    let tx = db.transaction().await?;
     let ws: Vec<WorkspaceId> = in_group.iter().map(|l| l.0).collect();
     let done: Vec<_> = plan
         .iter()
@@ -875,18 +850,25 @@ async fn write_group(
         .map(|(h, a, r)| (h.lease.clone(), completed_result(a), r.progress.clone()))
         .collect();
     if done.len() == plan.len() {
-        // Only completions (what a busy workspace mostly writes): the three
-        // statements go out together, so the transaction, and with it the
-        // workspace rows' lock, lasts one round trip instead of three. They
-        // run in the order they are sent, which is the order below once
-        // they are prepared.
-        store::prepare_group(&tx, refill).await?;
-        let (_, won, refilled) = tokio::try_join!(
-            store::lock_workspaces(&tx, &ws),
-            store::complete(&tx, &done, now),
-            store::refill(&tx, refill, in_group, candidates, claim, now, w.lease()),
-        )?;
-        tx.commit().await?;
+        // Only completions (what a busy system mostly writes).
+        let (won, refilled) = if in_group.is_empty() {
+            // No limited workspace: no slot to refill, one statement.
+            (store::complete(&db, &done, now).await?, Vec::new())
+        } else {
+            // The three statements go out together, so the transaction, and
+            // with it the workspace rows' lock, lasts one round trip instead
+            // of three. They run in the order they are sent, which is the
+            // order below once they are prepared.
+            let tx = db.transaction().await?;
+            store::prepare_group(&tx, refill).await?;
+            let (_, won, refilled) = tokio::try_join!(
+                store::lock_workspaces(&tx, &ws),
+                store::complete(&tx, &done, now),
+                store::refill(&tx, refill, in_group, candidates, claim, now, w.lease()),
+            )?;
+            tx.commit().await?;
+            (won, refilled)
+        };
         let won: HashSet<JobId> = won.into_iter().collect();
         let statuses = plan
             .iter()
@@ -897,6 +879,7 @@ async fn write_group(
             .collect();
         return Ok((statuses, refilled));
     }
+    let tx = db.transaction().await?;
     store::prepare_group(&tx, refill).await?;
     let (_, won) = tokio::try_join!(
         store::lock_workspaces(&tx, &ws),

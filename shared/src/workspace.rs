@@ -187,7 +187,8 @@ pub struct LimitCache {
 }
 
 impl LimitCache {
-    /// The concurrency limits of those of `workspaces` that have one.
+    /// The concurrency limits of those of `workspaces` that have one, each
+    /// workspace once (callers pass one id per job).
     pub async fn max_running(
         &self,
         pool: &deadpool_postgres::Pool,
@@ -195,9 +196,12 @@ impl LimitCache {
     ) -> Result<Vec<(WorkspaceId, i64)>, DbError> {
         let mut out = Vec::new();
         let mut missing = Vec::new();
+        let mut unique = workspaces.to_vec();
+        unique.sort();
+        unique.dedup();
         {
             let entries = self.entries.lock().expect("limit cache poisoned");
-            for ws in workspaces {
+            for ws in &unique {
                 match entries.get(ws) {
                     Some((limit, at)) if at.elapsed() < LIMIT_TTL => {
                         if let Some(l) = limit {

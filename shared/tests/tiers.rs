@@ -302,3 +302,24 @@ async fn a_batch_beyond_the_limit_goes_in_parked_with_a_message_per_free_slot() 
     assert!(drained, "never drained");
     assert!(max_running <= 5, "{max_running} running at once");
 }
+
+#[tokio::test]
+async fn a_workspaces_limit_is_looked_up_once_however_many_of_its_jobs_ask() {
+    // The worker asks with one id per finished job; the answer names each
+    // workspace once (duplicates made every refill of a full group scan the
+    // jobs table for twenty copies of its candidates).
+    let db = TestDb::new().await;
+    let (ent, _) = db.workspace(Tier::Enterprise).await;
+    let (std_ws, _) = db.workspace(Tier::Standard).await;
+    let (free_for_all, _) = db.workspace(Tier::Unlimited).await;
+    let cache = offload::workspace::LimitCache::default();
+    let asked = [ent, std_ws, ent, free_for_all, ent, std_ws];
+    for _ in 0..2 {
+        // The first call reads the database, the second the cache.
+        let mut limits = cache.max_running(&db.pool, &asked).await.unwrap();
+        limits.sort();
+        let mut want = vec![(ent, 20), (std_ws, 5)];
+        want.sort();
+        assert_eq!(limits, want);
+    }
+}

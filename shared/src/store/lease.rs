@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
 use super::{Lease, Store};
-use crate::db::{storable_json, storable_text, DbError};
+use crate::db::{storable_json, storable_text, Conn, DbError};
 use crate::ids::JobId;
 use crate::job::{ErrorKind, JobStatus, Progress};
 
@@ -380,5 +380,74 @@ impl Store {
         lease: Duration,
     ) -> Result<Vec<(JobId, bool)>, DbError> {
         heartbeat(&self.pool().get().await?, leases, now, lease).await
+    }
+}
+
+impl Store {
+    /// Saves a running job's checkpoint; `false` when the lease is lost.
+    pub async fn save_checkpoint(
+        &self,
+        lease: &Lease,
+        checkpoint: &Value,
+        now: DateTime<Utc>,
+    ) -> Result<bool, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let n = db
+            .execute(
+                concat!("UPDATE jobs SET checkpoint = $4, updated_at = $5", held!()),
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &*storable_json(checkpoint),
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Writes a running job's progress. Returns `None` when the lease is
+    /// lost, else whether a cancel was requested (so progress writes double
+    /// as the cancel check).
+    pub async fn set_progress(
+        &self,
+        lease: &Lease,
+        progress: &Progress,
+        now: DateTime<Utc>,
+    ) -> Result<Option<bool>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let value = serde_json::to_value(progress).unwrap_or(Value::Null);
+        let value = storable_json(&value).into_owned();
+        let row = db
+            .query_opt(
+                concat!(
+                    "UPDATE jobs SET progress = $4, updated_at = $5",
+                    held!(),
+                    " RETURNING cancel_requested_at IS NOT NULL"
+                ),
+                &[
+                    &lease.job_id.0,
+                    &lease.attempt,
+                    &lease.worker_id,
+                    &value,
+                    &now,
+                ],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    /// Whether a cancel was requested for a job this lease still holds
+    /// (`None`: the lease is lost).
+    pub async fn cancel_requested(&self, lease: &Lease) -> Result<Option<bool>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!("SELECT cancel_requested_at IS NOT NULL FROM jobs", held!()),
+                &[&lease.job_id.0, &lease.attempt, &lease.worker_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 }

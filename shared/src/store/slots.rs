@@ -14,9 +14,9 @@ use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::GenericClient;
 
 use super::Store;
-use crate::db::DbError;
+use crate::db::{Conn, DbError};
 use crate::ids::{JobId, WorkspaceId};
-use crate::job::Job;
+use crate::job::{Job, JobStatus};
 use crate::job_columns;
 
 /// What a claim did with a batch's jobs.
@@ -27,6 +27,16 @@ pub struct Claimed {
     /// Jobs of workspaces at their limit, now parked: their messages are done
     /// with, and a finishing job of the workspace takes them.
     pub parked: Vec<JobId>,
+}
+
+/// What the worker reads of a job whose message it could not claim.
+#[derive(Clone, Debug)]
+pub struct Peeked {
+    pub id: JobId,
+    pub status: JobStatus,
+    pub run_at: DateTime<Utc>,
+    pub cancel_requested: bool,
+    pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
 /// A job is claimable when it is waiting and due, or `running` under a lease
@@ -406,5 +416,55 @@ impl Store {
             Ok(jobs)
         })
         .await
+    }
+}
+
+impl Store {
+    /// Status, due time and cancel flag of jobs, for deciding what to do
+    /// with messages whose job could not be claimed.
+    pub async fn peek(&self, ids: &[JobId]) -> Result<Vec<Peeked>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "SELECT id, status, run_at, cancel_requested_at IS NOT NULL, lease_expires_at \
+                 FROM jobs WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Peeked {
+                id: JobId(r.get(0)),
+                status: r.get::<_, &str>(1).parse().unwrap_or(JobStatus::Dead),
+                run_at: r.get(2),
+                cancel_requested: r.get(3),
+                lease_expires_at: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Ends `cancelled` the jobs among `ids` whose cancel was requested and
+    /// that nobody holds (waiting, or running under an expired lease): a
+    /// cancel wins over starting them again. Returns the ids it ended.
+    pub async fn end_cancel_requested(
+        &self,
+        ids: &[JobId],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "UPDATE jobs SET status = 'cancelled', finished_at = $2, updated_at = $2, \
+                   parked_at = NULL, lease_expires_at = NULL \
+                 WHERE id = ANY($1) AND cancel_requested_at IS NOT NULL \
+                   AND (status IN ('pending', 'queued') \
+                        OR (status = 'running' AND lease_expires_at < $2)) \
+                 RETURNING id",
+                &[&ids, &now],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
     }
 }

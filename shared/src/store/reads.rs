@@ -1,0 +1,210 @@
+//! What the API reads of a workspace's jobs (one job, pages, logs) and the
+//! changes a person asks for: cancel, re-run, delete. Every statement names
+//! the workspace, so another workspace's id reads as absent.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::Store;
+use crate::db::{Conn, DbError};
+use crate::ids::{JobId, WorkspaceId};
+use crate::job::{Job, JobStatus};
+use crate::job_columns;
+
+/// Filters and cursor of a job listing.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub status: Option<JobStatus>,
+    pub job_type: Option<String>,
+    pub tag: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only jobs strictly older than this (created_at, id): the cursor.
+    pub before: Option<(DateTime<Utc>, JobId)>,
+    pub limit: i64,
+}
+
+impl Store {
+    /// One job of one workspace; another workspace's id reads as absent.
+    pub async fn get(&self, workspace: WorkspaceId, id: JobId) -> Result<Option<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE id = $1 AND workspace_id = $2"
+                ),
+                &[&id.0, &workspace.0],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// A job by id alone, for the worker and the scheduler, which act for
+    /// every workspace.
+    pub async fn get_any(&self, id: JobId) -> Result<Option<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1"),
+                &[&id.0],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// A page of a workspace's jobs, newest first, after `filter.before`.
+    pub async fn list(
+        &self,
+        workspace: WorkspaceId,
+        filter: &ListFilter,
+    ) -> Result<Vec<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let mut sql = String::from(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE workspace_id = $1"
+        ));
+        let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
+            vec![Box::new(workspace.0)];
+        let mut push = |clause: &str, p: Box<dyn tokio_postgres::types::ToSql + Sync + Send>| {
+            params.push(p);
+            sql.push_str(&clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(st) = filter.status {
+            push(" AND status = ?", Box::new(st.as_str()));
+        }
+        if let Some(t) = &filter.job_type {
+            push(" AND job_type = ?", Box::new(t.clone()));
+        }
+        if let Some(tag) = &filter.tag {
+            push(
+                " AND tags <> '{}' AND tags @> ARRAY[?::text]",
+                Box::new(tag.clone()),
+            );
+        }
+        if let Some(t) = filter.created_after {
+            push(" AND created_at >= ?", Box::new(t));
+        }
+        if let Some(t) = filter.created_before {
+            push(" AND created_at < ?", Box::new(t));
+        }
+        if let Some((t, id)) = filter.before {
+            params.push(Box::new(t));
+            params.push(Box::new(id.0));
+            let n = params.len();
+            sql.push_str(&format!(" AND (created_at, id) < (${}, ${n})", n - 1));
+        }
+        params.push(Box::new(filter.limit));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ${}",
+            params.len()
+        ));
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| &**p as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let rows = db.query(&sql, &refs).await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// A job's log lines in order, after line `after` (a cursor), at most `limit`.
+    pub async fn logs(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, i32, String, String, Option<Value>, DateTime<Utc>)>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let rows = db
+            .query(
+                "SELECT id, attempt, level, message, metadata, created_at FROM job_logs \
+                 WHERE job_id = $1 AND workspace_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+                &[&id.0, &workspace.0, &after, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect())
+    }
+
+    /// Deletes a finished job of the workspace. `Ok(false)` when it does not
+    /// exist or is not finished (the caller tells the two apart).
+    pub async fn delete_finished(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+    ) -> Result<bool, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let n = db
+            .execute(
+                "DELETE FROM jobs WHERE id = $1 AND workspace_id = $2 \
+                 AND status IN ('completed', 'cancelled', 'dead')",
+                &[&id.0, &workspace.0],
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Cancels a job: one that has not started (`pending`, `queued`) is
+    /// `cancelled` at once; a `running` one gets `cancel_requested_at`, which
+    /// its handler sees between steps. Returns the job as it now is, or
+    /// `None` when no unfinished job of the workspace has that id.
+    pub async fn request_cancel(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "UPDATE jobs SET \
+                       status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, \
+                       finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $3 END, \
+                       cancel_requested_at = coalesce(cancel_requested_at, $3), updated_at = $3, \
+                       parked_at = NULL \
+                     WHERE id = $1 AND workspace_id = $2 \
+                       AND status IN ('pending', 'queued', 'running') \
+                     RETURNING ",
+                    job_columns!()
+                ),
+                &[&id.0, &workspace.0, &now],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
+    /// `dead|cancelled → pending` for a manual re-run: attempts, errors,
+    /// result, progress and checkpoint start afresh. `None` when no such
+    /// finished-but-failed job exists in the workspace.
+    pub async fn manual_retry(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "UPDATE jobs SET status = 'pending', attempts = 0, run_at = $3, \
+                       error_message = NULL, error_kind = NULL, result = NULL, progress = NULL, \
+                       checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
+                       finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
+                       heartbeat_at = NULL, lease_expires_at = NULL, parked_at = NULL, \
+                       updated_at = $3 \
+                     WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
+                     RETURNING ",
+                    job_columns!()
+                ),
+                &[&id.0, &workspace.0, &now],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+}

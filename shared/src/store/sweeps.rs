@@ -1,0 +1,105 @@
+//! The scheduler's sweeps over all workspaces: expired leases, messages
+//! that reached the dead-letter queue, finished jobs past their retention.
+//! Each works in bounded batches and skips rows another transaction holds.
+
+use chrono::{DateTime, Utc};
+
+use super::Store;
+use crate::db::{Conn, DbError};
+use crate::ids::JobId;
+use crate::job::{Job, JobStatus};
+use crate::job_columns;
+
+/// What the lease rescuer did.
+#[derive(Clone, Debug, Default)]
+pub struct Rescued {
+    /// Jobs put back to `pending`, to be sent a fresh message.
+    pub requeued: Vec<Job>,
+    pub dead: u64,
+    /// Jobs whose cancel was requested before their worker died.
+    pub cancelled: u64,
+}
+
+impl Store {
+    /// Rescues up to `limit` `running` jobs whose lease expired: back to
+    /// `pending` (the outbox sends them a fresh message) when attempts
+    /// remain, else `dead`; `cancelled` when a cancel was requested. The row is re-checked under its lock, so a job
+    /// its worker finished or renewed in the meantime is left alone.
+    pub async fn rescue_expired(&self, now: DateTime<Utc>, limit: i64) -> Result<Rescued, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let rows = db
+            .query(
+                concat!(
+                "UPDATE jobs SET \
+                   status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+                     WHEN attempts < max_attempts THEN 'pending' ELSE 'dead' END, \
+                   error_message = CASE WHEN cancel_requested_at IS NOT NULL \
+                     THEN 'lease expired after a cancel request: the worker stopped heartbeating' \
+                     WHEN attempts < max_attempts \
+                     THEN 'lease expired: the worker stopped heartbeating; retrying' \
+                     ELSE 'lease expired on the last attempt: the worker stopped heartbeating' END, \
+                   error_kind = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                     THEN 'retryable' ELSE 'permanent' END, \
+                   finished_at = CASE WHEN cancel_requested_at IS NULL AND attempts < max_attempts \
+                     THEN NULL ELSE $1 END, \
+                   run_at = CASE WHEN attempts < max_attempts THEN $1 ELSE run_at END, \
+                   enqueued_at = NULL, lease_expires_at = NULL, updated_at = $1 \
+                 WHERE id = ANY(ARRAY( \
+                     SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < $1 \
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+                   AND status = 'running' AND lease_expires_at < $1 \
+                 RETURNING ",
+                    job_columns!()
+                ),
+                &[&now, &limit],
+            )
+            .await?;
+        let jobs: Vec<Job> = rows.iter().map(Job::from_row).collect::<Result<_, _>>()?;
+        let (requeued, ended): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.status == JobStatus::Pending);
+        Ok(Rescued {
+            requeued,
+            dead: ended.iter().filter(|j| j.status == JobStatus::Dead).count() as u64,
+            cancelled: ended
+                .iter()
+                .filter(|j| j.status == JobStatus::Cancelled)
+                .count() as u64,
+        })
+    }
+
+    /// `non-terminal → dead` for jobs whose message reached the dead-letter
+    /// queue. Returns the ids changed.
+    pub async fn bury_dead_lettered(
+        &self,
+        ids: &[JobId],
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobId>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
+        let rows = db
+            .query(
+                "UPDATE jobs SET status = 'dead', error_message = $2, error_kind = 'permanent', \
+                   finished_at = $3, updated_at = $3, lease_expires_at = NULL, parked_at = NULL \
+                 WHERE id = ANY($1) AND status IN ('pending', 'queued', 'running') \
+                 RETURNING id",
+                &[&ids, &reason, &now],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
+    }
+
+    /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
+    /// that finished before `before`.
+    pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        db.execute(
+            "DELETE FROM jobs WHERE id = ANY(ARRAY( \
+                   SELECT id FROM jobs WHERE status IN ('completed', 'cancelled', 'dead') \
+                     AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+            &[&before, &limit],
+        )
+        .await
+    }
+}

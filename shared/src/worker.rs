@@ -687,10 +687,24 @@ impl Invocation<'_> {
                 .collect(),
             Refill::Release => Vec::new(),
         };
-        let written = db::retry_conflicts(|| {
-            write_group(w, &plan, &group_limits, &passed, refill, &claim, now)
-        })
-        .await;
+        // A failed write strands the group's jobs in `running` until their
+        // leases expire (and then runs them again), so a short outage (a
+        // dropped connection, a failover) is waited out while the
+        // invocation has time.
+        let mut pauses = WRITE_RETRY_PAUSES.iter();
+        let written = loop {
+            let r = db::retry_conflicts(|| {
+                write_group(w, &plan, &group_limits, &passed, refill, &claim, now)
+            })
+            .await;
+            match (r, pauses.next()) {
+                (Err(e), Some(pause)) if Instant::now() + *pause < self.deadline => {
+                    tracing::warn!(error = %e, jobs = plan.len(), "cannot record outcomes; trying again");
+                    tokio::time::sleep(*pause).await;
+                }
+                (r, _) => break r,
+            }
+        };
         let (statuses, refilled) = match written {
             Ok(x) => x,
             Err(e) => {
@@ -858,10 +872,14 @@ async fn write_group(
             // The three statements go out together, so the transaction, and
             // with it the workspace rows' lock, lasts one round trip instead
             // of three. They run in the order they are sent, which is the
-            // order below once they are prepared.
+            // order below once they are prepared, and polled in that order
+            // (`biased`: tokio otherwise rotates which it polls first), so a
+            // failure reports the statement that failed, not a later one's
+            // "transaction is aborted", and a deadlock is retried.
             let tx = db.transaction().await?;
             store::prepare_group(&tx, refill).await?;
             let (_, won, refilled) = tokio::try_join!(
+                biased;
                 store::lock_workspaces(&tx, &ws),
                 store::complete(&tx, &done, now),
                 store::refill(&tx, refill, in_group, candidates, claim, now, w.lease()),
@@ -882,6 +900,7 @@ async fn write_group(
     let tx = db.transaction().await?;
     store::prepare_group(&tx, refill).await?;
     let (_, won) = tokio::try_join!(
+        biased;
         store::lock_workspaces(&tx, &ws),
         store::complete(&tx, &done, now),
     )?;
@@ -993,6 +1012,14 @@ fn completed_result(a: &Action) -> Option<serde_json::Value> {
 /// other handlers finishing at the same instant: no timer, so it costs
 /// microseconds, yet ten short jobs make one write instead of several.
 const GROUP_YIELDS: usize = 3;
+
+/// Pauses before the group write is tried again after a failure that is
+/// not a conflict.
+const WRITE_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+];
 
 /// Parked ids read ahead per workspace, as a multiple of its limit: each
 /// read walks the parked index, so it happens about every this many / 2

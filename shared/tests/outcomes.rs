@@ -224,3 +224,61 @@ async fn a_redelivered_message_does_not_start_a_job_whose_cancel_was_requested()
         "ended, not started again"
     );
 }
+
+#[tokio::test]
+async fn an_outcome_is_recorded_through_a_passing_database_failure_not_left_running() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Enterprise).await;
+    let job = db.insert(&[new_job(ws, "noop", json!({}))]).await.remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    // The first write of a completion fails as a failover would (a sequence
+    // counts the tries: it is not rolled back with the failure).
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE SEQUENCE completion_tries; \
+             CREATE FUNCTION fail_first_completion() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN \
+               IF nextval('completion_tries') = 1 THEN \
+                 RAISE EXCEPTION 'terminating connection due to administrator command' \
+                   USING ERRCODE = '57P01'; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER fail_first_completion BEFORE UPDATE ON jobs FOR EACH ROW \
+               WHEN (NEW.status = 'completed') EXECUTE FUNCTION fail_first_completion();",
+        )
+        .await
+        .unwrap();
+    let worker = db.worker(q.clone(), WorkerConfig::default());
+    let msgs = q
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+    let resp = worker
+        .handle(
+            to_event(&msgs, &q.arn(QueueName::Default)),
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
+        .await;
+    assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+    let j = db.job(job.id).await;
+    assert_eq!(
+        (j.status, j.attempts),
+        (JobStatus::Completed, 1),
+        "the outcome is written once the database answers again"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT last_value FROM completion_tries")
+            .await,
+        2
+    );
+}

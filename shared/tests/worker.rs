@@ -464,16 +464,26 @@ async fn a_worker_that_lost_its_lease_cannot_complete_the_job() {
     let first = tokio::spawn(async move { slow.drain().await });
     db.wait_for_status(job.id, JobStatus::Running, Duration::from_secs(5))
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    // The scheduler rescues it; a healthy worker runs it to the end.
+    // A second later by the scheduler's clock (no waiting), it rescues the
+    // job; a healthy worker on the same clock runs it to the end.
+    let later = Clock::manual(chrono::Utc::now() + chrono::Duration::seconds(1));
     let scheduler = offload::scheduler::Scheduler {
         store: db.store.clone(),
         queue: q.clone(),
-        clock: offload::clock::Clock::System,
+        clock: later.clone(),
         config: Default::default(),
     };
     assert_eq!(scheduler.run_once().await.rescued, 1);
-    let healthy = event_source(q.clone(), db.worker(q.clone(), quick()));
+    let healthy = Worker::new(
+        db.store.clone(),
+        q.clone(),
+        Arc::new(Registry::builtin()),
+        quick(),
+        later,
+        "healthy",
+        db.storage(),
+    );
+    let healthy = event_source(q.clone(), healthy);
     healthy.drain().await;
     let done = db.job(job.id).await;
     assert_eq!((done.status, done.attempts), (JobStatus::Completed, 2));

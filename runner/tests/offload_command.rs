@@ -162,6 +162,49 @@ async fn dev_runs_jobs_end_to_end_on_the_postgres_queue() {
 }
 
 #[tokio::test]
+async fn dev_runs_jobs_end_to_end_over_tls_with_every_connection_encrypted() {
+    // A server that refuses clear text; DATABASE_URL checks its certificate
+    // and name, with the CA given as an operator would (OFFLOAD_DB_CA_FILE).
+    let tls = offload::testing::TlsServer::get().await;
+    let name = format!("dev_tls_{}", uuid::Uuid::new_v4().simple());
+    let url = tls.url("localhost", &name, "sslmode=verify-full");
+    let dev = start_dev(
+        &url,
+        &[("OFFLOAD_DB_CA_FILE", tls.ca_file.display().to_string())],
+    );
+    // The API (creates and reads), the worker (runs), the LISTEN connection
+    // (wakes it) and the scheduler (every second) all reach the database.
+    create_watch_complete(&dev).await;
+    let admin = offload::db::connect(&format!(
+        "{}&sslrootcert={}",
+        tls.url("localhost", &name, "sslmode=verify-full"),
+        tls.ca_file.display()
+    ))
+    .await
+    .unwrap();
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl), \
+               count(*) FILTER (WHERE a.query = 'LISTEN offload_queue') \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (encrypted, clear, listening): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(clear, 0, "a connection of offload dev in clear text");
+    assert_eq!(listening, 1, "the LISTEN connection");
+    assert!(encrypted >= 2, "{encrypted} encrypted connections");
+    let runs: i64 = admin
+        .query_one("SELECT count(*) FROM jobs WHERE status = 'completed'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(runs, 2);
+}
+
+#[tokio::test]
 async fn dev_runs_jobs_end_to_end_on_sqs() {
     let db = TestDb::new().await;
     let prefix = format!("dev{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);

@@ -155,7 +155,23 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let var = |k: &str| get(k).filter(|v| !v.trim().is_empty());
 
-        let database_url = var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let mut database_url = var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        // A CA bundle for the database's certificate (the RDS global bundle,
+        // say) travels in the URL as libpq's `sslrootcert`, unless the URL
+        // names one itself, so every connection made from the URL uses it.
+        if let Some(ca) = var("OFFLOAD_DB_CA_FILE") {
+            crate::db::tls::read_ca_file(std::path::Path::new(&ca)).map_err(|reason| {
+                ConfigError {
+                    variable: "OFFLOAD_DB_CA_FILE",
+                    reason,
+                }
+            })?;
+            if !database_url.contains("sslrootcert=") {
+                let sep = if database_url.contains('?') { '&' } else { '?' };
+                let encoded: String = url::form_urlencoded::byte_serialize(ca.as_bytes()).collect();
+                database_url = format!("{database_url}{sep}sslrootcert={encoded}");
+            }
+        }
         crate::db::parse_url(&database_url).map_err(|e| ConfigError {
             variable: "DATABASE_URL",
             reason: e.to_string(),

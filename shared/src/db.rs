@@ -2,12 +2,12 @@
 //! Migrations are the SQL files of `migrations/`, embedded at build time and
 //! applied by refinery; binaries refuse to start against an older schema.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use thiserror::Error;
-use tokio_postgres::NoTls;
+
+pub mod tls;
 
 mod embedded {
     refinery::embed_migrations!("../migrations");
@@ -17,12 +17,11 @@ mod embedded {
 pub enum DbError {
     #[error("not a valid PostgreSQL connection URL ({0}); expected postgres://user:password@host:port/database")]
     BadUrl(String),
-    #[error("cannot reach the database at {target}: {source}")]
-    Unreachable {
-        target: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// `reason` is the whole chain of causes, with the likely cause when
+    /// the error alone does not name it (a certificate, a server that wants
+    /// TLS), on one line.
+    #[error("cannot reach the database at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
     #[error("migration failed: {0}")]
     Migration(#[from] refinery::Error),
     #[error(
@@ -47,12 +46,47 @@ fn pg_message(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Parses a connection URL without connecting.
-pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+/// Parses a connection URL, with its `sslmode` and `sslrootcert` (see
+/// [`tls`]), without connecting.
+pub fn target(url: &str) -> Result<tls::Target, DbError> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(DbError::BadUrl("it must start with postgres://".into()));
     }
-    tokio_postgres::Config::from_str(url).map_err(|e| DbError::BadUrl(e.to_string()))
+    tls::target(url, None).map_err(DbError::BadUrl)
+}
+
+/// Parses a connection URL without connecting.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    Ok(target(url)?.config)
+}
+
+/// A failed connection to `url`, with the likely cause when the error
+/// alone does not name it (a certificate, a server that wants TLS).
+pub fn unreachable(url: &str, error: tokio_postgres::Error) -> DbError {
+    // The server's own message, or the client's error with its causes
+    // (tokio-postgres's Display stops at "error performing TLS handshake").
+    let mut reason = pg_message(&error);
+    let mut cause = match error.as_db_error() {
+        Some(_) => None,
+        None => std::error::Error::source(&error),
+    };
+    while let Some(c) = cause {
+        reason = format!("{reason}: {c}");
+        cause = c.source();
+    }
+    let reason = reason.replace('\n', " ");
+    let hint = target(url).ok().and_then(|t| {
+        let host = describe(url);
+        let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+        tls::explain(&reason, t.mode, host)
+    });
+    DbError::Unreachable {
+        target: describe(url),
+        reason: match hint {
+            Some(h) => format!("{reason}; {h}"),
+            None => reason,
+        },
+    }
 }
 
 /// Where a URL points, for messages (never the password).
@@ -80,7 +114,11 @@ pub fn describe(url: &str) -> String {
 /// long-running process (the local runner, a benchmark) skips that round
 /// trip per checkout and only drops connections it knows are closed.
 pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
-    let mut cfg = parse_url(url)?;
+    let tls::Target {
+        config: mut cfg,
+        tls,
+        ..
+    } = target(url)?;
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("offload");
     // Plans over `unnest` of hundreds of ids go bad at the default
@@ -89,7 +127,7 @@ pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> 
     cfg.options("-c random_page_cost=1.1 -c idle_in_transaction_session_timeout=60000");
     let mgr = Manager::from_config(
         cfg,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: if verify {
                 RecyclingMethod::Verified
@@ -118,15 +156,13 @@ pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
 
 /// Opens one connection outside any pool (migrations, LISTEN).
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let mut cfg = parse_url(url)?;
+    let tls::Target {
+        config: mut cfg,
+        tls,
+        ..
+    } = target(url)?;
     cfg.connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|source| DbError::Unreachable {
-            target: describe(url),
-            source,
-        })?;
+    let (client, conn) = cfg.connect(tls).await.map_err(|e| unreachable(url, e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database connection closed");
@@ -202,7 +238,9 @@ pub fn is_connection_error(e: &DbError) -> bool {
 /// Creates the database named in `url` when it does not exist, connecting
 /// to the server's `postgres` database to do so. Returns whether it created it.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let cfg = parse_url(url)?;
+    let tls::Target {
+        config: cfg, tls, ..
+    } = target(url)?;
     let name = cfg
         .get_dbname()
         .ok_or_else(|| DbError::BadUrl("it names no database".into()))?
@@ -210,13 +248,7 @@ pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
     let mut admin = cfg.clone();
     admin.dbname("postgres");
     admin.connect_timeout(Duration::from_secs(5));
-    let (client, conn) = admin
-        .connect(NoTls)
-        .await
-        .map_err(|source| DbError::Unreachable {
-            target: describe(url),
-            source,
-        })?;
+    let (client, conn) = admin.connect(tls).await.map_err(|e| unreachable(url, e))?;
     tokio::spawn(conn);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

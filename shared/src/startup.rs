@@ -63,6 +63,9 @@ impl Services {
     pub async fn connect(config: Config, registry: Registry) -> Result<Services, StartupError> {
         let pool = db::pool(&config.database_url, config.db_pool_size)?;
         db::check_schema(&pool).await.map_err(|e| match e {
+            DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
+                db::unreachable(&config.database_url, e)
+            }
             DbError::Pool(p) => DbError::Inconsistent(format!(
                 "cannot reach the database at {}: {p}",
                 db::describe(&config.database_url)

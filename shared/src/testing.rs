@@ -25,6 +25,9 @@ use crate::store::{NewJob, Store};
 use crate::worker::Worker;
 use crate::workspace::{self, Role, Tier};
 
+mod tls_server;
+pub use tls_server::TlsServer;
+
 /// The secret test tokens are signed with.
 pub const TEST_SECRET: &str = "offload-test-secret-offload-test-secret";
 

@@ -174,14 +174,12 @@ impl PgQueue {
 }
 
 async fn listen_once(url: &str, wake: &Wake) -> Result<(), db::DbError> {
-    let cfg = db::parse_url(url)?;
-    let (client, mut conn) =
-        cfg.connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| db::DbError::Unreachable {
-                target: db::describe(url),
-                source,
-            })?;
+    let target = db::target(url)?;
+    let (client, mut conn) = target
+        .config
+        .connect(target.tls)
+        .await
+        .map_err(|e| db::unreachable(url, e))?;
     let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
     let listen = client.batch_execute("LISTEN offload_queue");
     tokio::pin!(listen);

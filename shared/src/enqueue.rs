@@ -325,7 +325,11 @@ async fn send_and_mark(
     budget: Duration,
 ) -> Sent {
     let mut sent = send_targets(queue, targets, now, Some(budget)).await;
-    if let Err(e) = crate::store::mark_enqueued_on(db, &sent.sent, now).await {
+    // The mark can deadlock with a claim of the same rows (seen at 4 000
+    // jobs/s); it is idempotent, so it is tried again in place.
+    let marked =
+        crate::db::retry_conflicts(|| crate::store::mark_enqueued_on(db, &sent.sent, now)).await;
+    if let Err(e) = marked {
         tracing::warn!(error = %e, jobs = sent.sent.len(),
             "sent, but not marked queued; they show as pending and the outbox sends them again");
         sent.unmarked = std::mem::take(&mut sent.sent);

@@ -24,6 +24,8 @@ use offload::workspace::{self, Tier};
 use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
+mod sustained;
+
 #[derive(Parser, Clone)]
 #[command(about = "Offload's benchmark")]
 struct Args {
@@ -88,6 +90,33 @@ struct Args {
     /// moto's receive slows as its queue grows, so this stays small).
     #[arg(long, default_value_t = 300)]
     sqs_jobs: usize,
+    /// Jobs queued before the deep-backlog figure drains them.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog_jobs: usize,
+    /// Tiers for the deep-backlog figure (comma-separated).
+    #[arg(long, default_value = "enterprise,unlimited", value_delimiter = ',')]
+    backlog_tiers: Vec<Tier>,
+    /// Jobs created per second in the sustained-load figure.
+    #[arg(long, default_value_t = 2_000)]
+    sustained_rate: u64,
+    /// Seconds the sustained load lasts.
+    #[arg(long, default_value_t = 600)]
+    sustained_secs: u64,
+    /// Workspaces the sustained load is spread over.
+    #[arg(long, default_value_t = 10)]
+    sustained_workspaces: usize,
+    /// Their tier.
+    #[arg(long, default_value = "enterprise")]
+    sustained_tier: Tier,
+    /// Retention of finished jobs during the sustained load, s.
+    #[arg(long, default_value_t = 60)]
+    sustained_retention_secs: u64,
+    /// How often the scheduler runs during the sustained load, s (EventBridge: 60).
+    #[arg(long, default_value_t = 60)]
+    sustained_scheduler_secs: u64,
+    /// How often the sustained load is sampled, s.
+    #[arg(long, default_value_t = 10)]
+    sustained_sample_secs: u64,
     /// An SQS API server (moto); default OFFLOAD_TEST_SQS_ENDPOINT. Without one the SQS figure is skipped.
     #[arg(long)]
     sqs_endpoint: Option<String>,
@@ -1046,6 +1075,101 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    if want("backlog") {
+        eprintln!(
+            "backlog: {} no-op jobs queued in one workspace per tier, then drained (1 run each)",
+            args.backlog_jobs
+        );
+        for &tier in &args.backlog_tiers {
+            let (r, m) = tier_once(&args, &server, tier, args.backlog_jobs).await?;
+            eprintln!("  {tier}: {r:.0} jobs/s, at most {m} running at once");
+            report(&format!("drain_backlog_{tier}"), vec![r], "jobs/s");
+        }
+    }
+    if want("sustained") {
+        eprintln!(
+            "sustained: {} jobs/s for {} s over {} {} workspaces, retention {} s, \
+             scheduler every {} s",
+            args.sustained_rate,
+            args.sustained_secs,
+            args.sustained_workspaces,
+            args.sustained_tier,
+            args.sustained_retention_secs,
+            args.sustained_scheduler_secs
+        );
+        let r = sustained::run(&args, &server).await?;
+        // Steady state begins once two retention periods and a scheduler
+        // run have passed (prune then deletes as fast as jobs finish); a
+        // short run has none and uses its second half. Rows and dead tuples
+        // rise and fall with each prune and vacuum, so flat means the same
+        // peaks in the first and the second half of the steady state.
+        let settle =
+            2.0 * args.sustained_retention_secs as f64 + args.sustained_scheduler_secs as f64;
+        let mut steady: Vec<&sustained::Sample> =
+            r.samples.iter().filter(|s| s.at >= settle).collect();
+        if steady.len() < 2 {
+            steady = r.samples[r.samples.len() / 2..].iter().collect();
+        }
+        let (early, late) = steady.split_at(steady.len() / 2);
+        let peak = |part: &[&sustained::Sample], f: fn(&sustained::Sample) -> f64| {
+            part.iter().map(|s| f(s)).fold(0.0, f64::max)
+        };
+        let (first, last) = (steady[0], steady[steady.len() - 1]);
+        report("sustained_created", vec![r.created_rate], "jobs/s");
+        report("sustained_completed", vec![r.completed_rate], "jobs/s");
+        report("sustained_pruned", vec![r.pruned_rate], "rows/s");
+        report("sustained_jobs_mib_start", vec![first.size_mib], "MiB");
+        report("sustained_jobs_mib_end", vec![last.size_mib], "MiB");
+        report(
+            "sustained_rows_peak_early",
+            vec![peak(early, |s| s.rows as f64)],
+            "rows",
+        );
+        report(
+            "sustained_rows_peak_late",
+            vec![peak(late, |s| s.rows as f64)],
+            "rows",
+        );
+        report(
+            "sustained_dead_peak_early",
+            vec![peak(early, |s| s.dead as f64)],
+            "tuples",
+        );
+        report(
+            "sustained_dead_peak_late",
+            vec![peak(late, |s| s.dead as f64)],
+            "tuples",
+        );
+        report(
+            "sustained_outbox_lag_max",
+            vec![r.samples.iter().map(|s| s.outbox_lag).fold(0.0, f64::max)],
+            "s",
+        );
+        report(
+            "sustained_unfinished_max",
+            vec![r
+                .samples
+                .iter()
+                .map(|s| s.unfinished as f64)
+                .fold(0.0, f64::max)],
+            "jobs",
+        );
+        report(
+            "sustained_slowest_scheduler_run",
+            vec![r.slowest_scheduler_run],
+            "s",
+        );
+        report(
+            "sustained_start_p50",
+            vec![percentile(&r.start_ms, 0.5)],
+            "ms",
+        );
+        report(
+            "sustained_start_p99",
+            vec![percentile(&r.start_ms, 0.99)],
+            "ms",
+        );
+    }
     if want("neighbour") {
         eprintln!(
             "neighbour: an enterprise workspace with {} queued jobs, 50 standard ones creating \

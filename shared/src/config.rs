@@ -110,7 +110,18 @@ pub struct RunnerConfig {
 /// Everything a binary needs, parsed once.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// The database's URL, with `sslrootcert` when `db_ca_file` is set. Empty
+    /// until start-up when it comes from `database_secret_arn`.
     pub database_url: String,
+    /// `OFFLOAD_DB_CA_FILE`: CA bundle for the database's certificate.
+    pub db_ca_file: Option<String>,
+    /// `OFFLOAD_DATABASE_SECRET_ARN`: a Secrets Manager secret holding the
+    /// database URL (under the key `url`, or as the whole string).
+    pub database_secret_arn: Option<String>,
+    /// `OFFLOAD_JWT_SECRET_ARN`: a secret holding the HS256 secret (key `secret`).
+    pub jwt_secret_arn: Option<String>,
+    /// `OFFLOAD_SECRETS_ENDPOINT`: a local server speaking Secrets Manager (moto).
+    pub secrets_endpoint: Option<String>,
     pub db_pool_size: usize,
     pub bind: SocketAddr,
     pub jwt_secret: String,
@@ -155,27 +166,29 @@ impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let var = |k: &str| get(k).filter(|v| !v.trim().is_empty());
 
-        let mut database_url = var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
-        // A CA bundle for the database's certificate (the RDS global bundle,
-        // say) travels in the URL as libpq's `sslrootcert`, unless the URL
-        // names one itself, so every connection made from the URL uses it.
-        if let Some(ca) = var("OFFLOAD_DB_CA_FILE") {
-            crate::db::tls::read_ca_file(std::path::Path::new(&ca)).map_err(|reason| {
+        let db_ca_file = var("OFFLOAD_DB_CA_FILE");
+        if let Some(ca) = &db_ca_file {
+            crate::db::tls::read_ca_file(std::path::Path::new(ca)).map_err(|reason| {
                 ConfigError {
                     variable: "OFFLOAD_DB_CA_FILE",
                     reason,
                 }
             })?;
-            if !database_url.contains("sslrootcert=") {
-                let sep = if database_url.contains('?') { '&' } else { '?' };
-                let encoded: String = url::form_urlencoded::byte_serialize(ca.as_bytes()).collect();
-                database_url = format!("{database_url}{sep}sslrootcert={encoded}");
-            }
         }
-        crate::db::parse_url(&database_url).map_err(|e| ConfigError {
-            variable: "DATABASE_URL",
-            reason: e.to_string(),
-        })?;
+        let database_secret_arn = var("OFFLOAD_DATABASE_SECRET_ARN");
+        let jwt_secret_arn = var("OFFLOAD_JWT_SECRET_ARN");
+        // With a secret ARN the URL comes from Secrets Manager at start.
+        let database_url = match (&database_secret_arn, var("DATABASE_URL")) {
+            (Some(_), None) => String::new(),
+            (_, url) => database_url_with_ca(
+                &url.unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+                db_ca_file.as_deref(),
+            )
+            .map_err(|reason| ConfigError {
+                variable: "DATABASE_URL",
+                reason,
+            })?,
+        };
 
         let bind = match var("OFFLOAD_BIND") {
             None => SocketAddr::from(([127, 0, 0, 1], 3000)),
@@ -193,6 +206,8 @@ impl Config {
                 })
             }
             Some(s) => (s, false),
+            // Read from Secrets Manager at start (startup.rs).
+            None if jwt_secret_arn.is_some() => (String::new(), false),
             None => (DEV_JWT_SECRET.to_string(), true),
         };
 
@@ -271,6 +286,10 @@ impl Config {
 
         Ok(Config {
             database_url,
+            db_ca_file,
+            database_secret_arn,
+            jwt_secret_arn,
+            secrets_endpoint: var("OFFLOAD_SECRETS_ENDPOINT"),
             db_pool_size: num(&var, "OFFLOAD_DB_POOL_SIZE", 16, 1..=1_000)? as usize,
             bind,
             jwt_secret,
@@ -323,6 +342,43 @@ impl Config {
                 .unwrap_or(false),
         })
     }
+}
+
+/// `url`, checked, with the CA bundle `ca_file` as libpq's `sslrootcert`
+/// unless the URL names one itself: every connection made from the URL then
+/// uses it.
+pub fn database_url_with_ca(url: &str, ca_file: Option<&str>) -> Result<String, String> {
+    let mut url = url.to_string();
+    if let Some(ca) = ca_file {
+        if !url.contains("sslrootcert=") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let encoded: String = url::form_urlencoded::byte_serialize(ca.as_bytes()).collect();
+            url = format!("{url}{sep}sslrootcert={encoded}");
+        }
+    }
+    crate::db::parse_url(&url).map_err(|e| e.to_string())?;
+    Ok(url)
+}
+
+/// The AWS SDK's configuration for `region`, or for a local server speaking
+/// the service's API (`endpoint`: moto), with local credentials if none are
+/// set.
+pub async fn aws_sdk_config(region: &str, endpoint: Option<&str>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()));
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "offload-local",
+                "offload-local",
+                None,
+                None,
+                "offload-local",
+            ));
+        }
+    }
+    loader.load().await
 }
 
 fn num(

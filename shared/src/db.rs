@@ -108,26 +108,122 @@ pub fn describe(url: &str) -> String {
     }
 }
 
-/// Builds a pool. With `verify`, a connection is checked with a round trip
-/// before reuse: a Lambda that was frozen comes back with dead sockets, and
-/// verified recycling replaces them instead of failing the first query. A
-/// long-running process (the local runner, a benchmark) skips that round
-/// trip per checkout and only drops connections it knows are closed.
-pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
-    let tls::Target {
-        config: mut cfg,
-        tls,
-        ..
-    } = target(url)?;
+/// Reads a connection URL again (from a secret that may have been rotated).
+pub type Refresh = std::sync::Arc<
+    dyn Fn() -> futures::future::BoxFuture<'static, Result<String, String>> + Send + Sync,
+>;
+
+/// The settings every connection of ours gets.
+fn tune(cfg: &mut tokio_postgres::Config) {
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("offload");
     // Plans over `unnest` of hundreds of ids go bad at the default
     // random_page_cost; and a forgotten open transaction must not hold back
     // vacuum of the hot tables for long.
     cfg.options("-c random_page_cost=1.1 -c idle_in_transaction_session_timeout=60000");
-    let mgr = Manager::from_config(
-        cfg,
-        tls,
+}
+
+/// How the pool opens connections: with the current URL's settings; when
+/// the server refuses the password, the URL is read again (at most once a
+/// minute) and the connection tried once more with it. Connections already
+/// open keep working through a rotation; new ones pick up the new password.
+struct Connector {
+    current: std::sync::RwLock<tls::Target>,
+    refresh: Option<Refresh>,
+    last_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+type Opened = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+async fn open(target: tls::Target) -> Result<Opened, tokio_postgres::Error> {
+    let (client, conn) = target.config.connect(target.tls).await?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok((client, task))
+}
+
+impl Connector {
+    fn target(&self) -> tls::Target {
+        self.current.read().expect("connector lock").clone()
+    }
+
+    /// Reads the URL again unless that happened less than a minute ago;
+    /// returns whether the settings changed.
+    async fn reread(&self) -> bool {
+        let Some(refresh) = &self.refresh else {
+            return false;
+        };
+        let mut last = self.last_refresh.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        match refresh().await.and_then(|url| {
+            let mut t = target(&url).map_err(|e| e.to_string())?;
+            tune(&mut t.config);
+            Ok(t)
+        }) {
+            Ok(t) => {
+                tracing::info!("the database refused the password: its secret was read again");
+                *self.current.write().expect("connector lock") = t;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the database secret again");
+                false
+            }
+        }
+    }
+}
+
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        _: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<'_, Result<Opened, tokio_postgres::Error>> {
+        Box::pin(async move {
+            match open(self.target()).await {
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+                        && self.reread().await =>
+                {
+                    open(self.target()).await
+                }
+                other => other,
+            }
+        })
+    }
+}
+
+/// Builds a pool. With `verify`, a connection is checked with a round trip
+/// before reuse: a Lambda that was frozen comes back with dead sockets, and
+/// verified recycling replaces them instead of failing the first query. A
+/// long-running process (the local runner, a benchmark) skips that round
+/// trip per checkout and only drops connections it knows are closed.
+pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
+    pool_refreshing(url, size, verify, None)
+}
+
+/// [`pool_with`] whose new connections read the URL again through
+/// `refresh` when the server refuses the password (a rotated secret).
+pub fn pool_refreshing(
+    url: &str,
+    size: usize,
+    verify: bool,
+    refresh: Option<Refresh>,
+) -> Result<Pool, DbError> {
+    let mut t = target(url)?;
+    tune(&mut t.config);
+    let mgr = Manager::from_connect(
+        t.config.clone(),
+        Connector {
+            current: std::sync::RwLock::new(t),
+            refresh,
+            last_refresh: tokio::sync::Mutex::new(None),
+        },
         ManagerConfig {
             recycling_method: if verify {
                 RecyclingMethod::Verified

@@ -25,6 +25,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod schedule;
 pub mod scheduler;
+pub mod secrets;
 pub mod startup;
 pub mod storage;
 pub mod store;

@@ -15,6 +15,7 @@ use crate::db::{self, DbError};
 use crate::handlers::Registry;
 use crate::queue::{PgQueue, Queue, QueueError, SqsQueue};
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::secrets::{Secret, SecretError};
 use crate::storage::Storage;
 use crate::store::Store;
 use crate::worker::Worker;
@@ -29,6 +30,8 @@ pub enum StartupError {
     Queue(QueueError),
     #[error("OFFLOAD_STORAGE: {0}")]
     Storage(crate::storage::StorageError),
+    #[error("{0}")]
+    Secret(#[from] SecretError),
 }
 
 impl From<DbError> for StartupError {
@@ -57,11 +60,65 @@ pub struct Services {
     pub pg_queue: Option<PgQueue>,
 }
 
+/// Reads the secrets `config` names by ARN (the token secret, the database
+/// URL) from Secrets Manager into it, once, at start; returns how the pool
+/// reads the database's again when the password it holds is refused.
+pub async fn resolve_secrets(config: &mut Config) -> Result<Option<db::Refresh>, StartupError> {
+    if config.database_secret_arn.is_none() && config.jwt_secret_arn.is_none() {
+        return Ok(None);
+    }
+    let client =
+        crate::secrets::client(&config.aws_region, config.secrets_endpoint.as_deref()).await;
+    if let Some(arn) = &config.jwt_secret_arn {
+        let secret = Secret::new(client.clone(), "OFFLOAD_JWT_SECRET_ARN", arn, "secret");
+        let value = secret.fetch().await?;
+        if value.len() < 32 {
+            return Err(SecretError {
+                variable: secret.variable,
+                arn: arn.clone(),
+                reason: format!(
+                    "must be at least 32 characters for HS256, got {}",
+                    value.len()
+                ),
+            }
+            .into());
+        }
+        config.jwt_secret = value;
+        config.jwt_secret_is_default = false;
+    }
+    let Some(arn) = &config.database_secret_arn else {
+        return Ok(None);
+    };
+    let secret = std::sync::Arc::new(Secret::new(
+        client,
+        "OFFLOAD_DATABASE_SECRET_ARN",
+        arn,
+        "url",
+    ));
+    let ca = config.db_ca_file.clone();
+    let prepare = move |url: String| {
+        crate::config::database_url_with_ca(&url, ca.as_deref())
+            .map_err(|e| format!("the URL in the secret: {e}"))
+    };
+    config.database_url = prepare(secret.fetch().await?).map_err(|reason| SecretError {
+        variable: "OFFLOAD_DATABASE_SECRET_ARN",
+        arn: arn.clone(),
+        reason,
+    })?;
+    Ok(Some(secret.refresher(prepare)))
+}
+
 impl Services {
     /// Connects to the database (refusing an outdated schema) and to the
     /// configured queue backend.
-    pub async fn connect(config: Config, registry: Registry) -> Result<Services, StartupError> {
-        let pool = db::pool(&config.database_url, config.db_pool_size)?;
+    pub async fn connect(mut config: Config, registry: Registry) -> Result<Services, StartupError> {
+        let refresh = resolve_secrets(&mut config).await?;
+        let pool = db::pool_refreshing(
+            &config.database_url,
+            config.db_pool_size,
+            std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
+            refresh,
+        )?;
         db::check_schema(&pool).await.map_err(|e| match e {
             DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
                 db::unreachable(&config.database_url, e)

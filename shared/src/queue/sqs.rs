@@ -104,21 +104,7 @@ impl SqsQueue {
 /// environment it uses fixed local ones (a local server ignores them, and
 /// the default chain would otherwise wait on the EC2 metadata service).
 pub async fn sqs_client(cfg: &SqsConfig) -> Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(cfg.region.clone()));
-    if let Some(endpoint) = &cfg.endpoint {
-        loader = loader.endpoint_url(endpoint);
-        if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
-            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "offload-local",
-                "offload-local",
-                None,
-                None,
-                "offload-local",
-            ));
-        }
-    }
-    Client::new(&loader.load().await)
+    Client::new(&crate::config::aws_sdk_config(&cfg.region, cfg.endpoint.as_deref()).await)
 }
 
 /// Creates `<prefix>-high|default|low` with a redrive policy to

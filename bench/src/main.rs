@@ -24,6 +24,7 @@ use offload::workspace::{self, Tier};
 use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
+mod coldstart;
 mod sustained;
 
 #[derive(Parser, Clone)]
@@ -51,7 +52,8 @@ struct Args {
     #[arg(long, default_value = "target/bench-results.json")]
     out: String,
     /// Figures to measure (comma-separated): tiers, drain, latency, cost, api, enqueue, sqs,
-    /// import, neighbour, backlog, sustained (the last three are long: not in the default set).
+    /// import, neighbour, backlog, sustained (the last three are long: not in the default set),
+    /// coldstart (after `cargo build --release --bins`).
     #[arg(
         long,
         default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import",
@@ -1169,6 +1171,45 @@ async fn main() -> anyhow::Result<()> {
             vec![percentile(&r.start_ms, 0.99)],
             "ms",
         );
+    }
+    if want("coldstart") {
+        eprintln!(
+            "coldstart: each function's release binary started as Lambda starts it, {} fresh \
+             starts each (this machine, x86_64; Lambda runs arm64)",
+            args.repeat.max(10)
+        );
+        let db = BenchDb::new(&server, "coldstart").await?;
+        let create: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../events/api-create-job.json"
+        ))?)?;
+        {
+            let conn = db.pool.get().await?;
+            let ws: WorkspaceId = "0ff10ad0-0000-4000-8000-00000000d3e0".parse()?;
+            workspace::ensure_workspace(&**conn, ws, "Sample", Tier::Standard).await?;
+            workspace::add_member(
+                &**conn,
+                ws,
+                "0ff10ad0-0000-4000-8000-0000000000a1".parse()?,
+                workspace::Role::Member,
+            )
+            .await?;
+        }
+        for name in ["api", "worker", "scheduler", "migrate"] {
+            let event = (name == "api").then_some(&create);
+            let runs = args.repeat.max(10);
+            let (init, first, size) = coldstart::measure(&db, name, runs, event).await?;
+            report(
+                &format!("{name}_binary_size"),
+                vec![size as f64 / 1048576.0],
+                "MiB",
+            );
+            report(&format!("{name}_init"), init, "ms");
+            if !first.is_empty() {
+                report(&format!("{name}_first_request"), first, "ms");
+            }
+        }
+        db.drop_db().await?;
     }
     if want("neighbour") {
         eprintln!(

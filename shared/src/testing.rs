@@ -25,7 +25,9 @@ use crate::store::{NewJob, Store};
 use crate::worker::Worker;
 use crate::workspace::{self, Role, Tier};
 
+mod lambda_runtime;
 mod tls_server;
+pub use lambda_runtime::{Invoked, LambdaRuntime};
 pub use tls_server::TlsServer;
 
 /// The secret test tokens are signed with.

@@ -219,3 +219,36 @@ async fn the_sample_event_of_events_is_applied_and_answered() {
     );
     assert_eq!(serde_json::to_value(&r).unwrap(), got[0].1);
 }
+
+#[tokio::test]
+async fn the_built_binary_answers_cloudformation_even_when_misconfigured() {
+    use offload::testing::{Invoked, LambdaRuntime};
+    let db = offload::testing::TestDb::new().await;
+    let raw = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/cfn-schema-migrations.json"
+    ))
+    .unwrap();
+    for (url, status) in [
+        (db.url.clone(), "SUCCESS"),
+        ("mysql://nope".to_string(), "FAILED"),
+    ] {
+        let target = response_url().await;
+        let mut event: Value = serde_json::from_str(&raw).unwrap();
+        event["ResponseURL"] = json!(target.url);
+        let mut rt = LambdaRuntime::serve().await;
+        rt.start(
+            env!("CARGO_BIN_EXE_migrate"),
+            "offload-migrate",
+            &[("DATABASE_URL", url)],
+        );
+        let Invoked::Response(r) = rt.invoke(event, std::time::Duration::from_secs(30)).await
+        else {
+            panic!("the invocation failed");
+        };
+        assert_eq!(r["Status"], status, "{r}");
+        let got = target.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "CloudFormation got its answer");
+        assert_eq!(got[0].1["Status"], status);
+    }
+}

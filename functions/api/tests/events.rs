@@ -1,11 +1,13 @@
 //! The sample API Gateway events of `events/` through the api function's
-//! handler: the path a request takes in Lambda, authorizer claims included.
+//! handler (the path a request takes in Lambda, authorizer claims included),
+//! and through its built binary started as Lambda starts it (against the
+//! Runtime API stand-in).
 
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
 use offload::ids::{JobId, UserId, WorkspaceId};
-use offload::testing::{new_job, TestDb};
+use offload::testing::{new_job, Invoked, LambdaRuntime, TestDb, TEST_SECRET};
 use offload::workspace::{self, Role, Tier};
 use serde_json::{json, Value};
 
@@ -27,12 +29,16 @@ async fn setup() -> (TestDb, axum::Router) {
     (db, app)
 }
 
-async fn invoke(app: axum::Router, event_file: &str) -> (u16, Value) {
-    let raw = std::fs::read_to_string(format!(
+fn event_text(event_file: &str) -> String {
+    std::fs::read_to_string(format!(
         "{}/../../events/{event_file}",
         env!("CARGO_MANIFEST_DIR")
     ))
-    .unwrap();
+    .unwrap()
+}
+
+async fn invoke(app: axum::Router, event_file: &str) -> (u16, Value) {
+    let raw = event_text(event_file);
     let req = lambda_http::request::from_str(&raw).expect("a valid API Gateway event");
     let resp = offload_api::handle(app, req).await.unwrap();
     let status = resp.status().as_u16();
@@ -62,4 +68,35 @@ async fn the_get_event_reads_the_job() {
     assert_eq!(status, 200, "{job}");
     assert_eq!(job["id"], JOB);
     assert_eq!(job["status"], "pending");
+}
+
+#[tokio::test]
+async fn the_built_binary_answers_the_create_and_get_events() {
+    let (db, _) = setup().await;
+    let mut nj = new_job(WS.parse().unwrap(), "noop", json!({}));
+    nj.id = JOB.parse::<JobId>().unwrap();
+    db.insert(&[nj]).await;
+    let mut rt = LambdaRuntime::serve().await;
+    rt.start(
+        env!("CARGO_BIN_EXE_api"),
+        "offload-api",
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("OFFLOAD_JWT_SECRET", TEST_SECRET.into()),
+        ],
+    );
+    for (file, status, check) in [
+        ("api-create-job.json", 202, ("type", "sleep")),
+        ("api-get-job.json", 200, ("id", JOB)),
+    ] {
+        let event: Value = serde_json::from_str(&event_text(file)).unwrap();
+        let Invoked::Response(r) = rt.invoke(event, std::time::Duration::from_secs(30)).await
+        else {
+            panic!("{file} failed");
+        };
+        assert_eq!(r["statusCode"], status, "{file}: {r}");
+        let body: Value = serde_json::from_str(r["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body[check.0], check.1, "{file}: {body}");
+    }
+    assert!(rt.init_duration().is_some());
 }

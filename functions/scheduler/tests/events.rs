@@ -6,7 +6,7 @@ use std::sync::Arc;
 use offload::clock::Clock;
 use offload::job::JobStatus;
 use offload::scheduler::{Scheduler, SchedulerConfig};
-use offload::testing::{new_job, TestDb};
+use offload::testing::{new_job, Invoked, LambdaRuntime, TestDb};
 use offload::workspace::Tier;
 use serde_json::{json, Value};
 
@@ -34,4 +34,27 @@ async fn a_scheduled_event_runs_every_duty_and_reports_counts() {
 
     let report = offload_scheduler::handle(&scheduler, json!({"anything": ["goes"]})).await;
     assert_eq!(report["sent"], 0);
+}
+
+#[tokio::test]
+async fn the_built_binary_runs_every_duty_on_the_scheduled_event() {
+    let db = TestDb::new().await;
+    let raw = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../events/scheduled.json"
+    ))
+    .unwrap();
+    let event: Value = serde_json::from_str(&raw).unwrap();
+    let mut rt = LambdaRuntime::serve().await;
+    rt.start(
+        env!("CARGO_BIN_EXE_scheduler"),
+        "offload-scheduler",
+        &[("DATABASE_URL", db.url.clone())],
+    );
+    let Invoked::Response(report) = rt.invoke(event, std::time::Duration::from_secs(30)).await
+    else {
+        panic!("the scheduled event failed");
+    };
+    assert_eq!(report["errors"], json!([]), "{report}");
+    assert_eq!(report["rescued"], 0);
 }

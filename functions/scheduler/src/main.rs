@@ -14,10 +14,11 @@ async fn main() -> Result<(), Error> {
     let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
     let registry = Registry::for_config(&config);
     let services = Services::connect(config, registry).await?;
+    let emit = services.config.worker.emit_metrics;
     let scheduler = services.scheduler();
     let scheduler = &scheduler;
     run(service_fn(move |event: LambdaEvent<Value>| async move {
-        Ok::<Value, Error>(offload_scheduler::handle(scheduler, event.payload).await)
+        Ok::<Value, Error>(offload_scheduler::handle(scheduler, event.payload, emit).await)
     }))
     .await
 }

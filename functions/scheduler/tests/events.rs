@@ -27,12 +27,15 @@ async fn a_scheduled_event_runs_every_duty_and_reports_counts() {
     ))
     .unwrap();
     let event: Value = serde_json::from_str(&raw).unwrap();
-    let report = offload_scheduler::handle(&scheduler, event).await;
+    let report = offload_scheduler::handle(&scheduler, event, false).await;
     assert_eq!(report["sent"], 1, "{report}");
     assert_eq!(report["errors"], json!([]));
     assert_eq!(db.job(job.id).await.status, JobStatus::Queued);
+    // Sent but not started, due a minute ago by the scheduler's clock.
+    let age = report["oldest_waiting_secs"].as_u64().unwrap();
+    assert!((59..=61).contains(&age), "{report}");
 
-    let report = offload_scheduler::handle(&scheduler, json!({"anything": ["goes"]})).await;
+    let report = offload_scheduler::handle(&scheduler, json!({"anything": ["goes"]}), false).await;
     assert_eq!(report["sent"], 0);
 }
 

@@ -83,6 +83,11 @@ pub struct Report {
     pub released: u64,
     /// Queued jobs long past due whose message was lost, sent again.
     pub resent: u64,
+    /// How long the oldest due job still waiting to start (pending,
+    /// queued or parked) has been due, in seconds; 0 when none waits. The
+    /// alarm on it catches a backlog the queues' own ages cannot see (jobs
+    /// waiting in the database for a slot or for the outbox).
+    pub oldest_waiting_secs: u64,
     /// Duties that failed this run (each is retried next run).
     pub errors: Vec<String>,
 }
@@ -123,6 +128,10 @@ impl Scheduler {
             Ok(n) => report.pruned = n,
             Err(e) => report.errors.push(format!("prune: {e}")),
         }
+        match self.store.oldest_waiting(self.clock.now()).await {
+            Ok(age) => report.oldest_waiting_secs = age.num_seconds().max(0) as u64,
+            Err(e) => report.errors.push(format!("oldest waiting job: {e}")),
+        }
         if report.errors.is_empty() {
             tracing::info!(
                 rescued = report.rescued,
@@ -132,6 +141,7 @@ impl Scheduler {
                 pruned = report.pruned,
                 released = report.released,
                 resent = report.resent,
+                oldest_waiting_secs = report.oldest_waiting_secs,
                 "scheduler run"
             );
         } else {
@@ -140,5 +150,61 @@ impl Scheduler {
                 errors = ?report.errors, "scheduler run with errors");
         }
         report
+    }
+}
+
+impl Report {
+    /// The run as a CloudWatch embedded-metric-format line (namespace
+    /// `Offload`), for the alarms on the scheduler: its duty errors and the
+    /// oldest waiting job's age.
+    pub fn metric_line(&self, now: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
+        serde_json::json!({
+            "_aws": {
+                "Timestamp": now.timestamp_millis(),
+                "CloudWatchMetrics": [{
+                    "Namespace": "Offload",
+                    "Dimensions": [[]],
+                    "Metrics": [
+                        {"Name": "SchedulerErrors", "Unit": "Count"},
+                        {"Name": "OldestWaitingJobAge", "Unit": "Seconds"},
+                        {"Name": "Rescued", "Unit": "Count"},
+                        {"Name": "DeadLettered", "Unit": "Count"},
+                        {"Name": "Pruned", "Unit": "Count"}
+                    ]
+                }]
+            },
+            "SchedulerErrors": self.errors.len(),
+            "OldestWaitingJobAge": self.oldest_waiting_secs,
+            "Rescued": self.rescued + self.rescued_dead,
+            "DeadLettered": self.dead_lettered,
+            "Pruned": self.pruned,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metric_line_is_embedded_metric_format_with_every_figure() {
+        let report = Report {
+            oldest_waiting_secs: 300,
+            rescued: 2,
+            rescued_dead: 1,
+            errors: vec!["prune: x".into(), "outbox: y".into()],
+            ..Report::default()
+        };
+        let line = report.metric_line(chrono::Utc::now());
+        let spec = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(spec["Namespace"], "Offload");
+        // Every metric declared is a top-level number, as CloudWatch reads it.
+        for m in spec["Metrics"].as_array().unwrap() {
+            let name = m["Name"].as_str().unwrap();
+            assert!(line[name].is_number(), "{name} missing: {line}");
+        }
+        assert_eq!(line["OldestWaitingJobAge"], 300);
+        assert_eq!(line["SchedulerErrors"], 2);
+        assert_eq!(line["Rescued"], 3);
     }
 }

@@ -102,4 +102,23 @@ impl Store {
         )
         .await
     }
+
+    /// How long the oldest due job still waiting to start (pending, queued
+    /// or parked) has been due; zero when none waits. One scan of `jobs`
+    /// (no index on `status`, which every transition updates), once per
+    /// scheduler run.
+    pub async fn oldest_waiting(&self, now: DateTime<Utc>) -> Result<chrono::Duration, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_one(
+                "SELECT min(run_at) FROM jobs \
+                 WHERE status IN ('pending', 'queued') AND run_at <= $1",
+                &[&now],
+            )
+            .await?;
+        let oldest: Option<DateTime<Utc>> = row.get(0);
+        Ok(oldest
+            .map(|t| now - t)
+            .unwrap_or_else(chrono::Duration::zero))
+    }
 }

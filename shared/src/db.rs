@@ -204,12 +204,27 @@ impl deadpool_postgres::Connect for Connector {
 /// long-running process (the local runner, a benchmark) skips that round
 /// trip per checkout and only drops connections it knows are closed.
 pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
-    pool_refreshing(url, size, verify, None)
+    build_pool(url, size, verify, None)
 }
 
-/// [`pool_with`] whose new connections read the URL again through
-/// `refresh` when the server refuses the password (a rotated secret).
-pub fn pool_refreshing(
+/// Connections are verified before reuse only inside AWS Lambda (see
+/// [`pool_with`]).
+fn in_lambda() -> bool {
+    std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some()
+}
+
+/// [`pool_with`] verifying connections only inside AWS Lambda.
+pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
+    build_pool(url, size, in_lambda(), None)
+}
+
+/// [`pool`] whose new connections read the URL again through `refresh`
+/// when the server refuses the password (a rotated secret).
+pub fn pool_refreshing(url: &str, size: usize, refresh: Refresh) -> Result<Pool, DbError> {
+    build_pool(url, size, in_lambda(), Some(refresh))
+}
+
+fn build_pool(
     url: &str,
     size: usize,
     verify: bool,
@@ -241,29 +256,11 @@ pub fn pool_refreshing(
         .map_err(|e| DbError::BadUrl(e.to_string()))
 }
 
-/// [`pool_with`] verifying connections only inside AWS Lambda.
-pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
-    pool_with(
-        url,
-        size,
-        std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
-    )
-}
-
 /// Opens one connection outside any pool (migrations, LISTEN).
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let tls::Target {
-        config: mut cfg,
-        tls,
-        ..
-    } = target(url)?;
-    cfg.connect_timeout(Duration::from_secs(5));
-    let (client, conn) = cfg.connect(tls).await.map_err(|e| unreachable(url, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "database connection closed");
-        }
-    });
+    let mut t = target(url)?;
+    t.config.connect_timeout(Duration::from_secs(5));
+    let (client, _) = open(t).await.map_err(|e| unreachable(url, e))?;
     Ok(client)
 }
 
@@ -338,18 +335,15 @@ pub fn is_connection_error(e: &DbError) -> bool {
 /// Creates the database named in `url` when it does not exist, connecting
 /// to the server's `postgres` database to do so. Returns whether it created it.
 pub async fn ensure_database(url: &str) -> Result<bool, DbError> {
-    let tls::Target {
-        config: cfg, tls, ..
-    } = target(url)?;
-    let name = cfg
+    let mut admin = target(url)?;
+    let name = admin
+        .config
         .get_dbname()
         .ok_or_else(|| DbError::BadUrl("it names no database".into()))?
         .to_string();
-    let mut admin = cfg.clone();
-    admin.dbname("postgres");
-    admin.connect_timeout(Duration::from_secs(5));
-    let (client, conn) = admin.connect(tls).await.map_err(|e| unreachable(url, e))?;
-    tokio::spawn(conn);
+    admin.config.dbname("postgres");
+    admin.config.connect_timeout(Duration::from_secs(5));
+    let (client, _) = open(admin).await.map_err(|e| unreachable(url, e))?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?

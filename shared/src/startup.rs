@@ -113,12 +113,12 @@ impl Services {
     /// configured queue backend.
     pub async fn connect(mut config: Config, registry: Registry) -> Result<Services, StartupError> {
         let refresh = resolve_secrets(&mut config).await?;
-        let pool = db::pool_refreshing(
-            &config.database_url,
-            config.db_pool_size,
-            std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some(),
-            refresh,
-        )?;
+        let pool = match refresh {
+            Some(refresh) => {
+                db::pool_refreshing(&config.database_url, config.db_pool_size, refresh)?
+            }
+            None => db::pool(&config.database_url, config.db_pool_size)?,
+        };
         db::check_schema(&pool).await.map_err(|e| match e {
             DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
                 db::unreachable(&config.database_url, e)

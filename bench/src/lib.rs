@@ -1,14 +1,6 @@
 //! Helpers shared by `offload-bench` and `offload-soak`.
 
-/// `url` with its database name replaced by `name` (query string kept).
-pub fn with_db(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map(|(b, q)| (b, format!("?{q}")))
-        .unwrap_or((url, String::new()));
-    let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
-    format!("{base}/{name}{query}")
-}
+pub use offload::testing::with_db;
 
 /// Makes an empty database `name` on the server of `server` (dropping one
 /// left by an earlier run) and returns its URL.

@@ -5,18 +5,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use offload::testing::{sqs_endpoint, TestDb};
+use offload::testing::{free_port, sqs_endpoint, TestDb};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_offload");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `offload dev` running in the background; killed when dropped.
 struct Dev {

@@ -30,6 +30,29 @@ mod tls_server;
 pub use lambda_runtime::{Invoked, LambdaRuntime};
 pub use tls_server::TlsServer;
 
+/// A free TCP port on loopback (for a server a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What Lambda's event source hands one worker invocation: up to 10
+/// messages of the default queue, hidden for 30 s, without waiting.
+pub async fn receive_batch(queue: &dyn Queue) -> Vec<crate::queue::ReceivedMessage> {
+    queue
+        .receive(
+            QueueName::Default,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive a batch")
+}
+
 /// The secret test tokens are signed with.
 pub const TEST_SECRET: &str = "offload-test-secret-offload-test-secret";
 
@@ -41,7 +64,8 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| crate::config::DEFAULT_DATABASE_URL.to_string())
 }
 
-fn with_db(url: &str, name: &str) -> String {
+/// `url` with its database name replaced by `name` (query string kept).
+pub fn with_db(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (url, String::new()),

@@ -13,7 +13,7 @@ use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::job::{JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::scheduler::{Scheduler, SchedulerConfig};
-use offload::testing::{enqueue, event_source, new_job, run_until_finished, TestDb};
+use offload::testing::{enqueue, event_source, new_job, receive_batch, run_until_finished, TestDb};
 use offload::workspace::Tier;
 use serde::Deserialize;
 use serde_json::json;
@@ -254,15 +254,7 @@ async fn an_outcome_is_recorded_through_a_passing_database_failure_not_left_runn
         .await
         .unwrap();
     let worker = db.worker(q.clone(), WorkerConfig::default());
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let resp = worker
         .handle(
             to_event(&msgs, &q.arn(QueueName::Default)),

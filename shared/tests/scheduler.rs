@@ -9,7 +9,7 @@ use offload::clock::Clock;
 use offload::job::{JobMessage, JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::scheduler::{Scheduler, SchedulerConfig};
-use offload::testing::{new_job, HookedQueue, SendHook, TestDb};
+use offload::testing::{new_job, receive_batch, HookedQueue, SendHook, TestDb};
 use offload::workspace::Tier;
 use serde_json::json;
 
@@ -375,15 +375,7 @@ async fn a_queued_job_whose_message_was_lost_is_sent_again() {
     .unwrap();
     let r = scheduler(&db, q.clone(), Clock::System).run_once().await;
     assert_eq!((r.resent, r.sent), (1, 1), "{r:?}");
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let ids: Vec<JobMessage> = msgs
         .iter()
         .map(|m| serde_json::from_str(&m.body).unwrap())

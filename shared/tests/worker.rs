@@ -13,7 +13,7 @@ use offload::handlers::{JobContext, JobError, JobHandler, Outcome, Registry};
 use offload::job::{ErrorKind, JobStatus, QueueName};
 use offload::queue::Queue;
 use offload::store::Store;
-use offload::testing::{enqueue, event_source, new_job, TestDb};
+use offload::testing::{enqueue, event_source, new_job, receive_batch, TestDb};
 use offload::worker::Worker;
 use offload::workspace::Tier;
 use serde_json::json;
@@ -102,15 +102,7 @@ async fn duplicate_messages_in_one_batch_run_the_job_once() {
     for _ in 0..3 {
         enqueue(&db, &*q, std::slice::from_ref(&job)).await;
     }
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     assert_eq!(msgs.len(), 3);
     let resp = db
         .worker(q.clone(), quick())
@@ -135,15 +127,7 @@ async fn a_retryable_failure_comes_back_after_a_backoff_and_the_last_one_is_dead
     enqueue(&db, &*q, std::slice::from_ref(&job)).await;
     let worker = db.worker(q.clone(), quick());
 
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let before = chrono::Utc::now();
     let resp = worker
         .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
@@ -161,16 +145,7 @@ async fn a_retryable_failure_comes_back_after_a_backoff_and_the_last_one_is_dead
     let wait = (j.run_at - before).num_milliseconds();
     assert!((4_000..=10_500).contains(&wait), "first backoff {wait}ms");
     // The message is hidden until the retry is due.
-    assert!(q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO
-        )
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(receive_batch(&*q).await.is_empty());
 
     // Make it due now and deliver it again: the second (last) attempt fails for good.
     q.change_visibility(QueueName::Default, &msgs[0].receipt_handle, Duration::ZERO)
@@ -183,15 +158,7 @@ async fn a_retryable_failure_comes_back_after_a_backoff_and_the_last_one_is_dead
         .execute("UPDATE jobs SET run_at = now()", &[])
         .await
         .unwrap();
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let resp = worker
         .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
         .await;
@@ -257,15 +224,7 @@ async fn a_panicking_handler_fails_only_its_job_and_is_retried() {
         .await;
     enqueue(&db, &*q, &jobs).await;
     let worker = db.worker_with(q.clone(), quick(), Registry::builtin().with(Panics));
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let resp = worker
         .handle(to_event(&msgs, &q.arn(QueueName::Default)), deadline(60))
         .await;
@@ -405,15 +364,7 @@ async fn a_batch_of_ten_with_three_failures_reports_exactly_those_three() {
         .collect();
     let jobs = db.insert(&specs).await;
     enqueue(&db, &*q, &jobs).await;
-    let msgs = q
-        .receive(
-            QueueName::Default,
-            10,
-            Duration::from_secs(30),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+    let msgs = receive_batch(&*q).await;
     let by_job: std::collections::HashMap<String, String> = msgs
         .iter()
         .map(|m| {

@@ -17,15 +17,7 @@ struct EmptyDb {
 impl EmptyDb {
     async fn new() -> EmptyDb {
         let name = format!("offload_m_{}", uuid::Uuid::new_v4().simple());
-        let server = offload::testing::server_url();
-        let (base, query) = server.split_once('?').unwrap_or((&server, ""));
-        let base = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
-        let q = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        let url = format!("{base}/{name}{q}");
+        let url = offload::testing::with_db(&offload::testing::server_url(), &name);
         assert!(offload::db::ensure_database(&url).await.unwrap());
         EmptyDb { url, name }
     }
@@ -44,9 +36,7 @@ impl EmptyDb {
     }
 
     async fn drop(self) {
-        let server = offload::testing::server_url();
-        let (base, _) = server.split_once('?').unwrap_or((&server, ""));
-        let admin = format!("{}/postgres", base.rsplit_once('/').unwrap().0);
+        let admin = offload::testing::with_db(&offload::testing::server_url(), "postgres");
         let _ = offload::db::connect(&admin)
             .await
             .unwrap()

@@ -130,14 +130,6 @@ fn certificates(dir: &Path, names: &[String]) -> (PathBuf, PathBuf, PathBuf, Pat
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start() -> TlsServer {
     let root = is_root();
     let bin = bindir();
@@ -170,7 +162,7 @@ fn start() -> TlsServer {
             .args(["-R", "postgres:postgres"])
             .arg(&dir));
     }
-    let port = free_port();
+    let port = super::free_port();
     let postgres = bin.join("postgres");
     let server = format!(
         "exec {} -D {} -p {port} -k {} -c listen_addresses=127.0.0.1,127.0.0.2 \

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use offload::clock::Clock;
-use offload::enqueue::{create_jobs, create_parked};
+use offload::enqueue::create_batch;
 use offload::handlers::Registry;
 use offload::ids::WorkspaceId;
 use offload::queue::{PgQueue, Queue};
@@ -70,15 +70,17 @@ async fn create(
         })
         .collect();
     let mut conn = pool.get().await?;
-    let budget = Duration::from_secs(10);
-    match limit.filter(|l| n as i64 > *l) {
-        Some(l) => {
-            create_parked(store, q, &mut conn, &new, ws, l, now, budget).await?;
-        }
-        None => {
-            create_jobs(store, q, &conn, &new, now, budget).await?;
-        }
-    }
+    create_batch(
+        store,
+        q,
+        &mut conn,
+        &new,
+        ws,
+        limit,
+        now,
+        Duration::from_secs(10),
+    )
+    .await?;
     Ok(())
 }
 

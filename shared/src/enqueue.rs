@@ -313,6 +313,29 @@ pub async fn create_parked(
     Ok((created, sent))
 }
 
+/// Creates a batch of one workspace whose concurrency limit is `limit`:
+/// more due jobs than it may run at once go in parked ([`create_parked`]),
+/// any other batch is created as usual ([`create_jobs`]).
+#[allow(clippy::too_many_arguments)]
+pub async fn create_batch(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    workspace: crate::ids::WorkspaceId,
+    limit: Option<i64>,
+    now: DateTime<Utc>,
+    send_budget: Duration,
+) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
+    let park = limit.filter(|l| jobs.len() as i64 > *l && jobs.iter().all(|j| j.run_at <= now));
+    match park {
+        Some(limit) => {
+            create_parked(store, queue, db, jobs, workspace, limit, now, send_budget).await
+        }
+        None => create_jobs(store, queue, db, jobs, now, send_budget).await,
+    }
+}
+
 /// Sends committed jobs' messages within `budget` and marks the sent ones
 /// `queued` on `db`. Nothing fails: what was not sent is `deferred`, and if
 /// the mark fails the sent ones are `unmarked` (still `pending`, so the

@@ -763,34 +763,18 @@ pub async fn create_batch(
         // More due jobs than the workspace may run at once go in parked.
         let limit = crate::workspace::limits(&**db, member.workspace)
             .await?
-            .max_running
-            .filter(|l| missing.len() as i64 > *l && missing.iter().all(|j| j.run_at <= now));
-        let (created, sent) = match limit {
-            Some(limit) => {
-                enqueue::create_parked(
-                    &state.store,
-                    &*state.queue,
-                    &mut db,
-                    &missing,
-                    member.workspace,
-                    limit,
-                    now,
-                    state.settings.send_budget(),
-                )
-                .await?
-            }
-            None => {
-                enqueue::create_jobs(
-                    &state.store,
-                    &*state.queue,
-                    &db,
-                    &missing,
-                    now,
-                    state.settings.send_budget(),
-                )
-                .await?
-            }
-        };
+            .max_running;
+        let (created, sent) = enqueue::create_batch(
+            &state.store,
+            &*state.queue,
+            &mut db,
+            &missing,
+            member.workspace,
+            limit,
+            now,
+            state.settings.send_budget(),
+        )
+        .await?;
         if let Some(e) = &sent.error {
             tracing::warn!(workspace_id = %member.workspace, error = %e, unsent = sent.deferred.len(),
                 "queue refused some of a batch; the scheduler will send them");

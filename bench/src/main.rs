@@ -162,7 +162,7 @@ impl BenchDb {
         let name = format!("offload_bench_{tag}_{}", std::process::id());
         let url = fresh_database(server, &name).await?;
         db::migrate(&url).await?;
-        let pool = db::pool_with(&url, 16, false)?;
+        let pool = db::pool(&url, 16)?;
         let ws = WorkspaceId::new();
         workspace::ensure_workspace(&**pool.get().await?, ws, "bench", tier).await?;
         lift_creation_limits(&pool, ws).await?;
@@ -648,7 +648,7 @@ async fn cost_once(server: &str) -> anyhow::Result<f64> {
         }
     };
     let (admin, before) = read(admin, db.name.clone()).await;
-    let pool = db::pool_with(&db.url, 4, false)?;
+    let pool = db::pool(&db.url, 4)?;
     let store = Store::new(pool.clone());
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(pool.clone(), 5));
     let w = Arc::new(Worker::new(
@@ -1033,7 +1033,7 @@ where
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
-    offload::telemetry::init();
+    offload::telemetry::init(false);
     let args = Args::parse();
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| offload::config::DEFAULT_DATABASE_URL.into());

@@ -302,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
 
 async fn soak(args: &Args, bin: PathBuf, url: &str) -> anyhow::Result<Report> {
     db::migrate(url).await?;
-    let pool = db::pool_with(url, 4, false)?;
+    let pool = db::pool(url, 4)?;
     let ws = WorkspaceId::new();
     let user = UserId::new();
     let seq = Uuid::now_v7();

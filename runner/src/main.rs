@@ -85,7 +85,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    offload::telemetry::init();
+    offload::telemetry::init(false);
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(c) => c,

@@ -74,20 +74,10 @@ pub struct WorkerConfig {
     pub max_receive_count: u32,
 }
 
+/// The values [`Config::defaults`] gives, with no variable set.
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig {
-            lease: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(15),
-            backoff_base: Duration::from_secs(2),
-            backoff_cap: Duration::from_secs(3600),
-            handoff_margin: Duration::from_secs(30),
-            fairness_delay: Duration::from_secs(5),
-            refill_window: Duration::from_millis(1_000),
-            batch_failure_delay: Duration::from_secs(5),
-            emit_metrics: false,
-            max_receive_count: 5,
-        }
+        Config::defaults().worker
     }
 }
 
@@ -122,7 +112,19 @@ pub struct Config {
     pub jwt_secret_arn: Option<String>,
     /// `OFFLOAD_SECRETS_ENDPOINT`: a local server speaking Secrets Manager (moto).
     pub secrets_endpoint: Option<String>,
+    /// `OFFLOAD_DB_POOL_SIZE`: connections one process keeps at most.
     pub db_pool_size: usize,
+    /// `OFFLOAD_DB_POOL_TIMEOUT_SECS`: how long a checkout waits for a free
+    /// connection. In the worker, running out of it snoozes the job without
+    /// spending an attempt.
+    pub db_pool_timeout: Duration,
+    /// Running inside AWS Lambda (`AWS_LAMBDA_FUNCTION_NAME` is set): logs
+    /// are JSON and pooled connections are verified before reuse, since a
+    /// frozen container comes back with dead sockets.
+    pub in_lambda: bool,
+    /// `AWS_LAMBDA_LOG_STREAM_NAME`: names this process's worker in leases
+    /// (`worker` outside Lambda).
+    pub instance_name: String,
     pub bind: SocketAddr,
     pub jwt_secret: String,
     pub jwt_secret_is_default: bool,
@@ -156,6 +158,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// What every setting is with no variable set: the one place defaults
+    /// are written.
+    pub fn defaults() -> Config {
+        Config::from_lookup(|_| None).expect("the defaults are valid")
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|k| std::env::var(k).ok())
@@ -291,6 +299,9 @@ impl Config {
             jwt_secret_arn,
             secrets_endpoint: var("OFFLOAD_SECRETS_ENDPOINT"),
             db_pool_size: num(&var, "OFFLOAD_DB_POOL_SIZE", 16, 1..=1_000)? as usize,
+            db_pool_timeout: secs(&var, "OFFLOAD_DB_POOL_TIMEOUT_SECS", 10, 1..=300)?,
+            in_lambda: var("AWS_LAMBDA_FUNCTION_NAME").is_some(),
+            instance_name: var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|| "worker".into()),
             bind,
             jwt_secret,
             jwt_secret_is_default,

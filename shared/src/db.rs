@@ -198,36 +198,43 @@ impl deadpool_postgres::Connect for Connector {
     }
 }
 
-/// Builds a pool. With `verify`, a connection is checked with a round trip
-/// before reuse: a Lambda that was frozen comes back with dead sockets, and
-/// verified recycling replaces them instead of failing the first query. A
-/// long-running process (the local runner, a benchmark) skips that round
-/// trip per checkout and only drops connections it knows are closed.
-pub fn pool_with(url: &str, size: usize, verify: bool) -> Result<Pool, DbError> {
-    build_pool(url, size, verify, None)
+/// How a pool is sized and behaves.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Connections it keeps at most.
+    pub size: usize,
+    /// How long a checkout waits for a free connection before it fails
+    /// with a pool timeout.
+    pub wait_timeout: Duration,
+    /// Check a connection with a round trip before reuse: a Lambda that was
+    /// frozen comes back with dead sockets, and verified recycling replaces
+    /// them instead of failing the first query. A long-running process (the
+    /// local runner, a benchmark) skips that round trip per checkout and
+    /// only drops connections it knows are closed.
+    pub verify: bool,
 }
 
-/// Connections are verified before reuse only inside AWS Lambda (see
-/// [`pool_with`]).
-fn in_lambda() -> bool {
-    std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some()
+impl PoolOptions {
+    /// `size` connections, the configured default wait, no verification.
+    pub fn new(size: usize) -> PoolOptions {
+        PoolOptions {
+            size,
+            wait_timeout: crate::config::Config::defaults().db_pool_timeout,
+            verify: false,
+        }
+    }
 }
 
-/// [`pool_with`] verifying connections only inside AWS Lambda.
+/// A pool of `size` connections (see [`PoolOptions::new`]).
 pub fn pool(url: &str, size: usize) -> Result<Pool, DbError> {
-    build_pool(url, size, in_lambda(), None)
+    pool_with(url, PoolOptions::new(size), None)
 }
 
-/// [`pool`] whose new connections read the URL again through `refresh`
-/// when the server refuses the password (a rotated secret).
-pub fn pool_refreshing(url: &str, size: usize, refresh: Refresh) -> Result<Pool, DbError> {
-    build_pool(url, size, in_lambda(), Some(refresh))
-}
-
-fn build_pool(
+/// A pool whose new connections, with `refresh`, read the URL again when
+/// the server refuses the password (a rotated secret).
+pub fn pool_with(
     url: &str,
-    size: usize,
-    verify: bool,
+    options: PoolOptions,
     refresh: Option<Refresh>,
 ) -> Result<Pool, DbError> {
     let mut t = target(url)?;
@@ -240,7 +247,7 @@ fn build_pool(
             last_refresh: tokio::sync::Mutex::new(None),
         },
         ManagerConfig {
-            recycling_method: if verify {
+            recycling_method: if options.verify {
                 RecyclingMethod::Verified
             } else {
                 RecyclingMethod::Fast
@@ -248,9 +255,9 @@ fn build_pool(
         },
     );
     Pool::builder(mgr)
-        .max_size(size)
+        .max_size(options.size)
         .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(options.wait_timeout))
         .create_timeout(Some(Duration::from_secs(5)))
         .build()
         .map_err(|e| DbError::BadUrl(e.to_string()))

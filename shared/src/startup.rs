@@ -46,6 +46,14 @@ impl From<QueueError> for StartupError {
     }
 }
 
+/// Reads the configuration and sets up logging for it (JSON lines inside
+/// Lambda); a bad value is logged with the variable it names.
+pub fn load_config() -> Result<Config, crate::config::ConfigError> {
+    let config = Config::from_env();
+    crate::telemetry::init(config.as_ref().is_ok_and(|c| c.in_lambda));
+    config.inspect_err(|e| tracing::error!("configuration: {e}"))
+}
+
 /// The long-lived clients of a process, made once in `main`.
 #[derive(Clone)]
 pub struct Services {
@@ -113,12 +121,15 @@ impl Services {
     /// configured queue backend.
     pub async fn connect(mut config: Config, registry: Registry) -> Result<Services, StartupError> {
         let refresh = resolve_secrets(&mut config).await?;
-        let pool = match refresh {
-            Some(refresh) => {
-                db::pool_refreshing(&config.database_url, config.db_pool_size, refresh)?
-            }
-            None => db::pool(&config.database_url, config.db_pool_size)?,
-        };
+        let pool = db::pool_with(
+            &config.database_url,
+            db::PoolOptions {
+                size: config.db_pool_size,
+                wait_timeout: config.db_pool_timeout,
+                verify: config.in_lambda,
+            },
+            refresh,
+        )?;
         db::check_schema(&pool).await.map_err(|e| match e {
             DbError::Pool(deadpool_postgres::PoolError::Backend(e)) => {
                 db::unreachable(&config.database_url, e)
@@ -163,13 +174,7 @@ impl Services {
             registry: self.registry.clone(),
             keys: Keys::new(&self.config.jwt_secret),
             clock: self.clock.clone(),
-            settings: ApiSettings {
-                max_body_bytes: self.config.max_body_bytes,
-                cors_origins: self.config.cors_origins.clone(),
-                request_timeout: self.config.request_timeout,
-                idempotency_ttl: chrono::Duration::from_std(self.config.idempotency_ttl)
-                    .unwrap_or(chrono::Duration::hours(24)),
-            },
+            settings: ApiSettings::from(&self.config),
         }
     }
 

@@ -3,11 +3,11 @@
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber once; later calls are no-ops.
-pub fn init() {
+/// Installs the global subscriber once; later calls are no-ops. `in_lambda`
+/// chooses JSON lines (see [`crate::config::Config::in_lambda`]).
+pub fn init(in_lambda: bool) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn,tokio_postgres=warn"));
-    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
     // Logs go to stderr: stdout is for what a command prints (the lines
     // `offload dev` prints to paste into a shell, a token, an id).
     let builder = tracing_subscriber::fmt()

@@ -1,14 +1,12 @@
 //! The api Lambda: the axum router of `offload::api` behind API Gateway.
 
 use lambda_http::{run, service_fn, Error, Request};
-use offload::config::Config;
 use offload::handlers::Registry;
 use offload::startup::Services;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    offload::telemetry::init();
-    let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
+    let config = offload::startup::load_config()?;
     if config.jwt_secret_is_default {
         tracing::warn!("OFFLOAD_JWT_SECRET is unset: using the development secret");
     }

@@ -18,7 +18,8 @@ async fn database_url() -> Result<String, String> {
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    offload::telemetry::init();
+    // This binary runs only as a Lambda function: JSON log lines.
+    offload::telemetry::init(true);
     let http = reqwest::Client::new();
     let http = &http;
     run(service_fn(

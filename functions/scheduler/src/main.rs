@@ -3,15 +3,13 @@
 //! the configured input.
 
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
-use offload::config::Config;
 use offload::handlers::Registry;
 use offload::startup::Services;
 use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    offload::telemetry::init();
-    let config = Config::from_env().inspect_err(|e| tracing::error!("configuration: {e}"))?;
+    let config = offload::startup::load_config()?;
     let registry = Registry::for_config(&config);
     let services = Services::connect(config, registry).await?;
     let emit = services.config.worker.emit_metrics;

@@ -66,14 +66,22 @@ impl ApiSettings {
     }
 }
 
+impl From<&crate::config::Config> for ApiSettings {
+    fn from(c: &crate::config::Config) -> Self {
+        ApiSettings {
+            max_body_bytes: c.max_body_bytes,
+            cors_origins: c.cors_origins.clone(),
+            request_timeout: c.request_timeout,
+            idempotency_ttl: chrono::Duration::from_std(c.idempotency_ttl)
+                .unwrap_or(chrono::TimeDelta::MAX),
+        }
+    }
+}
+
+/// The values of [`crate::config::Config::defaults`].
 impl Default for ApiSettings {
     fn default() -> Self {
-        ApiSettings {
-            max_body_bytes: 1 << 20,
-            request_timeout: Duration::from_secs(29),
-            cors_origins: Vec::new(),
-            idempotency_ttl: chrono::Duration::hours(24),
-        }
+        ApiSettings::from(&crate::config::Config::defaults())
     }
 }
 

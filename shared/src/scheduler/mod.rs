@@ -48,7 +48,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             outbox_grace: Duration::from_secs(10),
             batch_limit: 1_000,
-            retention: Duration::from_secs(7 * 86_400),
+            retention: crate::config::Config::defaults().retention,
             release_grace: Duration::from_secs(10),
             prune_budget: Duration::from_secs(10),
             lost_message_after: Duration::from_secs(3600),

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub use decide::{backoff, decide, jittered, Action, Facts, Route};
+pub use decide::{backoff, decide, delay_for, jittered, Action, Facts, Route};
 
 use crate::clock::Clock;
 use crate::config::WorkerConfig;
@@ -640,7 +640,7 @@ impl Invocation<'_> {
                 receive_count: held.record.as_ref().map(|r| r.receive_count),
                 max_receive_count: w.config.max_receive_count,
             };
-            let delay = backoff(&w.config, held.lease.attempt, &mut rand::rng());
+            let delay = delay_for(&w.config, &ran.result, held.lease.attempt, &mut rand::rng());
             let action = decide(&ran.result, ran.checkpoint.as_ref(), &facts, delay);
             plan.push((held, action, ran));
         }
@@ -946,8 +946,18 @@ async fn write_group(
             Action::Snooze(delay) => {
                 let run_at = now + chrono::Duration::from_std(*delay).unwrap_or_default();
                 let st = store::snooze(&tx, lease, run_at, now).await?;
-                if st == Some(JobStatus::Cancelled) {
-                    logs.push(line("info", "cancel requested: not snoozed".into()));
+                match (&st, &ran.result) {
+                    (Some(JobStatus::Cancelled), _) => {
+                        logs.push(line("info", "cancel requested: not snoozed".into()))
+                    }
+                    (Some(_), Err(JobError::Busy(why))) => logs.push(line(
+                        "warn",
+                        format!(
+                            "{why}; back in {}s, the attempt not counted",
+                            delay.as_secs().max(1)
+                        ),
+                    )),
+                    _ => {}
                 }
                 st
             }

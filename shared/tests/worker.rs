@@ -295,6 +295,97 @@ async fn an_unreachable_database_fails_the_whole_batch_and_it_comes_back_within_
     assert_eq!(back, 4, "the batch is back within seconds, not an hour");
 }
 
+/// Holds every connection of the pool, then asks for one more, on its
+/// first run only: the way a burst of concurrent invocations meets a pool
+/// (or a server) with no connection to give.
+struct Hog(std::sync::atomic::AtomicBool);
+
+#[async_trait]
+impl JobHandler for Hog {
+    type Payload = serde_json::Value;
+    const TYPE: &'static str = "hog";
+    async fn run(&self, _: serde_json::Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        if !self.0.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _a = ctx.db().get().await.map_err(offload::db::DbError::from)?;
+            let _b = ctx.db().get().await.map_err(offload::db::DbError::from)?;
+            let _c = ctx.db().get().await.map_err(offload::db::DbError::from)?;
+        }
+        Ok(Outcome::Completed(Some(json!({"ran": true}))))
+    }
+}
+
+#[tokio::test]
+async fn a_pool_timeout_does_not_spend_the_jobs_attempt() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let mut one_attempt = new_job(ws, "hog", json!({}));
+    one_attempt.max_attempts = 1;
+    let jobs = db.insert(&[one_attempt]).await;
+    enqueue(&db, &*q, &jobs).await;
+    let small = offload::db::pool_with(
+        &db.url,
+        offload::db::PoolOptions {
+            size: 2,
+            wait_timeout: Duration::from_millis(300),
+            verify: false,
+        },
+        None,
+    )
+    .unwrap();
+    let worker = Worker::new(
+        Store::new(small),
+        q.clone(),
+        Arc::new(Registry::builtin().with(Hog(Default::default()))),
+        WorkerConfig {
+            batch_failure_delay: Duration::from_secs(1),
+            ..quick()
+        },
+        Clock::System,
+        "small-pool",
+        db.storage(),
+    );
+    let source = event_source(q.clone(), worker);
+    source.drain().await;
+
+    // Its only attempt ran into the timeout: not dead, back shortly, the
+    // attempt given back, and the reason in its log.
+    let j = db.job(jobs[0].id).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Queued, 0), "{j:?}");
+    let wait = (j.run_at - chrono::Utc::now()).num_milliseconds();
+    assert!(
+        wait <= 1_000,
+        "back within the busy pause, not a backoff: {wait} ms"
+    );
+    let said = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT message FROM job_logs WHERE job_id = $1 AND level = 'warn'",
+            &[&jobs[0].id.0],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    assert!(
+        said.contains("database busy") && said.contains("not counted"),
+        "{said}"
+    );
+
+    // When it comes back it runs, on that same single attempt.
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db.job(jobs[0].id).await.status != JobStatus::Completed
+        && tokio::time::Instant::now() < end
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        source.drain().await;
+    }
+    let j = db.job(jobs[0].id).await;
+    assert_eq!((j.status, j.attempts), (JobStatus::Completed, 1), "{j:?}");
+}
+
 #[tokio::test]
 async fn cancel_stops_a_running_job_at_its_next_step() {
     let db = TestDb::new().await;

@@ -67,11 +67,28 @@ pub enum JobError {
     /// rescued); nothing it does now is written.
     #[error("the job's lease was lost to another worker")]
     LeaseLost,
+    /// The database had no connection to give: the pool's wait ran out, or
+    /// the server is at its connection limit. That says nothing about the
+    /// job, so it comes back after a short pause without using an attempt.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<DbError> for JobError {
     fn from(e: DbError) -> Self {
-        JobError::Retryable(format!("database: {e}"))
+        use deadpool_postgres::PoolError;
+        let busy = match &e {
+            DbError::Pool(PoolError::Timeout(_)) => true,
+            DbError::Pool(PoolError::Backend(b)) => {
+                b.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+            }
+            _ => false,
+        };
+        if busy {
+            JobError::Busy(format!("database busy: {e}"))
+        } else {
+            JobError::Retryable(format!("database: {e}"))
+        }
     }
 }
 

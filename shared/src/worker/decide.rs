@@ -21,7 +21,8 @@ pub enum Action {
     Cancel(Option<Value>),
     /// Back to `pending` with this checkpoint and a fresh message.
     HandOff(Value),
-    /// Not run (a rate limit was empty): back after the delay, attempt given back.
+    /// Not run (a rate limit was empty, the database had no connection to
+    /// give): back after the delay, attempt given back.
     Snooze(Duration),
     /// A failed attempt: back after the backoff, by `route`.
     Retry {
@@ -75,6 +76,22 @@ pub fn backoff(config: &WorkerConfig, attempt: i32, rng: &mut impl Rng) -> Durat
     jittered(exp, rng)
 }
 
+/// How long a job whose run returned `result` waits before it comes back:
+/// the backoff of its attempt after a failure; about the batch-failure
+/// delay when the database was busy (a short, jittered pause, since no
+/// attempt was spent and the pool frees up in seconds).
+pub fn delay_for(
+    config: &WorkerConfig,
+    result: &Result<Outcome, JobError>,
+    attempt: i32,
+    rng: &mut impl Rng,
+) -> Duration {
+    match result {
+        Err(JobError::Busy(_)) => jittered(config.batch_failure_delay, rng),
+        _ => backoff(config, attempt, rng),
+    }
+}
+
 /// Uniformly between half and all of `d`.
 pub fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
     let ms = d.as_millis() as u64;
@@ -83,12 +100,13 @@ pub fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
 
 /// The action for a handler's result. A cancel request wins over every way
 /// of coming back (retry, snooze, hand-off); a completion or a permanent
-/// failure is recorded as what it was.
+/// failure is recorded as what it was. `delay` is how long a retry (or a
+/// busy snooze) waits: see [`delay_for`].
 pub fn decide(
     result: &Result<Outcome, JobError>,
     checkpoint: Option<&Value>,
     facts: &Facts,
-    backoff: Duration,
+    delay: Duration,
 ) -> Action {
     let comes_back = |action: Action| {
         if facts.cancel_requested {
@@ -104,9 +122,10 @@ pub fn decide(
             comes_back(Action::HandOff(checkpoint.cloned().unwrap_or(Value::Null)))
         }
         Ok(Outcome::Snooze(delay)) => comes_back(Action::Snooze(*delay)),
+        Err(JobError::Busy(_)) => comes_back(Action::Snooze(delay)),
         Err(JobError::LeaseLost) => Action::Drop,
         Err(JobError::Retryable(msg)) if facts.attempt < facts.max_attempts => {
-            let route = if backoff > MAX_VISIBILITY {
+            let route = if delay > MAX_VISIBILITY {
                 Route::Outbox
             } else {
                 match facts.receive_count {
@@ -115,7 +134,7 @@ pub fn decide(
                 }
             };
             comes_back(Action::Retry {
-                delay: backoff,
+                delay,
                 error: msg.clone(),
                 route,
             })
@@ -161,6 +180,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_busy_database_waits_a_short_pause_whatever_the_attempt() {
+        let cfg = WorkerConfig {
+            backoff_base: Duration::from_secs(60),
+            batch_failure_delay: Duration::from_secs(4),
+            ..WorkerConfig::default()
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let busy = Err(JobError::Busy("pool".into()));
+        let failed = Err(JobError::Retryable("503".into()));
+        for attempt in 1..=5 {
+            let d = delay_for(&cfg, &busy, attempt, &mut rng);
+            assert!(
+                (Duration::from_secs(2)..=Duration::from_secs(4)).contains(&d),
+                "{d:?}"
+            );
+            assert!(delay_for(&cfg, &failed, attempt, &mut rng) >= Duration::from_secs(30));
+        }
+    }
+
     fn facts(attempt: i32, cancel: bool, receives: Option<u32>) -> Facts {
         Facts {
             attempt,
@@ -190,6 +229,9 @@ mod tests {
             (Ok(Outcome::HandOff), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
             (Ok(Outcome::Snooze(s(9))), facts(1, false, None), s(4), Action::Snooze(s(9))),
             (Ok(Outcome::Snooze(s(9))), facts(1, true, None), s(4), Action::Cancel(None)),
+            // No connection came free: the job was not run, even on its last attempt.
+            (Err(JobError::Busy("pool".into())), facts(3, false, Some(1)), s(4), Action::Snooze(s(4))),
+            (Err(JobError::Busy("pool".into())), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
             (Err(JobError::Retryable("503".into())), facts(1, false, Some(1)), s(4), retry(Route::Visibility)),
             // One more receive would reach maxReceiveCount: a fresh message.
             (Err(JobError::Retryable("503".into())), facts(2, false, Some(4)), s(4), retry(Route::FreshMessage)),

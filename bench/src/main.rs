@@ -691,19 +691,30 @@ struct Served {
     server: tokio::task::JoinHandle<()>,
 }
 
-async fn serve(db: &BenchDb, q: Arc<dyn Queue>) -> anyhow::Result<Served> {
-    let secret = "offload-bench-secret-offload-bench-secret";
-    let user = offload::ids::UserId::new();
-    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let state = offload::api::AppState {
+/// The API's state over the benchmark's database, with tokens signed by `secret`.
+fn app_state(
+    db: &BenchDb,
+    q: Arc<dyn Queue>,
+    secret: &str,
+) -> anyhow::Result<offload::api::AppState> {
+    Ok(offload::api::AppState {
         store: db.store.clone(),
         queue: q,
         registry: Arc::new(Registry::builtin()),
         keys: offload::auth::Keys::new(secret),
         clock: Clock::System,
         settings: Default::default(),
-    };
-    let app = offload::api::router(state);
+        storage: offload::storage::Storage::local(
+            std::env::temp_dir().join("offload-bench-storage"),
+        )?,
+    })
+}
+
+async fn serve(db: &BenchDb, q: Arc<dyn Queue>) -> anyhow::Result<Served> {
+    let secret = "offload-bench-secret-offload-bench-secret";
+    let user = offload::ids::UserId::new();
+    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
+    let app = offload::api::router(app_state(db, q, secret)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}/api/workspaces/{}", listener.local_addr()?, db.ws);
     let server = tokio::spawn(async move {
@@ -778,14 +789,7 @@ async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     let secret = "offload-bench-secret-offload-bench-secret";
     let user = offload::ids::UserId::new();
     workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let app = offload::api::router(offload::api::AppState {
-        store: db.store.clone(),
-        queue: q,
-        registry: Arc::new(Registry::builtin()),
-        keys: offload::auth::Keys::new(secret),
-        clock: Clock::System,
-        settings: Default::default(),
-    });
+    let app = offload::api::router(app_state(&db, q, secret)?);
     let now = chrono::Utc::now();
     let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
     let uri = format!("/api/workspaces/{}/jobs", db.ws);

@@ -175,6 +175,7 @@ impl Services {
             keys: Keys::new(&self.config.jwt_secret),
             clock: self.clock.clone(),
             settings: ApiSettings::from(&self.config),
+            storage: self.storage.clone(),
         }
     }
 

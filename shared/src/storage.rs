@@ -16,6 +16,8 @@ use object_store::signer::Signer;
 use object_store::ObjectStore;
 use thiserror::Error;
 
+use crate::ids::{JobId, WorkspaceId};
+
 #[derive(Debug, Error)]
 pub enum StorageError {
     #[error("no object {0:?} in storage")]
@@ -42,7 +44,7 @@ pub struct Storage {
 
 #[derive(Clone, Debug)]
 enum Backend {
-    Local(PathBuf),
+    Local,
     S3(Arc<AmazonS3>),
 }
 
@@ -57,7 +59,7 @@ impl Storage {
             .map_err(|e| StorageError::Failed(format!("{}: {e}", root.display())))?;
         Ok(Storage {
             store: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
-            backend: Backend::Local(root),
+            backend: Backend::Local,
         })
     }
 
@@ -154,6 +156,14 @@ impl Storage {
         Ok(())
     }
 
+    /// Removes the object (nothing if it is not there).
+    pub async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        match self.store.delete(&Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// The object's bytes as they arrive (never the whole object in memory).
     pub async fn get_stream(
         &self,
@@ -166,15 +176,66 @@ impl Storage {
             .boxed())
     }
 
-    /// A link to download the object: presigned and expiring after `ttl` on
-    /// S3; a `file://` path locally (local files do not expire).
-    pub async fn download_url(&self, key: &str, ttl: Duration) -> Result<String, StorageError> {
+    /// How a client gets the object: a presigned link expiring after `ttl`
+    /// on S3 (the object is checked first, so a missing one is
+    /// [`StorageError::NotFound`], not a link to an error page); the bytes
+    /// themselves from a local folder, which no link could reach.
+    pub async fn download(&self, key: &str, ttl: Duration) -> Result<Download, StorageError> {
         match &self.backend {
-            Backend::Local(root) => Ok(format!("file://{}", root.join(key).display())),
-            Backend::S3(s3) => Ok(s3
-                .signed_url(reqwest::Method::GET, &Path::from(key), ttl)
-                .await?
-                .to_string()),
+            Backend::Local => Ok(Download::Bytes(self.get_stream(key).await?)),
+            Backend::S3(s3) => {
+                let path = Path::from(key);
+                s3.head(&path).await?;
+                let url = s3.signed_url(reqwest::Method::GET, &path, ttl).await?;
+                Ok(Download::Link(url.to_string()))
+            }
+        }
+    }
+}
+
+/// What [`Storage::download`] gives.
+pub enum Download {
+    /// A short-lived presigned URL to redirect to.
+    Link(String),
+    /// The object's bytes, to send.
+    Bytes(BoxStream<'static, Result<Bytes, std::io::Error>>),
+}
+
+/// Where job `job` of workspace `ws` keeps its file `name`: every file of a
+/// workspace lives under `workspaces/{ws}/`, so access can be granted, and
+/// files expired, by prefix.
+pub fn job_file_key(ws: WorkspaceId, job: JobId, name: &str) -> String {
+    format!("workspaces/{ws}/jobs/{job}/{name}")
+}
+
+/// The API path a client downloads job `job`'s file `name` from (relative
+/// to the API's base URL): the route checks the workspace, then redirects
+/// to a link made at that moment.
+pub fn job_file_path(ws: WorkspaceId, job: JobId, name: &str) -> String {
+    format!("/api/workspaces/{ws}/jobs/{job}/files/{name}")
+}
+
+/// A name a job's file may have: 1 to 100 letters, digits, `.`, `-` and
+/// `_`, not starting with a dot (no paths, nothing hidden).
+pub fn valid_file_name(name: &str) -> bool {
+    (1..=100).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_plain_names() {
+        for ok in ["contacts.csv", "errors.csv", "contacts.jsonl", "a-b_c.1"] {
+            assert!(valid_file_name(ok), "{ok}");
+        }
+        for bad in ["", ".env", "../x", "a/b", "a b", "é.csv", &"x".repeat(101)] {
+            assert!(!valid_file_name(bad), "{bad:?}");
         }
     }
 }

@@ -284,6 +284,7 @@ impl TestDb {
             keys: Keys::new(TEST_SECRET),
             clock: Clock::System,
             settings: ApiSettings::default(),
+            storage: self.storage(),
         }
     }
 }
@@ -571,9 +572,20 @@ impl TestApp {
         tier: Tier,
         settings: ApiSettings,
     ) -> TestApp {
+        Self::spawn_state(db, queue, tier, |s| s.settings = settings).await
+    }
+
+    /// The API with a workspace of `tier`, its state changed by `edit`
+    /// (other storage, other settings) before it serves.
+    pub async fn spawn_state(
+        db: TestDb,
+        queue: Arc<dyn Queue>,
+        tier: Tier,
+        edit: impl FnOnce(&mut AppState),
+    ) -> TestApp {
         let (workspace, user) = db.workspace(tier).await;
         let mut state = db.api_state(queue.clone());
-        state.settings = settings;
+        edit(&mut state);
         let app = crate::api::router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

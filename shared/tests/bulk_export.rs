@@ -1,6 +1,6 @@
 //! `bulk_export` into a storage folder and into S3 (moto's server): the
 //! rows matching the filters, the chosen fields, CSV or JSON lines, across
-//! hand-offs, with a download link that works.
+//! hand-offs, downloaded through the API's files route.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,9 @@ use offload::ids::WorkspaceId;
 use offload::job::JobStatus;
 use offload::queue::Queue;
 use offload::storage::Storage;
-use offload::testing::{enqueue, event_source, new_job, run_until_finished, sqs_endpoint, TestDb};
+use offload::testing::{
+    enqueue, event_source, new_job, run_until_finished, sqs_endpoint, TestApp, TestDb,
+};
 use offload::workspace::Tier;
 use offload::Job;
 use serde_json::{json, Value};
@@ -112,7 +114,10 @@ async fn an_export_writes_the_matching_rows_as_csv_across_hand_offs() {
         ("P, \"2\"", "2"),
         "quotes and commas survive"
     );
-    assert!(r["download_url"].as_str().unwrap().starts_with("file://"));
+    assert_eq!(
+        r["download_url"],
+        offload::storage::job_file_path(ws, j.id, "contacts.csv")
+    );
 }
 
 #[tokio::test]
@@ -156,8 +161,8 @@ async fn an_export_can_be_json_lines_and_can_be_empty() {
         .starts_with("id,email,"));
 }
 
-#[tokio::test]
-async fn an_export_to_s3_gives_a_presigned_link_that_downloads_the_file() {
+/// A bucket of its own on moto's S3, checked with a round trip.
+async fn s3_bucket() -> Storage {
     let endpoint = sqs_endpoint();
     let bucket = format!(
         "exports-{}",
@@ -179,28 +184,140 @@ async fn an_export_to_s3_gives_a_presigned_link_that_downloads_the_file() {
         .await
         .unwrap();
     assert_eq!(read_all(&storage, "probe.txt").await, "hello");
+    storage
+}
 
+/// The API over `storage`, and a finished export of 40 contacts made by a
+/// worker writing to the same storage.
+async fn exported(storage: Storage) -> (TestApp, Job) {
     let db = TestDb::new().await;
-    let (ws, _) = db.workspace(Tier::Unlimited).await;
-    seed(&db, ws, 40).await;
+    let queue: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    let app =
+        TestApp::spawn_state(db, queue, Tier::Unlimited, |s| s.storage = storage.clone()).await;
+    seed(&app.db, app.workspace, 40).await;
     let j = run(
-        &db,
-        ws,
-        storage.clone(),
+        &app.db,
+        app.workspace,
+        storage,
         json!({"fields": ["email"]}),
         WorkerConfig::default(),
         Duration::from_secs(60),
     )
     .await;
     assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
-    let r = j.result.unwrap();
-    let url = r["download_url"].as_str().unwrap();
-    assert!(
-        url.contains("X-Amz-Signature") && url.contains("X-Amz-Expires=86400"),
-        "{url}"
+    (app, j)
+}
+
+#[tokio::test]
+async fn an_export_to_s3_is_downloaded_through_a_link_made_when_asked() {
+    let storage = s3_bucket().await;
+    let (app, j) = exported(storage.clone()).await;
+    let r = j.result.clone().unwrap();
+    let path = format!(
+        "/api/workspaces/{}/jobs/{}/files/contacts.csv",
+        app.workspace, j.id
     );
-    let body = reqwest::get(url).await.unwrap();
+    assert_eq!(r["download_url"], path);
+    assert_eq!(r["files"], json!(["contacts.csv"]));
+    assert!(
+        r["key"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("workspaces/{}/", app.workspace)),
+        "{r}"
+    );
+
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = no_redirects
+        .get(format!("{}{path}", app.base))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 302);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let link = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        link.contains("X-Amz-Signature") && link.contains("X-Amz-Expires=300"),
+        "a link valid for five minutes, made now: {link}"
+    );
+    let body = reqwest::get(&link).await.unwrap();
     assert!(body.status().is_success(), "{}", body.status());
-    let text = body.text().await.unwrap();
-    assert_eq!(text.lines().count(), 41, "header and 40 rows");
+    assert_eq!(
+        body.text().await.unwrap().lines().count(),
+        41,
+        "header and 40 rows"
+    );
+
+    // Someone outside the workspace learns nothing, with or without the path.
+    let stranger = offload::testing::token(offload::ids::UserId::new());
+    let resp = no_redirects
+        .get(format!("{}{path}", app.base))
+        .bearer_auth(&stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    // Once the file is gone (the bucket's lifecycle), the answer says so.
+    storage.delete(r["key"].as_str().unwrap()).await.unwrap();
+    let resp = no_redirects
+        .get(format!("{}{path}", app.base))
+        .bearer_auth(&app.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 410);
+    let problem: Value = resp.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no longer kept"),
+        "{problem}"
+    );
+}
+
+#[tokio::test]
+async fn on_local_storage_the_api_serves_the_file_itself_and_only_the_jobs_own() {
+    let folder = std::env::temp_dir().join(format!("offload-files-{}", uuid::Uuid::new_v4()));
+    let (app, j) = exported(Storage::local(folder).unwrap()).await;
+    let files = format!("/jobs/{}/files", j.id);
+    let resp = app
+        .req("GET", &format!("{files}/contacts.csv"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(
+        resp.headers()["content-disposition"],
+        "attachment; filename=\"contacts.csv\""
+    );
+    let text = resp.text().await.unwrap();
+    assert_eq!(text.lines().next(), Some("email"));
+    assert_eq!(text.lines().count(), 41);
+
+    // Only what the job's result lists: not its chunks, not another name.
+    for name in ["chunks", "contacts.jsonl", ".env", "errors.csv"] {
+        let resp = app
+            .req("GET", &format!("{files}/{name}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{name}");
+    }
+    let other = app
+        .db
+        .insert(&[new_job(app.workspace, "noop", json!({}))])
+        .await;
+    let resp = app
+        .req("GET", &format!("/jobs/{}/files/contacts.csv", other[0].id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404, "a job without files");
 }

@@ -57,7 +57,7 @@ async fn good_rows_are_imported_and_bad_ones_reported_by_row_and_column() {
     )
     .await;
     assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
-    let r = j.result.unwrap();
+    let r = j.result.clone().unwrap();
     assert_eq!(
         (
             r["rows"].as_u64(),
@@ -76,8 +76,7 @@ async fn good_rows_are_imported_and_bad_ones_reported_by_row_and_column() {
         .await,
         1
     );
-    let url = r["error_report_url"].as_str().unwrap();
-    let report = std::fs::read_to_string(url.strip_prefix("file://").unwrap()).unwrap();
+    let report = error_report(&db, &j).await;
     assert_eq!(
         report,
         "row,column,reason\n2,email,\"\"\"not-an-address\"\" is not an e-mail address\"\n3,email,e-mail is required\n6,stage,\"unknown stage \"\"galaxy\"\"; use lead, mql, sql, opportunity, customer\"\n"
@@ -340,10 +339,9 @@ async fn a_report_longer_than_a_page_lists_every_bad_row_once_in_order() {
     )
     .await;
     assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
-    let r = j.result.unwrap();
+    let r = j.result.clone().unwrap();
     assert_eq!(r["invalid"].as_u64(), Some(12_000));
-    let url = r["error_report_url"].as_str().unwrap();
-    let report = std::fs::read_to_string(url.strip_prefix("file://").unwrap()).unwrap();
+    let report = error_report(&db, &j).await;
     let lines: Vec<&str> = report.lines().collect();
     assert_eq!(lines.len(), 12_001, "a header and one line per bad row");
     assert_eq!(lines[0], "row,column,reason");
@@ -355,4 +353,21 @@ async fn a_report_longer_than_a_page_lists_every_bad_row_once_in_order() {
             i + 1
         );
     }
+}
+
+/// The job's error report, after checking its result names it.
+async fn error_report(db: &TestDb, j: &offload::Job) -> String {
+    let r = j.result.as_ref().unwrap();
+    assert_eq!(r["files"], json!(["errors.csv"]), "{r}");
+    assert_eq!(
+        r["error_report_url"],
+        offload::storage::job_file_path(j.workspace_id, j.id, "errors.csv")
+    );
+    let key = offload::storage::job_file_key(j.workspace_id, j.id, "errors.csv");
+    let mut s = db.storage().get_stream(&key).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(c) = futures::StreamExt::next(&mut s).await {
+        out.extend_from_slice(&c.unwrap());
+    }
+    String::from_utf8(out).unwrap()
 }

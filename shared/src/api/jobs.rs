@@ -1,5 +1,5 @@
 //! The job routes: create, list, get (with long-poll and ETag), cancel,
-//! retry, delete, logs.
+//! retry, delete, logs, files.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -648,6 +648,106 @@ pub async fn logs(
         })
         .collect();
     Ok(Json(LogPage { logs, next_cursor }))
+}
+
+/// How long a download link made by [`file`] works: long enough to start
+/// the download, short enough that a link copied out of a browser is
+/// useless soon after.
+pub const DOWNLOAD_LINK_TTL: Duration = Duration::from_secs(300);
+
+/// `GET …/jobs/{id}/files/{name}`: one of the files a job made (its
+/// result's `files`), after checking the workspace: a redirect to a link
+/// made now and valid for five minutes (S3), or the bytes themselves
+/// (local storage).
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/files/{name}", tag = "jobs",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id"),
+           ("name" = String, Path, description = "A name from the job result's `files`, e.g. `contacts.csv`")),
+    responses(
+        (status = 302, description = "Redirect to a presigned download link valid for 5 minutes (S3 storage)",
+            headers(("Location" = String, description = "The download link"))),
+        (status = 200, description = "The file (local storage)", content_type = "application/octet-stream"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such workspace or job for this user, or the job has no such file", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "The file is no longer kept", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Storage unreachable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn file(
+    State(state): State<AppState>,
+    member: Member,
+    Path(ids): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    use crate::storage::{job_file_key, valid_file_name, Download, StorageError};
+    let (id, name) = (parse_job_id(&ids.1)?, ids.2);
+    let job = state
+        .store
+        .get(member.workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    let listed = job
+        .result
+        .as_ref()
+        .and_then(|r| r.get("files"))
+        .and_then(Value::as_array)
+        .is_some_and(|files| files.iter().any(|f| f == name.as_str()));
+    if !valid_file_name(&name) || !listed {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("job {id} has no file {name:?}; its result's `files` names those it made"),
+        ));
+    }
+    let key = job_file_key(member.workspace, id, &name);
+    match state.storage.download(&key, DOWNLOAD_LINK_TTL).await {
+        Ok(Download::Link(url)) => Ok((
+            StatusCode::FOUND,
+            [
+                (header::LOCATION, url),
+                (header::CACHE_CONTROL, "no-store".into()),
+                (header::REFERRER_POLICY, "no-referrer".into()),
+            ],
+        )
+            .into_response()),
+        Ok(Download::Bytes(bytes)) => {
+            let content_type = match name.rsplit_once('.').map(|(_, ext)| ext) {
+                Some("csv") => "text/csv; charset=utf-8",
+                Some("jsonl") => "application/x-ndjson",
+                Some("json") => "application/json",
+                _ => "application/octet-stream",
+            };
+            Ok((
+                [
+                    (header::CONTENT_TYPE, content_type.to_string()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{name}\""),
+                    ),
+                    (header::CACHE_CONTROL, "no-store".into()),
+                ],
+                axum::body::Body::from_stream(bytes),
+            )
+                .into_response())
+        }
+        Err(StorageError::NotFound(_)) => Err(ApiError::new(
+            StatusCode::GONE,
+            "file-expired",
+            "Gone",
+            format!(
+                "job {id}'s file {name:?} is no longer kept (files are removed with their jobs \
+                 after the retention period); run the job again to make it anew"
+            ),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, key, "storage unavailable");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage-unavailable",
+                "Service unavailable",
+                "the file storage is unreachable; try again shortly",
+            ))
+        }
+    }
 }
 
 /// Most jobs one batch request may create.

@@ -38,6 +38,8 @@ pub struct AppState {
     pub keys: Keys,
     pub clock: Clock,
     pub settings: ApiSettings,
+    /// Where jobs' files are, for download links.
+    pub storage: crate::storage::Storage,
 }
 
 impl AppState {
@@ -131,6 +133,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
         .routes(routes!(jobs::logs))
+        .routes(routes!(jobs::file))
         .routes(routes!(stats::stats))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(

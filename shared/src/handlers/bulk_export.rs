@@ -5,8 +5,6 @@
 //! a hand-off or crash resumes at the next page; at the end the chunks are
 //! streamed into the final file.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -35,8 +33,6 @@ const FIELDS: [&str; 11] = [
     "created_at",
 ];
 const PAGE: i64 = 10_000;
-/// How long the download link works.
-pub const LINK_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,9 +101,9 @@ impl JobHandler for BulkExport {
                 .collect()
         };
         let ws = ctx.workspace_id().0;
-        let job = ctx.job_id();
         let mut cur: Cursor = ctx.checkpoint().unwrap_or_default();
-        let chunk_key = |n: u32| format!("exports/{job}/chunks/{n:06}");
+        let chunks_at = ctx.file_key("chunks");
+        let chunk_key = |n: u32| format!("{chunks_at}/{n:06}");
         loop {
             if ctx.cancelled().await? {
                 return Ok(Outcome::Cancelled(Some(json!({ "rows": cur.rows }))));
@@ -194,7 +190,8 @@ impl JobHandler for BulkExport {
             }
         }
         let ext = if p.format == "csv" { "csv" } else { "jsonl" };
-        let key = format!("exports/{job}/contacts.{ext}");
+        let name = format!("contacts.{ext}");
+        let key = ctx.file_key(&name);
         if cur.chunks == 0 && p.format == "csv" {
             // No rows: still a valid CSV with its header.
             let header = format!("{}\n", fields.join(","));
@@ -203,15 +200,14 @@ impl JobHandler for BulkExport {
             let sources: Vec<String> = (0..cur.chunks).map(chunk_key).collect();
             ctx.storage().concat(&sources, &key).await?;
         }
-        let url = ctx.storage().download_url(&key, LINK_TTL).await?;
         ctx.log("info", format!("Exported {} contacts", cur.rows), None)
             .await?;
         Ok(Outcome::Completed(Some(json!({
             "rows": cur.rows,
             "format": p.format,
             "key": key,
-            "download_url": url,
-            "expires_at": Utc::now() + chrono::Duration::from_std(LINK_TTL).unwrap_or_default(),
+            "files": [name],
+            "download_url": ctx.file_path(&name),
         }))))
     }
 }

@@ -9,7 +9,6 @@
 //! rows, with a link to the error report (row, column, reason).
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -40,8 +39,8 @@ const FIELDS: [&str; 7] = [
 const STAGES: [&str; 5] = ["lead", "mql", "sql", "opportunity", "customer"];
 /// Inline CSV larger than this must go through storage.
 pub const MAX_INLINE: usize = 1 << 20;
-/// How long the error report's link works.
-const REPORT_TTL: Duration = Duration::from_secs(7 * 86_400);
+/// The error report's file name.
+const REPORT: &str = "errors.csv";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -198,7 +197,7 @@ impl JobHandler for ContactImport {
             .await?;
         }
         let _ = parser.await;
-        let report_url = self.write_report(ctx, job, tally.invalid).await?;
+        let report = self.write_report(ctx, job, tally.invalid).await?;
         ctx.log(
             "info",
             format!(
@@ -214,7 +213,8 @@ impl JobHandler for ContactImport {
             "updated": tally.updated,
             "skipped": tally.skipped,
             "invalid": tally.invalid,
-            "error_report_url": report_url,
+            "files": report.iter().collect::<Vec<_>>(),
+            "error_report_url": report.map(|name| ctx.file_path(name)),
         }))))
     }
 }
@@ -327,8 +327,8 @@ impl ContactImport {
         Ok(())
     }
 
-    /// Writes `imports/<job>/errors.csv` (row, column, reason) and returns
-    /// its download link, when there were bad rows. The rows are read a page
+    /// Writes the job's file `errors.csv` (row, column, reason) and returns
+    /// its name, when there were bad rows. The rows are read a page
     /// at a time and streamed to storage: a file with a million bad rows
     /// costs one page of memory, not the whole report.
     async fn write_report(
@@ -336,7 +336,7 @@ impl ContactImport {
         ctx: &JobContext,
         job: Uuid,
         invalid: u64,
-    ) -> Result<Option<String>, JobError> {
+    ) -> Result<Option<&'static str>, JobError> {
         if invalid == 0 {
             return Ok(None);
         }
@@ -377,10 +377,10 @@ impl ContactImport {
             }
         });
         let chunks = futures::stream::once(async move { Ok(Bytes::from(header)) }).chain(pages);
-        let key = format!("imports/{job}/errors.csv");
-        ctx.storage().put_stream(&key, chunks.boxed()).await?;
-        let url = ctx.storage().download_url(&key, REPORT_TTL).await?;
-        Ok(Some(url))
+        ctx.storage()
+            .put_stream(&ctx.file_key(REPORT), chunks.boxed())
+            .await?;
+        Ok(Some(REPORT))
     }
 }
 

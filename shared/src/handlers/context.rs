@@ -84,6 +84,18 @@ impl JobContext {
         &self.storage
     }
 
+    /// The storage key of this job's file `name` (under its workspace's
+    /// prefix). A file the job lists in its result's `files` can be
+    /// downloaded from [`JobContext::file_path`].
+    pub fn file_key(&self, name: &str) -> String {
+        crate::storage::job_file_key(self.workspace_id, self.lease.job_id, name)
+    }
+
+    /// The API path that serves this job's file `name`.
+    pub fn file_path(&self, name: &str) -> String {
+        crate::storage::job_file_path(self.workspace_id, self.lease.job_id, name)
+    }
+
     /// Saves the checkpoint inside the caller's transaction, so the effects
     /// of a step and the record that it was done commit together (a crash
     /// can never leave one without the other).

@@ -9,8 +9,12 @@
 //! waits for it, up to an hour, so every path answers, a bad configuration
 //! included).
 
+pub mod budget;
+
 use std::collections::HashMap;
 use std::time::Duration;
+
+use budget::Budget;
 
 use aws_lambda_events::event::cloudformation::{
     CloudFormationCustomResourceRequest as Request,
@@ -24,6 +28,7 @@ pub const PHYSICAL_ID: &str = "offload-schema";
 /// What one request asks for.
 struct Asked<'a> {
     migrate: bool,
+    properties: &'a serde_json::Value,
     response_url: &'a str,
     stack_id: &'a str,
     request_id: &'a str,
@@ -34,6 +39,7 @@ fn asked(request: &Request) -> Option<Asked<'_>> {
     Some(match request {
         Request::Create(r) => Asked {
             migrate: true,
+            properties: &r.resource_properties,
             response_url: &r.response_url,
             stack_id: &r.stack_id,
             request_id: &r.request_id,
@@ -41,6 +47,7 @@ fn asked(request: &Request) -> Option<Asked<'_>> {
         },
         Request::Update(r) => Asked {
             migrate: true,
+            properties: &r.resource_properties,
             response_url: &r.response_url,
             stack_id: &r.stack_id,
             request_id: &r.request_id,
@@ -48,6 +55,7 @@ fn asked(request: &Request) -> Option<Asked<'_>> {
         },
         Request::Delete(r) => Asked {
             migrate: false,
+            properties: &r.resource_properties,
             response_url: &r.response_url,
             stack_id: &r.stack_id,
             request_id: &r.request_id,
@@ -57,9 +65,10 @@ fn asked(request: &Request) -> Option<Asked<'_>> {
     })
 }
 
-/// Applies the migrations (for `Create` and `Update`) to the database of
-/// `database_url`, or explains why it cannot (`Err` from the configuration),
-/// and builds CloudFormation's answer.
+/// Checks the connection budget (see [`budget`]), then applies the
+/// migrations (for `Create` and `Update`) to the database of
+/// `database_url`, or explains why it cannot (`Err` from the
+/// configuration), and builds CloudFormation's answer.
 pub async fn decide(database_url: Result<&str, String>, request: &Request) -> Response {
     let mut r = Response::default();
     r.physical_resource_id = PHYSICAL_ID.into();
@@ -77,11 +86,17 @@ pub async fn decide(database_url: Result<&str, String>, request: &Request) -> Re
         return r;
     }
     let outcome = match database_url {
-        Err(e) => Err(e),
-        Ok(url) => offload::db::migrate(url).await.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("migrations failed: {e}")),
+        Ok(url) => match check_budget(url, a.properties).await {
+            Err(e) => Err(e),
+            Ok(budget) => offload::db::migrate(url)
+                .await
+                .map(|applied| (applied, budget))
+                .map_err(|e| format!("migrations failed: {e}")),
+        },
     };
     match outcome {
-        Ok(applied) => {
+        Ok((applied, budget)) => {
             tracing::info!(applied = ?applied, "migrations applied");
             r.status = Status::Success;
             r.data = HashMap::from([
@@ -91,15 +106,41 @@ pub async fn decide(database_url: Result<&str, String>, request: &Request) -> Re
                 ),
                 ("Applied".to_string(), applied.join(",")),
             ]);
+            if let Some(budget) = budget {
+                r.data.insert("ConnectionBudget".to_string(), budget);
+            }
         }
         Err(e) => {
-            tracing::error!(error = %e, "migrations failed");
+            tracing::error!(error = %e, "deploy refused");
             r.status = Status::Failed;
             // CloudFormation shows the reason in the stack's events.
-            r.reason = Some(format!("migrations failed: {e}"));
+            r.reason = Some(e);
         }
     }
     r
+}
+
+/// The budget's verdict when the request carries one: what it comes to,
+/// or why the deploy must not go on.
+async fn check_budget(
+    database_url: &str,
+    properties: &serde_json::Value,
+) -> Result<Option<String>, String> {
+    let Some(budget) = Budget::from_properties(properties)? else {
+        return Ok(None);
+    };
+    let capacity = if budget.via_proxy {
+        None
+    } else {
+        Some(
+            budget::server_capacity(database_url)
+                .await
+                .map_err(|e| format!("migrations failed: {e}"))?,
+        )
+    };
+    let verdict = budget.check(capacity)?;
+    tracing::info!(budget = %verdict, "connection budget");
+    Ok(Some(verdict))
 }
 
 /// Sends `response` to the request's pre-signed URL, trying a few times.

@@ -86,7 +86,11 @@ async fn response_url() -> ResponseUrl {
     }
 }
 
-fn request(kind: &str, response_url: &str) -> CloudFormationCustomResourceRequest {
+fn request(
+    kind: &str,
+    response_url: &str,
+    properties: Value,
+) -> CloudFormationCustomResourceRequest {
     let mut r = json!({
         "RequestType": kind,
         "ServiceToken": "arn:aws:lambda:eu-west-1:123456789012:function:offload-migrate",
@@ -95,7 +99,7 @@ fn request(kind: &str, response_url: &str) -> CloudFormationCustomResourceReques
         "RequestId": "req-1",
         "ResourceType": "Custom::SchemaMigrations",
         "LogicalResourceId": "SchemaMigrations",
-        "ResourceProperties": {"ServiceToken": "arn", "CodeVersion": "7"}
+        "ResourceProperties": properties
     });
     if kind != "Create" {
         r["PhysicalResourceId"] = json!(offload_migrate::PHYSICAL_ID);
@@ -107,9 +111,22 @@ fn request(kind: &str, response_url: &str) -> CloudFormationCustomResourceReques
 }
 
 async fn answered(kind: &str, database_url: Result<&str, String>) -> (Option<String>, Value) {
+    answered_with(
+        kind,
+        database_url,
+        json!({"ServiceToken": "arn", "CodeVersion": "7"}),
+    )
+    .await
+}
+
+async fn answered_with(
+    kind: &str,
+    database_url: Result<&str, String>,
+    properties: Value,
+) -> (Option<String>, Value) {
     let target = response_url().await;
     let http = reqwest::Client::new();
-    offload_migrate::handle(&http, database_url, &request(kind, &target.url))
+    offload_migrate::handle(&http, database_url, &request(kind, &target.url, properties))
         .await
         .unwrap();
     let got = target.got.lock().unwrap().clone();
@@ -172,6 +189,46 @@ async fn a_database_it_cannot_reach_answers_failed_with_the_reason() {
     .await;
     assert_eq!(body["Status"], "FAILED");
     assert!(body["Reason"].as_str().unwrap().contains("DATABASE_URL"));
+}
+
+fn with_budget(limit: u64, api: u64, worker: u64) -> Value {
+    json!({"ServiceToken": "arn", "CodeVersion": "7", "ConnectionBudget": {
+        "DatabaseMaxConnections": limit.to_string(), "PoolSize": "2",
+        "ApiConcurrency": api.to_string(), "WorkerConcurrencyPerQueue": worker.to_string(),
+        "WorkerQueues": "3", "ViaProxy": "false"
+    }})
+}
+
+#[tokio::test]
+async fn a_deploy_that_could_exhaust_the_database_fails_before_migrating() {
+    let db = EmptyDb::new().await;
+    // 2 x (40 + 3 x 20 + 1) + 1 = 203 connections against a share of 90.
+    let (_, body) = answered_with("Create", Ok(&db.url), with_budget(90, 40, 20)).await;
+    assert_eq!(body["Status"], "FAILED");
+    let reason = body["Reason"].as_str().unwrap();
+    assert!(
+        reason.contains("can hold 203 connections") && reason.contains("is 90"),
+        "{reason}"
+    );
+    assert_eq!(db.tables().await, 0, "nothing was migrated");
+
+    // A share larger than the server itself accepts (this server: 100).
+    let (_, body) = answered_with("Create", Ok(&db.url), with_budget(5_000, 10, 10)).await;
+    assert_eq!(body["Status"], "FAILED");
+    let reason = body["Reason"].as_str().unwrap();
+    assert!(
+        reason.contains("DatabaseMaxConnections is 5000 but the server accepts"),
+        "{reason}"
+    );
+    assert_eq!(db.tables().await, 0);
+
+    // Within both: migrated, and the arithmetic is reported.
+    // 2 x (10 + 3 x 10 + 1) + 1 = 83.
+    let (_, body) = answered_with("Create", Ok(&db.url), with_budget(90, 10, 10)).await;
+    assert_eq!(body["Status"], "SUCCESS", "{body}");
+    assert_eq!(body["Data"]["ConnectionBudget"], "83 of 90 connections");
+    assert!(db.tables().await > 0);
+    db.drop().await;
 }
 
 #[tokio::test]

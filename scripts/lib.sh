@@ -65,6 +65,23 @@ ensure_python_tools() {
   export PATH="$venv/bin:$PATH"
 }
 
+# Puts the Lambda build tools in $LOCAL/venv and on PATH: cargo-lambda and zig (the
+# cross-linker it drives), and the AWS SAM CLI; adds Rust's arm64 Linux target.
+ensure_lambda_tools() {
+  ensure_python_tools
+  local venv="$LOCAL/venv"
+  if ! [ -x "$venv/bin/cargo-lambda" ] || ! [ -x "$venv/bin/sam" ] \
+    || ! "$venv/bin/python" -c 'import ziglang' 2>/dev/null; then
+    say "installing cargo-lambda, ziglang and aws-sam-cli from PyPI"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'cargo-lambda>=1,<2' 'ziglang>=0.13,<1' \
+      'aws-sam-cli>=1.100,<2'
+  fi
+  if ! rustup target list --installed | grep -qx aarch64-unknown-linux-gnu; then
+    say "adding Rust's aarch64-unknown-linux-gnu target"
+    rustup target add aarch64-unknown-linux-gnu
+  fi
+}
+
 # A TCP port nobody listens on, on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

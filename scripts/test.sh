@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Command 2: the same set-up as dev.sh, then every check: format, clippy (warnings are errors),
-# all tests against a real PostgreSQL and moto's SQS server, and cfn-lint on template.yaml.
+# all tests against a real PostgreSQL and moto's SQS server, cfn-lint on template.yaml, the
+# Lambda functions built for arm64 as SAM builds them, and `sam validate --lint`.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 ensure_postgres
@@ -27,6 +28,24 @@ psql "${DATABASE_URL%/*}/postgres" -Atqc \
 say "cargo test"
 export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
 cargo test --workspace --locked
+
+say "Lambda builds: cargo lambda build --release --arm64, as sam build makes them"
+ensure_lambda_tools
+cargo lambda build --release --arm64 --locked --bin api --bin worker --bin scheduler --bin migrate
+python3 - <<'PY'
+import os, sys
+for f in ("api", "worker", "scheduler", "migrate"):
+    path = f"target/lambda/{f}/bootstrap"
+    with open(path, "rb") as b:
+        head = b.read(20)
+    machine = int.from_bytes(head[18:20], "little")
+    if head[:4] != b"\x7fELF" or machine != 183:
+        sys.exit(f"{path} is not an arm64 Linux executable (ELF machine {machine})")
+    print(f"  {path}: arm64 ELF, {os.path.getsize(path) / 2**20:.1f} MiB")
+PY
+
+say "sam validate --lint"
+AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" SAM_CLI_TELEMETRY=0 sam validate --lint
 
 cargo build -q --locked --bin offload --bin offload-soak
 

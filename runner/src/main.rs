@@ -87,13 +87,20 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     offload::telemetry::init(false);
     let cli = Cli::parse();
-    let config = match Config::from_env() {
+    let mut config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("offload: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
+    // `dev` reads the secrets as it connects; the one-shot commands read them here.
+    if !matches!(cli.command, Command::Dev) {
+        if let Err(e) = offload::startup::resolve_secrets(&mut config).await {
+            eprintln!("offload: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Dev => dev::run(config).await,
         Command::Migrate => migrate(&config).await.map(|applied| {

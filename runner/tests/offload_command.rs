@@ -333,3 +333,64 @@ async fn the_functions_refuse_a_database_whose_schema_is_behind() {
     assert!(msg.contains("offload migrate"), "{msg}");
     assert!(msg.starts_with("DATABASE_URL"), "{msg}");
 }
+
+#[tokio::test]
+async fn the_operator_commands_start_from_secret_arns_alone() {
+    let db = TestDb::new().await;
+    let secrets = offload::secrets::client("us-east-1", Some(&sqs_endpoint())).await;
+    let mut arns = Vec::new();
+    for value in [json!({"url": db.url}), json!({"secret": "s".repeat(40)})] {
+        let made = secrets
+            .create_secret()
+            .name(format!("offload-cli-{}", uuid::Uuid::new_v4()))
+            .secret_string(value.to_string())
+            .send()
+            .await
+            .unwrap();
+        arns.push(made.arn.unwrap());
+    }
+    let run_from_secrets = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("OFFLOAD_JWT_SECRET")
+            .env("OFFLOAD_DATABASE_SECRET_ARN", &arns[0])
+            .env("OFFLOAD_JWT_SECRET_ARN", &arns[1])
+            .env("OFFLOAD_SECRETS_ENDPOINT", sqs_endpoint())
+            .env("AWS_REGION", "us-east-1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(run_from_secrets(&["migrate"]).starts_with("schema is up to date"));
+    let ws: uuid::Uuid = run_from_secrets(&["workspace", "create", "--name", "From secrets"])
+        .parse()
+        .unwrap();
+    let named: i64 = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM workspaces WHERE id = $1", &[&ws])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        named, 1,
+        "the workspace is in the database the secret names"
+    );
+    let user = offload::ids::UserId::new();
+    let token = run_from_secrets(&[
+        "token",
+        "--workspace",
+        &ws.to_string(),
+        "--user",
+        &user.to_string(),
+    ]);
+    let signed_for = offload::auth::Keys::new(&"s".repeat(40))
+        .verify(&token)
+        .expect("signed with the secret from Secrets Manager");
+    assert_eq!(signed_for, user);
+}

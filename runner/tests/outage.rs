@@ -241,6 +241,11 @@ async fn a_database_outage_answers_503_and_loses_nothing() {
         let r = create(json!({"type": "noop"})).await.unwrap();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert_eq!(
+            r.headers()["retry-after"],
+            "2",
+            "a client knows when to try again"
+        );
     }
     let health = client
         .get(format!("{}/health", vars["OFFLOAD_URL"]))

@@ -108,12 +108,15 @@ impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         if db::is_connection_error(&e) {
             tracing::error!(error = %e, "database unavailable");
-            ApiError::new(
+            let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database-unavailable",
                 "Service unavailable",
-                "the database is unreachable; nothing was changed, try again shortly",
-            )
+                "the database is unreachable or has no connection free; nothing was changed, \
+                 try again shortly",
+            );
+            e.retry_after = Some(2);
+            e
         } else {
             tracing::error!(error = %e, "database error");
             ApiError::new(

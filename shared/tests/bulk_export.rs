@@ -231,12 +231,13 @@ async fn an_export_to_s3_is_downloaded_through_a_link_made_when_asked() {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let resp = no_redirects
-        .get(format!("{}{path}", app.base))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
+    let get_as = |token: String| {
+        no_redirects
+            .get(format!("{}{path}", app.base))
+            .bearer_auth(token)
+            .send()
+    };
+    let resp = get_as(app.token.clone()).await.unwrap();
     assert_eq!(resp.status(), 302);
     assert_eq!(resp.headers()["cache-control"], "no-store");
     let link = resp.headers()["location"].to_str().unwrap().to_string();
@@ -254,22 +255,11 @@ async fn an_export_to_s3_is_downloaded_through_a_link_made_when_asked() {
 
     // Someone outside the workspace learns nothing, with or without the path.
     let stranger = offload::testing::token(offload::ids::UserId::new());
-    let resp = no_redirects
-        .get(format!("{}{path}", app.base))
-        .bearer_auth(&stranger)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
+    assert_eq!(get_as(stranger).await.unwrap().status(), 404);
 
     // Once the file is gone (the bucket's lifecycle), the answer says so.
     storage.delete(r["key"].as_str().unwrap()).await.unwrap();
-    let resp = no_redirects
-        .get(format!("{}{path}", app.base))
-        .bearer_auth(&app.token)
-        .send()
-        .await
-        .unwrap();
+    let resp = get_as(app.token.clone()).await.unwrap();
     assert_eq!(resp.status(), 410);
     let problem: Value = resp.json().await.unwrap();
     assert!(

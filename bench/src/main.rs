@@ -692,29 +692,23 @@ struct Served {
 }
 
 /// The API's state over the benchmark's database, with tokens signed by `secret`.
-fn app_state(
-    db: &BenchDb,
-    q: Arc<dyn Queue>,
-    secret: &str,
-) -> anyhow::Result<offload::api::AppState> {
-    Ok(offload::api::AppState {
+fn app_state(db: &BenchDb, q: Arc<dyn Queue>, secret: &str) -> offload::api::AppState {
+    offload::api::AppState {
         store: db.store.clone(),
         queue: q,
         registry: Arc::new(Registry::builtin()),
         keys: offload::auth::Keys::new(secret),
         clock: Clock::System,
         settings: Default::default(),
-        storage: offload::storage::Storage::local(
-            std::env::temp_dir().join("offload-bench-storage"),
-        )?,
-    })
+        storage: bench_storage(),
+    }
 }
 
 async fn serve(db: &BenchDb, q: Arc<dyn Queue>) -> anyhow::Result<Served> {
     let secret = "offload-bench-secret-offload-bench-secret";
     let user = offload::ids::UserId::new();
     workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let app = offload::api::router(app_state(db, q, secret)?);
+    let app = offload::api::router(app_state(db, q, secret));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}/api/workspaces/{}", listener.local_addr()?, db.ws);
     let server = tokio::spawn(async move {
@@ -789,7 +783,7 @@ async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     let secret = "offload-bench-secret-offload-bench-secret";
     let user = offload::ids::UserId::new();
     workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let app = offload::api::router(app_state(&db, q, secret)?);
+    let app = offload::api::router(app_state(&db, q, secret));
     let now = chrono::Utc::now();
     let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
     let uri = format!("/api/workspaces/{}/jobs", db.ws);
@@ -1212,6 +1206,30 @@ async fn main() -> anyhow::Result<()> {
             if !first.is_empty() {
                 report(&format!("{name}_first_request"), first, "ms");
             }
+        }
+        let warm = coldstart::warm_worker(&db, 100).await?;
+        let batch_ms = percentile(&warm, 0.5);
+        report("worker_warm_batch_of_10_p50", vec![batch_ms], "ms");
+        report(
+            "worker_warm_batch_of_10_p99",
+            vec![percentile(&warm, 0.99)],
+            "ms",
+        );
+        let user = "0ff10ad0-0000-4000-8000-0000000000a1".parse()?;
+        let creates = coldstart::warm_api_batch(&db, &create, user, 50).await?;
+        let create_ms = percentile(&creates, 0.5);
+        report("api_warm_batch_create_of_1000_p50", vec![create_ms], "ms");
+        report(
+            "api_warm_batch_create_of_1000_p99",
+            vec![percentile(&creates, 0.99)],
+            "ms",
+        );
+        for (part, usd) in coldstart::cost_per_million(batch_ms, create_ms) {
+            report(
+                &format!("cost_per_million_noop_jobs_{part}"),
+                vec![usd],
+                "USD",
+            );
         }
         db.drop_db().await?;
     }

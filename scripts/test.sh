@@ -46,6 +46,8 @@ PY
 
 say "sam validate --lint"
 AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" SAM_CLI_TELEMETRY=0 sam validate --lint
+say "SAM transform of template.yaml, as at deploy time"
+AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" python scripts/sam-transform.py
 
 cargo build -q --locked --bin offload --bin offload-soak
 

@@ -697,7 +697,7 @@ fn app_state(db: &BenchDb, q: Arc<dyn Queue>, secret: &str) -> offload::api::App
         store: db.store.clone(),
         queue: q,
         registry: Arc::new(Registry::builtin()),
-        keys: offload::auth::Keys::new(secret),
+        auth: offload::auth::Verifier::secret(secret),
         clock: Clock::System,
         settings: Default::default(),
         storage: bench_storage(),

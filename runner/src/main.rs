@@ -121,11 +121,16 @@ async fn main() -> ExitCode {
             ttl,
         } => {
             let now = Utc::now();
-            println!(
-                "{}",
-                Keys::new(&config.jwt_secret).issue(user, now, now + ttl)
-            );
-            Ok(())
+            match Keys::from_config(&config) {
+                Some(keys) => {
+                    println!("{}", keys.issue(user, now, now + ttl));
+                    Ok(())
+                }
+                None => Err(anyhow::anyhow!(
+                    "tokens are signed with OFFLOAD_JWT_SECRET (or OFFLOAD_JWT_SECRET_ARN), \
+                     and neither is set"
+                )),
+            }
         }
     };
     match result {

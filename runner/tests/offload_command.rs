@@ -389,8 +389,9 @@ async fn the_operator_commands_start_from_secret_arns_alone() {
         "--user",
         &user.to_string(),
     ]);
-    let signed_for = offload::auth::Keys::new(&"s".repeat(40))
+    let signed_for = offload::auth::Verifier::secret(&"s".repeat(40))
         .verify(&token)
+        .await
         .expect("signed with the secret from Secrets Manager");
     assert_eq!(signed_for, user);
 }

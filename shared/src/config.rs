@@ -126,8 +126,19 @@ pub struct Config {
     /// (`worker` outside Lambda).
     pub instance_name: String,
     pub bind: SocketAddr,
-    pub jwt_secret: String,
+    /// `OFFLOAD_JWT_SECRET`: the HS256 secret; `None` refuses HS256 tokens.
+    pub jwt_secret: Option<String>,
+    /// No verification was configured outside Lambda: `jwt_secret` is the
+    /// public development secret.
     pub jwt_secret_is_default: bool,
+    /// `OFFLOAD_JWKS_URL`: the identity provider's key set (RS/ES tokens).
+    pub jwks_url: Option<String>,
+    /// `OFFLOAD_JWT_ISSUER`: the `iss` tokens must carry; without
+    /// `jwks_url`, its OIDC discovery document names the key set.
+    pub jwt_issuer: Option<String>,
+    /// `OFFLOAD_JWT_AUDIENCE` (comma-separated): the `aud` tokens must carry
+    /// one of; empty: not checked.
+    pub jwt_audience: Vec<String>,
     pub queue: QueueBackend,
     /// Receives after which a message moves to the dead-letter queue.
     pub max_receive_count: u32,
@@ -162,6 +173,27 @@ impl Config {
     /// are written.
     pub fn defaults() -> Config {
         Config::from_lookup(|_| None).expect("the defaults are valid")
+    }
+
+    /// An error unless tokens can be verified some way: an issuer or key
+    /// set (RS/ES), or a shared secret (HS256), given or named by ARN.
+    /// Outside Lambda the development secret counts; inside, it is never
+    /// set, so a deployed API without a setting refuses to start.
+    pub fn require_token_verification(&self) -> Result<(), ConfigError> {
+        if self.jwks_url.is_some()
+            || self.jwt_issuer.is_some()
+            || self.jwt_secret.is_some()
+            || self.jwt_secret_arn.is_some()
+        {
+            return Ok(());
+        }
+        Err(ConfigError {
+            variable: "OFFLOAD_JWT_ISSUER",
+            reason: "no token verification is configured: set OFFLOAD_JWT_ISSUER or \
+                     OFFLOAD_JWKS_URL (tokens your identity provider signs with RS/ES keys), \
+                     or OFFLOAD_JWT_SECRET / OFFLOAD_JWT_SECRET_ARN (HS256)"
+                .into(),
+        })
     }
 
     /// Reads the process environment.
@@ -206,6 +238,25 @@ impl Config {
             })?,
         };
 
+        let in_lambda = var("AWS_LAMBDA_FUNCTION_NAME").is_some();
+        let jwks_url = var("OFFLOAD_JWKS_URL");
+        if let Some(u) = &jwks_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(ConfigError {
+                    variable: "OFFLOAD_JWKS_URL",
+                    reason: format!("{u:?} is not an http(s) URL"),
+                });
+            }
+        }
+        let jwt_issuer = var("OFFLOAD_JWT_ISSUER");
+        let jwt_audience: Vec<String> = var("OFFLOAD_JWT_AUDIENCE")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
         let (jwt_secret, jwt_secret_is_default) = match var("OFFLOAD_JWT_SECRET") {
             Some(s) if s.len() < 32 => {
                 return Err(ConfigError {
@@ -213,10 +264,15 @@ impl Config {
                     reason: format!("must be at least 32 characters for HS256, got {}", s.len()),
                 })
             }
-            Some(s) => (s, false),
+            Some(s) => (Some(s), false),
             // Read from Secrets Manager at start (startup.rs).
-            None if jwt_secret_arn.is_some() => (String::new(), false),
-            None => (DEV_JWT_SECRET.to_string(), true),
+            None if jwt_secret_arn.is_some() => (None, false),
+            // Tokens come from an identity provider; HS256 is refused.
+            None if jwks_url.is_some() || jwt_issuer.is_some() => (None, false),
+            // Lambda never falls back to a public secret: the API refuses
+            // to start (auth::Verifier::from_config).
+            None if in_lambda => (None, false),
+            None => (Some(DEV_JWT_SECRET.to_string()), true),
         };
 
         let queue = match var("OFFLOAD_QUEUE").as_deref() {
@@ -300,11 +356,14 @@ impl Config {
             secrets_endpoint: var("OFFLOAD_SECRETS_ENDPOINT"),
             db_pool_size: num(&var, "OFFLOAD_DB_POOL_SIZE", 16, 1..=1_000)? as usize,
             db_pool_timeout: secs(&var, "OFFLOAD_DB_POOL_TIMEOUT_SECS", 10, 1..=300)?,
-            in_lambda: var("AWS_LAMBDA_FUNCTION_NAME").is_some(),
+            in_lambda,
             instance_name: var("AWS_LAMBDA_LOG_STREAM_NAME").unwrap_or_else(|| "worker".into()),
             bind,
             jwt_secret,
             jwt_secret_is_default,
+            jwks_url,
+            jwt_issuer,
+            jwt_audience,
             queue,
             max_receive_count,
             worker,

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod api_keys;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use crate::api::{ApiSettings, AppState};
-use crate::auth::Keys;
+use crate::auth::Verifier;
 use crate::clock::Clock;
 use crate::config::{Config, QueueBackend};
 use crate::db::{self, DbError};
@@ -91,7 +91,7 @@ pub async fn resolve_secrets(config: &mut Config) -> Result<Option<db::Refresh>,
             }
             .into());
         }
-        config.jwt_secret = value;
+        config.jwt_secret = Some(value);
         config.jwt_secret_is_default = false;
     }
     let Some(arn) = &config.database_secret_arn else {
@@ -167,16 +167,18 @@ impl Services {
         })
     }
 
-    pub fn api_state(&self) -> AppState {
-        AppState {
+    /// The API's state; an error when no token verification is configured
+    /// inside Lambda.
+    pub fn api_state(&self) -> Result<AppState, crate::config::ConfigError> {
+        Ok(AppState {
             store: self.store.clone(),
             queue: self.queue.clone(),
             registry: self.registry.clone(),
-            keys: Keys::new(&self.config.jwt_secret),
+            auth: Verifier::from_config(&self.config)?,
             clock: self.clock.clone(),
             settings: ApiSettings::from(&self.config),
             storage: self.storage.clone(),
-        }
+        })
     }
 
     pub fn worker(&self, name: &str) -> Worker {

@@ -281,7 +281,7 @@ impl TestDb {
             store: self.store.clone(),
             queue,
             registry: Arc::new(Registry::builtin()),
-            keys: Keys::new(TEST_SECRET),
+            auth: crate::auth::Verifier::secret(TEST_SECRET),
             clock: Clock::System,
             settings: ApiSettings::default(),
             storage: self.storage(),

@@ -85,7 +85,7 @@ async fn a_function_starts_from_arns_and_survives_a_password_rotation() {
     let services = Services::connect(config, Registry::builtin())
         .await
         .expect("start from the secrets");
-    assert_eq!(services.config.jwt_secret, token_secret);
+    assert_eq!(services.config.jwt_secret, Some(token_secret));
     assert!(!services.config.jwt_secret_is_default);
     assert_eq!(current_user(&services).await, role);
 

@@ -1,5 +1,5 @@
 //! The sample API Gateway events of `events/` through the api function's
-//! handler (the path a request takes in Lambda, authorizer claims included),
+//! handler (the path a request takes in Lambda, bearer token included),
 //! and through its built binary started as Lambda starts it (against the
 //! Runtime API stand-in).
 
@@ -47,7 +47,7 @@ async fn invoke(app: axum::Router, event_file: &str) -> (u16, Value) {
 }
 
 #[tokio::test]
-async fn the_create_event_creates_a_job_for_the_authorizers_user() {
+async fn the_create_event_creates_a_job_for_the_tokens_user() {
     let (db, app) = setup().await;
     let (status, job) = invoke(app, "api-create-job.json").await;
     assert_eq!(status, 202, "{job}");
@@ -99,4 +99,37 @@ async fn the_built_binary_answers_the_create_and_get_events() {
         assert_eq!(body[check.0], check.1, "{file}: {body}");
     }
     assert!(rt.init_duration().is_some());
+}
+
+#[tokio::test]
+async fn the_gateways_claims_without_a_valid_token_are_not_taken_on_trust() {
+    let (_db, app) = setup().await;
+    let mut event: Value = serde_json::from_str(&event_text("api-get-job.json")).unwrap();
+    // Authorizer claims naming a member, but no token the function verifies.
+    event["headers"]
+        .as_object_mut()
+        .unwrap()
+        .remove("authorization");
+    let req = lambda_http::request::from_str(&event.to_string()).unwrap();
+    let resp = offload_api::handle(app, req).await.unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[test]
+fn inside_lambda_the_api_refuses_to_start_without_token_verification() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_api"))
+        .env_clear()
+        .env("AWS_LAMBDA_FUNCTION_NAME", "offload-api")
+        .env("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9")
+        // Refused before it connects anywhere.
+        .env("DATABASE_URL", "postgres://offload@127.0.0.1:9/none")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("no token verification is configured"))
+        .unwrap_or_else(|| panic!("no line names the cause: {stderr}"));
+    assert!(line.contains("OFFLOAD_JWT_ISSUER"), "{line}");
 }

@@ -7,13 +7,16 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{self, AuthError, GatewayClaims};
+use crate::api_keys;
+use crate::auth::AuthError;
 use crate::ids::{UserId, WorkspaceId};
 use crate::workspace::{self, Role};
 
-/// The caller, proven a member of the workspace named in the path. A
-/// non-member gets 404 for everything in it, so the workspace's existence
-/// is not revealed.
+/// The caller, proven a member of the workspace named in the path: a user
+/// by a verified token, or a server by one of the workspace's API keys
+/// (then `user` is the key's id). A non-member, or another workspace's key,
+/// gets 404 for everything in it, so the workspace's existence is not
+/// revealed.
 #[derive(Clone, Copy, Debug)]
 pub struct Member {
     pub user: UserId,
@@ -32,15 +35,13 @@ impl Member {
     }
 }
 
-fn user_of(parts: &Parts, state: &AppState) -> Result<UserId, ApiError> {
-    if let Some(claims) = parts.extensions.get::<GatewayClaims>() {
-        return auth::user_from_sub(&claims.sub).map_err(|e| ApiError::unauthorized(e.to_string()));
-    }
+/// The bearer token of the request.
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
     let header = parts
         .headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| ApiError::unauthorized(AuthError::Missing.to_string()))?;
-    let token = header
+    header
         .to_str()
         .ok()
         .and_then(|h| {
@@ -49,29 +50,51 @@ fn user_of(parts: &Parts, state: &AppState) -> Result<UserId, ApiError> {
         })
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized(AuthError::Missing.to_string()))?;
-    state
-        .keys
-        .verify(token)
-        .map_err(|e| ApiError::unauthorized(e.to_string()))
+        .ok_or_else(|| ApiError::unauthorized(AuthError::Missing.to_string()))
+}
+
+/// The workspace named in the path.
+async fn path_workspace(parts: &mut Parts, state: &AppState) -> Result<WorkspaceId, ApiError> {
+    let Path(params): Path<Vec<(String, String)>> = Path::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let ws = params
+        .iter()
+        .find(|(k, _)| k == "ws")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_default();
+    ws.parse().map_err(|_| {
+        ApiError::bad_request(format!("workspace id {ws:?} is not a UUID")).with_field("ws")
+    })
 }
 
 impl FromRequestParts<AppState> for Member {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let user = user_of(parts, state)?;
-        let Path(params): Path<Vec<(String, String)>> = Path::from_request_parts(parts, state)
+        let token = bearer(parts)?.to_owned();
+        let workspace = path_workspace(parts, state).await?;
+        if api_keys::is_api_key(&token) {
+            let db = state.db().await?;
+            let key = api_keys::authenticate(&db, &token).await?.ok_or_else(|| {
+                ApiError::unauthorized("the API key is not valid: revoked, or never issued")
+            })?;
+            // A key works on its own workspace's routes only; elsewhere the
+            // workspace does not exist for it.
+            if key.workspace_id != workspace {
+                return Err(ApiError::not_found("workspace"));
+            }
+            return Ok(Member {
+                user: UserId(key.id),
+                workspace,
+                role: key.role,
+            });
+        }
+        let user = state
+            .auth
+            .verify(&token)
             .await
-            .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        let ws = params
-            .iter()
-            .find(|(k, _)| k == "ws")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_default();
-        let workspace: WorkspaceId = ws.parse().map_err(|_| {
-            ApiError::bad_request(format!("workspace id {ws:?} is not a UUID")).with_field("ws")
-        })?;
+            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
         let db = state.db().await?;
         match workspace::member_role(&db, workspace, user).await? {
             Some(role) => Ok(Member {

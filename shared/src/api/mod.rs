@@ -1,6 +1,7 @@
 //! The HTTP API (DESIGN.md "The API"): an axum router that the api Lambda
 //! runs through `lambda_http` and the local runner serves directly.
 
+mod api_keys;
 mod error;
 mod extract;
 pub mod jobs;
@@ -23,7 +24,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use error::ApiError;
 pub use extract::{JsonBody, Member};
 
-use crate::auth::Keys;
+use crate::auth::Verifier;
 use crate::clock::Clock;
 use crate::handlers::Registry;
 use crate::queue::Queue;
@@ -35,7 +36,7 @@ pub struct AppState {
     pub store: Store,
     pub queue: Arc<dyn Queue>,
     pub registry: Arc<Registry>,
-    pub keys: Keys,
+    pub auth: Verifier,
     pub clock: Clock,
     pub settings: ApiSettings,
     /// Where jobs' files are, for download links.
@@ -99,8 +100,12 @@ impl utoipa::Modify for Doc {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .description(Some("HS256 JWT; `sub` is the user id"))
+                    .bearer_format("JWT or API key")
+                    .description(Some(
+                        "A JWT from the identity provider (RS/ES, verified against its JWKS; \
+                         HS256 where a shared secret is configured), `sub` the user id; or a \
+                         workspace API key `ofk_…` on that workspace's routes",
+                    ))
                     .build(),
             ),
         );
@@ -115,6 +120,7 @@ impl utoipa::Modify for Doc {
     (name = "jobs", description = "Create, list, inspect, cancel, retry and delete jobs"),
     (name = "schedules", description = "Recurring jobs"),
     (name = "stats", description = "Queue depth, throughput, failure rate, latency"),
+    (name = "api-keys", description = "Workspace API keys for servers (admins)"),
     (name = "health", description = "Liveness"),
 ))]
 struct ApiDoc;
@@ -135,6 +141,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::logs))
         .routes(routes!(jobs::file))
         .routes(routes!(stats::stats))
+        .routes(routes!(api_keys::create, api_keys::list))
+        .routes(routes!(api_keys::revoke))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(
             schedules::get_one,

@@ -962,7 +962,8 @@ async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64
             i % 13
         ));
     }
-    storage.put("bench.csv", bytes::Bytes::from(csv)).await?;
+    let key = offload::storage::upload_key(db.ws, uuid::Uuid::now_v7(), "bench.csv");
+    storage.put(&key, bytes::Bytes::from(csv)).await?;
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
     let w = Arc::new(Worker::new(
         db.store.clone(),
@@ -980,7 +981,7 @@ async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64
         q.clone(),
         w.clone(),
         "contact_import",
-        json!({"source": {"object": "bench.csv"}, "mapping": mapping, "batch_size": 5000}),
+        json!({"source": {"object": key}, "mapping": mapping, "batch_size": 5000}),
     )
     .await?;
     let imported = job

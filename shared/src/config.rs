@@ -150,6 +150,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Maximum request body (`OFFLOAD_MAX_BODY_BYTES`).
     pub max_body_bytes: usize,
+    /// Largest file a client may upload (`OFFLOAD_MAX_UPLOAD_BYTES`).
+    pub max_upload_bytes: u64,
     /// How long an API request may take (`OFFLOAD_REQUEST_TIMEOUT_SECS`).
     pub request_timeout: Duration,
     /// How long an `Idempotency-Key` names its job (`OFFLOAD_IDEMPOTENCY_TTL_HOURS`).
@@ -381,6 +383,12 @@ impl Config {
                 .unwrap_or_default(),
             max_body_bytes: num(&var, "OFFLOAD_MAX_BODY_BYTES", 1 << 20, 1_024..=(64 << 20))?
                 as usize,
+            max_upload_bytes: num(
+                &var,
+                "OFFLOAD_MAX_UPLOAD_BYTES",
+                100 << 20,
+                1_024..=(5 << 30),
+            )?,
             request_timeout: secs(&var, "OFFLOAD_REQUEST_TIMEOUT_SECS", 29, 1..=900)?,
             idempotency_ttl: Duration::from_secs(
                 num(&var, "OFFLOAD_IDEMPOTENCY_TTL_HOURS", 24, 1..=24 * 365)? * 3600,

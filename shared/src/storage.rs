@@ -42,10 +42,32 @@ pub struct Storage {
     backend: Backend,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 enum Backend {
-    Local,
+    /// A folder; upload links are signed with a key made at start, so they
+    /// work with the process that made them.
+    Local {
+        signing_key: Arc<[u8; 32]>,
+    },
     S3(Arc<AmazonS3>),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Local { .. } => f.write_str("Local"),
+            Backend::S3(s3) => write!(f, "S3({s3})"),
+        }
+    }
+}
+
+/// How a client sends a file, from [`Storage::upload`].
+pub enum Upload {
+    /// A presigned `PUT` URL (S3).
+    Link(String),
+    /// A local folder: the API's own upload route takes the file, with this
+    /// signature over the key and expiry.
+    Signed { expires: i64, signature: String },
 }
 
 impl Storage {
@@ -57,9 +79,13 @@ impl Storage {
         let root = root
             .canonicalize()
             .map_err(|e| StorageError::Failed(format!("{}: {e}", root.display())))?;
+        let mut signing_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut signing_key);
         Ok(Storage {
             store: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
-            backend: Backend::Local,
+            backend: Backend::Local {
+                signing_key: Arc::new(signing_key),
+            },
         })
     }
 
@@ -182,7 +208,7 @@ impl Storage {
     /// themselves from a local folder, which no link could reach.
     pub async fn download(&self, key: &str, ttl: Duration) -> Result<Download, StorageError> {
         match &self.backend {
-            Backend::Local => Ok(Download::Bytes(self.get_stream(key).await?)),
+            Backend::Local { .. } => Ok(Download::Bytes(self.get_stream(key).await?)),
             Backend::S3(s3) => {
                 let path = Path::from(key);
                 s3.head(&path).await?;
@@ -191,6 +217,98 @@ impl Storage {
             }
         }
     }
+}
+
+impl Storage {
+    /// How a client sends the file to be kept at `key`, for `ttl` from
+    /// `now`: a presigned PUT on S3, a signature for the API's upload route
+    /// on a local folder.
+    pub async fn upload(
+        &self,
+        key: &str,
+        ttl: Duration,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Upload, StorageError> {
+        match &self.backend {
+            Backend::S3(s3) => {
+                let url = s3
+                    .signed_url(reqwest::Method::PUT, &Path::from(key), ttl)
+                    .await?;
+                Ok(Upload::Link(url.to_string()))
+            }
+            Backend::Local { signing_key } => {
+                let expires = now.timestamp() + ttl.as_secs() as i64;
+                Ok(Upload::Signed {
+                    expires,
+                    signature: upload_mac(signing_key, key, expires).finalize_hex(),
+                })
+            }
+        }
+    }
+
+    /// Whether a local upload to `key` carries a signature this storage
+    /// made and is not past its expiry. Always false on S3, where clients
+    /// upload to the bucket.
+    pub fn upload_allowed(
+        &self,
+        key: &str,
+        expires: i64,
+        signature: &str,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> bool {
+        let Backend::Local { signing_key } = &self.backend else {
+            return false;
+        };
+        let Ok(given) = hex_bytes(signature) else {
+            return false;
+        };
+        now.timestamp() <= expires
+            && hmac::Mac::verify_slice(upload_mac(signing_key, key, expires).mac, &given).is_ok()
+    }
+
+    /// Whether an object is kept at `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool, StorageError> {
+        match self.store.head(&Path::from(key)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+struct UploadMac {
+    mac: hmac::Hmac<sha2::Sha256>,
+}
+
+impl UploadMac {
+    fn finalize_hex(self) -> String {
+        use hmac::Mac;
+        self.mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+fn upload_mac(key: &[u8; 32], object: &str, expires: i64) -> UploadMac {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(b"PUT\n");
+    mac.update(object.as_bytes());
+    mac.update(format!("\n{expires}").as_bytes());
+    UploadMac { mac }
+}
+
+fn hex_bytes(s: &str) -> Result<Vec<u8>, ()> {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
+        return Err(());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or(())?, 16).map_err(|_| ()))
+        .collect()
 }
 
 /// What [`Storage::download`] gives.
@@ -206,6 +324,25 @@ pub enum Download {
 /// files expired, by prefix.
 pub fn job_file_key(ws: WorkspaceId, job: JobId, name: &str) -> String {
     format!("workspaces/{ws}/jobs/{job}/{name}")
+}
+
+/// The prefix every object of workspace `ws` lives under.
+pub fn workspace_prefix(ws: WorkspaceId) -> String {
+    format!("workspaces/{ws}/")
+}
+
+/// Whether `key` names an object of workspace `ws`: under its prefix, with
+/// no empty, `.` or `..` segment that could lead out of it.
+pub fn in_workspace(ws: WorkspaceId, key: &str) -> bool {
+    key.strip_prefix(&workspace_prefix(ws)).is_some_and(|rest| {
+        rest.split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    })
+}
+
+/// Where the file a client uploads (`upload` names the upload) is kept.
+pub fn upload_key(ws: WorkspaceId, upload: uuid::Uuid, name: &str) -> String {
+    format!("workspaces/{ws}/uploads/{upload}/{name}")
 }
 
 /// The API path a client downloads job `job`'s file `name` from (relative

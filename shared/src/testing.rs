@@ -479,6 +479,31 @@ pub async fn sqs_queue(max_receive_count: u32) -> SqsQueue {
         .expect("create SQS queues on the test server")
 }
 
+/// A bucket of its own on moto's S3 (the server the SQS tests use), with
+/// a round trip through it checked.
+pub async fn s3_bucket() -> crate::storage::Storage {
+    let endpoint = sqs_endpoint();
+    let bucket = format!("files-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let created = reqwest::Client::new()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("moto's S3");
+    assert!(
+        created.status().is_success(),
+        "create bucket: {}",
+        created.status()
+    );
+    let storage =
+        crate::storage::Storage::s3(&bucket, "us-east-1", Some(&endpoint)).expect("S3 storage");
+    storage
+        .put("probe.txt", bytes::Bytes::from_static(b"hello"))
+        .await
+        .expect("a round trip through moto's S3");
+    assert!(storage.exists("probe.txt").await.expect("head"));
+    storage
+}
+
 /// A token for `user` valid for an hour, signed with [`TEST_SECRET`].
 pub fn token(user: UserId) -> String {
     let now = Utc::now();

@@ -141,6 +141,30 @@ async fn a_key_opens_nothing_outside_its_workspace_and_its_role() {
         .await
         .unwrap();
     expect_problem(schedule, StatusCode::FORBIDDEN).await;
+    // Destructive job types are for admins too (README's job-type table).
+    let delete_all =
+        json!({"type": "bulk_delete", "payload": {"contact_ids": [uuid::Uuid::now_v7()]}});
+    let refused = as_key(&app, "POST", &ws, "/jobs", key)
+        .json(&delete_all)
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(refused, StatusCode::FORBIDDEN).await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("bulk_delete"),
+        "{body}"
+    );
+    let batch = as_key(&app, "POST", &ws, "/jobs/batch", key)
+        .json(&json!({"jobs": [{"type": "noop"}, delete_all.clone()]}))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(batch, StatusCode::FORBIDDEN).await;
+    assert_eq!(
+        app.db.scalar_i64("SELECT count(*) FROM jobs").await,
+        0,
+        "a refused batch creates nothing"
+    );
 
     // An admin key can.
     let admin = create_key(&app, "ops", "admin").await;
@@ -156,6 +180,12 @@ async fn a_key_opens_nothing_outside_its_workspace_and_its_role() {
     .await
     .unwrap();
     assert_eq!(made.status(), StatusCode::CREATED);
+    let deleting = as_key(&app, "POST", &ws, "/jobs", admin["key"].as_str().unwrap())
+        .json(&delete_all)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleting.status(), StatusCode::ACCEPTED);
 
     // Garbage is refused by name; a made-up key is 401, not a server error.
     let bad_role = app

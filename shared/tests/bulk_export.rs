@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::StreamExt;
 use offload::config::WorkerConfig;
 use offload::handlers::Registry;
@@ -14,7 +13,7 @@ use offload::job::JobStatus;
 use offload::queue::Queue;
 use offload::storage::Storage;
 use offload::testing::{
-    enqueue, event_source, new_job, run_until_finished, sqs_endpoint, TestApp, TestDb,
+    enqueue, event_source, new_job, run_until_finished, s3_bucket, TestApp, TestDb,
 };
 use offload::workspace::Tier;
 use offload::Job;
@@ -159,32 +158,6 @@ async fn an_export_can_be_json_lines_and_can_be_empty() {
     assert!(read_all(&storage, r["key"].as_str().unwrap())
         .await
         .starts_with("id,email,"));
-}
-
-/// A bucket of its own on moto's S3, checked with a round trip.
-async fn s3_bucket() -> Storage {
-    let endpoint = sqs_endpoint();
-    let bucket = format!(
-        "exports-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..10]
-    );
-    let created = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        created.status().is_success(),
-        "create bucket: {}",
-        created.status()
-    );
-    let storage = Storage::s3(&bucket, "us-east-1", Some(&endpoint)).unwrap();
-    storage
-        .put("probe.txt", Bytes::from_static(b"hello"))
-        .await
-        .unwrap();
-    assert_eq!(read_all(&storage, "probe.txt").await, "hello");
-    storage
 }
 
 /// The API over `storage`, and a finished export of 40 contacts made by a

@@ -145,17 +145,23 @@ async fn a_file_that_is_not_csv_fails_at_once_for_good() {
     let mut binary = b"Email,First name\n".to_vec();
     binary.extend([0u8, 159, 146, 150, 0, 1, 2, 255, 254, b'\n']);
     storage
-        .put("uploads/photo.csv", Bytes::from(binary))
+        .put(
+            &format!("workspaces/{ws}/uploads/photo.csv"),
+            Bytes::from(binary),
+        )
         .await
         .unwrap();
     storage
         .put(
-            "uploads/latin1.csv",
+            &format!("workspaces/{ws}/uploads/latin1.csv"),
             Bytes::from(b"Email\nj\xe9r\xf4me@acme.io\n".to_vec()),
         )
         .await
         .unwrap();
-    for key in ["uploads/photo.csv", "uploads/latin1.csv"] {
+    for key in [
+        format!("workspaces/{ws}/uploads/photo.csv"),
+        format!("workspaces/{ws}/uploads/latin1.csv"),
+    ] {
         let j = run(
             &db,
             ws,
@@ -190,7 +196,7 @@ async fn a_file_that_is_not_csv_fails_at_once_for_good() {
     let j = run(
         &db,
         ws,
-        json!({"source": {"object": "uploads/missing.csv"}, "mapping": {"email": "Email"}}),
+        json!({"source": {"object": format!("workspaces/{ws}/uploads/missing.csv")}, "mapping": {"email": "Email"}}),
         WorkerConfig::default(),
         Duration::from_secs(60),
     )
@@ -217,7 +223,10 @@ async fn a_100k_row_import_across_many_hand_offs_has_exactly_its_rows() {
     let db = TestDb::new().await;
     let (ws, _) = db.workspace(Tier::Unlimited).await;
     db.storage()
-        .put("uploads/big.csv", big_csv(100_000))
+        .put(
+            &format!("workspaces/{ws}/uploads/big.csv"),
+            big_csv(100_000),
+        )
         .await
         .unwrap();
     // Each invocation ends a millisecond into its hand-off margin: one batch each.
@@ -228,7 +237,7 @@ async fn a_100k_row_import_across_many_hand_offs_has_exactly_its_rows() {
     let j = run(
         &db,
         ws,
-        json!({"source": {"object": "uploads/big.csv"}, "mapping": mapping(), "batch_size": 5000}),
+        json!({"source": {"object": format!("workspaces/{ws}/uploads/big.csv")}, "mapping": mapping(), "batch_size": 5000}),
         config,
         Duration::from_millis(1001),
     )
@@ -261,12 +270,12 @@ async fn an_import_killed_mid_way_resumes_to_the_same_rows() {
     let db = TestDb::new().await;
     let (ws, _) = db.workspace(Tier::Unlimited).await;
     db.storage()
-        .put("uploads/mid.csv", big_csv(30_000))
+        .put(&format!("workspaces/{ws}/uploads/mid.csv"), big_csv(30_000))
         .await
         .unwrap();
     let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
     let job = db
-        .insert(&[new_job(ws, "contact_import", json!({"source": {"object": "uploads/mid.csv"}, "mapping": mapping(), "batch_size": 500}))])
+        .insert(&[new_job(ws, "contact_import", json!({"source": {"object": format!("workspaces/{ws}/uploads/mid.csv")}, "mapping": mapping(), "batch_size": 500}))])
         .await
         .remove(0);
     enqueue(&db, &*q, std::slice::from_ref(&job)).await;
@@ -327,13 +336,13 @@ async fn a_report_longer_than_a_page_lists_every_bad_row_once_in_order() {
         csv.push_str(&format!(",Person {i}\n"));
     }
     db.storage()
-        .put("many-bad.csv", Bytes::from(csv))
+        .put(&format!("workspaces/{ws}/many-bad.csv"), Bytes::from(csv))
         .await
         .unwrap();
     let j = run(
         &db,
         ws,
-        json!({"source": {"object": "many-bad.csv"}, "mapping": {"email": "Email", "first_name": "First name"}}),
+        json!({"source": {"object": format!("workspaces/{ws}/many-bad.csv")}, "mapping": {"email": "Email", "first_name": "First name"}}),
         WorkerConfig::default(),
         Duration::from_secs(60),
     )

@@ -404,7 +404,7 @@ fn every_job_type_judges_any_payload_without_panicking() {
         .run(
             &(prop::sample::select(types), any_json()),
             |(t, payload)| {
-                if let Err(e) = registry.validate(t, &payload) {
+                if let Err(e) = registry.validate(t, &payload, offload::ids::WorkspaceId::new()) {
                     prop_assert!(
                         !e.to_string().is_empty(),
                         "{t}: an empty error for {payload}"

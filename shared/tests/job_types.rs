@@ -202,6 +202,7 @@ async fn subscription_payloads_are_checked_at_creation() {
         .validate(
             "sequence_subscription",
             &json!({"sequence_id": Uuid::now_v7(), "contact_ids": too_many}),
+            offload::ids::WorkspaceId::new(),
         )
         .unwrap_err();
     assert_eq!(e.field.as_deref(), Some("contact_ids"));
@@ -209,6 +210,7 @@ async fn subscription_payloads_are_checked_at_creation() {
         .validate(
             "sequence_subscription",
             &json!({"sequence_id": "x", "contact_ids": []}),
+            offload::ids::WorkspaceId::new(),
         )
         .unwrap_err();
     assert_eq!(e.field.as_deref(), Some("sequence_id"));
@@ -216,6 +218,7 @@ async fn subscription_payloads_are_checked_at_creation() {
         .validate(
             "sequence_subscription",
             &json!({"sequence_id": Uuid::now_v7(), "contact_ids": [Uuid::now_v7()], "extra": 1}),
+            offload::ids::WorkspaceId::new(),
         )
         .unwrap_err();
     assert!(e.message.contains("extra"), "{e}");
@@ -392,9 +395,13 @@ fn the_bulk_limit_is_configurable() {
     use offload::handlers::{BulkTag, Registry};
     let ids: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
     let payload = json!({"contact_ids": ids, "add": ["x"]});
-    assert!(Registry::builtin().validate("bulk_tag", &payload).is_ok());
+    assert!(Registry::builtin()
+        .validate("bulk_tag", &payload, offload::ids::WorkspaceId::new())
+        .is_ok());
     let small = Registry::builtin().with(BulkTag { max_contacts: 10 });
-    let e = small.validate("bulk_tag", &payload).unwrap_err();
+    let e = small
+        .validate("bulk_tag", &payload, offload::ids::WorkspaceId::new())
+        .unwrap_err();
     assert_eq!(e.field.as_deref(), Some("contact_ids"));
     assert!(e.message.contains("1 to 10"), "{e}");
 }

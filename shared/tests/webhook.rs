@@ -196,7 +196,9 @@ fn bad_webhook_payloads_are_refused_at_creation() {
             "headers.bad header",
         ),
     ] {
-        let e = reg.validate("webhook", &payload).unwrap_err();
+        let e = reg
+            .validate("webhook", &payload, offload::ids::WorkspaceId::new())
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some(field), "{payload}: {e}");
     }
 }
@@ -245,4 +247,59 @@ async fn an_endless_response_body_is_cut_off_and_never_read_whole() {
         "the worker read on: the server wrote {} MiB",
         sent >> 20
     );
+}
+
+#[tokio::test]
+async fn one_workspaces_spent_calls_to_a_host_do_not_hold_up_anothers() {
+    let (base, _) = server().await;
+    let db = TestDb::new().await;
+    let (busy, _) = db.workspace(Tier::Unlimited).await;
+    // The busy workspace has spent its calls to this host, and its bucket
+    // does not refill while the test runs.
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO rate_limits (key, tokens, capacity, refill_per_sec) VALUES ($1, 0, 10, 0)",
+            &[&format!("webhook:{busy}:127.0.0.1")],
+        )
+        .await
+        .unwrap();
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(10));
+    let job = db
+        .insert(&[new_job(
+            busy,
+            "webhook",
+            json!({"url": format!("{base}/ok"), "body": {}}),
+        )])
+        .await
+        .remove(0);
+    send_jobs(&db.store, &*q, &[&job], chrono::Utc::now())
+        .await
+        .unwrap();
+    let registry = Registry::builtin().with(Webhook {
+        allow_private: true,
+    });
+    let source = event_source(
+        q.clone(),
+        db.worker_with(q.clone(), WorkerConfig::default(), registry),
+    );
+    source.drain().await;
+    let waiting = db.job(job.id).await;
+    assert_eq!(
+        (waiting.status, waiting.attempts),
+        (JobStatus::Queued, 0),
+        "the busy workspace's call waits for its own bucket, spending no attempt"
+    );
+
+    // Another workspace calls the same host at once.
+    let j = run(
+        &db,
+        true,
+        json!({"url": format!("{base}/ok"), "body": {}}),
+        5,
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed);
 }

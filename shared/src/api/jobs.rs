@@ -18,7 +18,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{query_number, JsonBody, Member};
 use super::AppState;
 use crate::enqueue;
-use crate::ids::JobId;
+use crate::ids::{JobId, WorkspaceId};
 use crate::job::{Job, JobStatus, QueueName};
 use crate::store::{ListFilter, NewJob};
 
@@ -67,25 +67,42 @@ pub(super) struct JobTemplate {
     pub max_attempts: i32,
 }
 
+/// What a job and a schedule's job template say about the job, unchecked.
+pub(super) struct TemplateInput<'a> {
+    pub job_type: &'a str,
+    pub payload: &'a Value,
+    pub queue: Option<&'a str>,
+    pub priority: Option<i64>,
+    pub max_attempts: Option<i64>,
+    pub tags: &'a [String],
+}
+
 /// Checks the type, payload, queue, priority, attempts and tags of a job
 /// (or of a schedule's job template), naming the field at fault.
 pub(super) fn check_template(
     state: &AppState,
-    job_type: &str,
-    payload: &Value,
-    queue: Option<&str>,
-    priority: Option<i64>,
-    max_attempts: Option<i64>,
-    tags: &[String],
+    workspace: WorkspaceId,
+    t: TemplateInput<'_>,
 ) -> Result<JobTemplate, ApiError> {
-    state.registry.validate(job_type, payload).map_err(|e| {
-        let field = match e.field.as_deref() {
-            Some("type") => "type".to_string(),
-            Some(f) => format!("payload.{f}"),
-            None => "payload".to_string(),
-        };
-        ApiError::invalid(&field, e.message)
-    })?;
+    let TemplateInput {
+        job_type,
+        payload,
+        queue,
+        priority,
+        max_attempts,
+        tags,
+    } = t;
+    state
+        .registry
+        .validate(job_type, payload, workspace)
+        .map_err(|e| {
+            let field = match e.field.as_deref() {
+                Some("type") => "type".to_string(),
+                Some(f) => format!("payload.{f}"),
+                None => "payload".to_string(),
+            };
+            ApiError::invalid(&field, e.message)
+        })?;
     let queue = match queue {
         None => QueueName::Default,
         Some(q) => q
@@ -127,6 +144,17 @@ pub(super) fn check_template(
     })
 }
 
+/// 403 when the job type is for admins (destructive work) and the caller
+/// is not one.
+fn require_role(state: &AppState, member: &Member, job_type: &str) -> Result<(), ApiError> {
+    if state.registry.admin_only(job_type) {
+        member.require_admin().map_err(|_| {
+            ApiError::forbidden(format!("only a workspace admin may run {job_type} jobs"))
+        })?;
+    }
+    Ok(())
+}
+
 /// Checks a create request against every rule, naming the field at fault.
 fn validate(
     state: &AppState,
@@ -135,14 +163,18 @@ fn validate(
     idempotency_key: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<NewJob, ApiError> {
+    require_role(state, member, &body.job_type)?;
     let tpl = check_template(
         state,
-        &body.job_type,
-        &body.payload,
-        body.queue.as_deref(),
-        body.priority,
-        body.max_attempts,
-        &body.tags,
+        member.workspace,
+        TemplateInput {
+            job_type: &body.job_type,
+            payload: &body.payload,
+            queue: body.queue.as_deref(),
+            priority: body.priority,
+            max_attempts: body.max_attempts,
+            tags: &body.tags,
+        },
     )?;
     let run_at = match body.run_at {
         None => now,
@@ -555,6 +587,9 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     let id = parse_job_id(&ids.1)?;
     let now = state.clock.now();
+    if let Some(job) = state.store.get(member.workspace, id).await? {
+        require_role(&state, &member, &job.job_type)?;
+    }
     let Some(mut job) = state.store.manual_retry(member.workspace, id, now).await? else {
         return match state.store.get(member.workspace, id).await? {
             Some(job) => Err(ApiError::conflict(format!(

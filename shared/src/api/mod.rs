@@ -8,6 +8,7 @@ pub mod jobs;
 mod limits;
 mod schedules;
 mod stats;
+mod uploads;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,8 @@ impl AppState {
 #[derive(Clone, Debug)]
 pub struct ApiSettings {
     pub max_body_bytes: usize,
+    /// Largest file a client may upload.
+    pub max_upload_bytes: u64,
     pub request_timeout: Duration,
     pub cors_origins: Vec<String>,
     /// How long an `Idempotency-Key` names its job.
@@ -73,6 +76,7 @@ impl From<&crate::config::Config> for ApiSettings {
     fn from(c: &crate::config::Config) -> Self {
         ApiSettings {
             max_body_bytes: c.max_body_bytes,
+            max_upload_bytes: c.max_upload_bytes,
             cors_origins: c.cors_origins.clone(),
             request_timeout: c.request_timeout,
             idempotency_ttl: chrono::Duration::from_std(c.idempotency_ttl)
@@ -121,6 +125,7 @@ impl utoipa::Modify for Doc {
     (name = "schedules", description = "Recurring jobs"),
     (name = "stats", description = "Queue depth, throughput, failure rate, latency"),
     (name = "api-keys", description = "Workspace API keys for servers (admins)"),
+    (name = "uploads", description = "Short-lived URLs to send files (CSV imports) to"),
     (name = "health", description = "Liveness"),
 ))]
 struct ApiDoc;
@@ -143,6 +148,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(stats::stats))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::revoke))
+        .routes(routes!(uploads::create))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(
             schedules::get_one,
@@ -174,6 +180,12 @@ pub fn router(state: AppState) -> Router {
                     )
                 }
             }),
+        )
+        // Local storage's upload URL (what a presigned S3 URL is in
+        // production): outside the document, its own size limit.
+        .route(
+            "/api/workspaces/{ws}/uploads/{id}/{name}",
+            axum::routing::put(uploads::receive).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

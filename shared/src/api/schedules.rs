@@ -101,19 +101,22 @@ pub struct ScheduleList {
     pub schedules: Vec<ScheduleView>,
 }
 
-fn spec(state: &AppState, b: ScheduleBody) -> Result<ScheduleSpec, ApiError> {
+fn spec(state: &AppState, member: &Member, b: ScheduleBody) -> Result<ScheduleSpec, ApiError> {
     let name = b.name.trim().to_string();
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name", "a name is 1 to 200 characters"));
     }
     let tpl = super::jobs::check_template(
         state,
-        &b.job_type,
-        &b.payload,
-        b.queue.as_deref(),
-        b.priority,
-        b.max_attempts,
-        &b.tags,
+        member.workspace,
+        super::jobs::TemplateInput {
+            job_type: &b.job_type,
+            payload: &b.payload,
+            queue: b.queue.as_deref(),
+            priority: b.priority,
+            max_attempts: b.max_attempts,
+            tags: &b.tags,
+        },
     )?;
     Ok(ScheduleSpec {
         name,
@@ -179,7 +182,7 @@ pub async fn create(
     JsonBody(body): JsonBody<ScheduleBody>,
 ) -> Result<Response, ApiError> {
     member.require_admin()?;
-    let spec = spec(&state, body)?;
+    let spec = spec(&state, &member, body)?;
     let db = state.db().await?;
     let s = schedule::create(
         &**db,
@@ -229,7 +232,7 @@ pub async fn update(
 ) -> Result<Json<ScheduleView>, ApiError> {
     member.require_admin()?;
     let id = parse_id(&ids.1)?;
-    let spec = spec(&state, body)?;
+    let spec = spec(&state, &member, body)?;
     let db = state.db().await?;
     schedule::update(&**db, member.workspace, id, &spec, state.clock.now())
         .await?

@@ -189,6 +189,7 @@ pub struct BulkDeletePayload {
 impl JobHandler for BulkDelete {
     type Payload = BulkDeletePayload;
     const TYPE: &'static str = "bulk_delete";
+    const ADMIN_ONLY: bool = true;
 
     fn validate(&self, p: &BulkDeletePayload) -> Result<(), PayloadError> {
         check_ids(&p.contact_ids, p.batch_size, self.max_contacts)

@@ -147,6 +147,13 @@ impl JobHandler for ContactImport {
         Ok(())
     }
 
+    fn objects<'a>(&self, p: &'a ImportPayload) -> Vec<(&'static str, &'a str)> {
+        match &p.source {
+            Source::Object(key) => vec![("source.object", key.as_str())],
+            Source::Inline(_) => Vec::new(),
+        }
+    }
+
     async fn run(&self, p: ImportPayload, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         let mut tally: Tally = ctx.checkpoint().unwrap_or_default();
         let stream: BoxStream<'static, Result<Bytes, std::io::Error>> = match &p.source {

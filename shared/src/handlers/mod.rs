@@ -37,6 +37,7 @@ pub use sleep::{Sleep, SleepPayload};
 pub use webhook::{is_internal, Webhook};
 
 use crate::db::DbError;
+use crate::ids::WorkspaceId;
 
 /// How a run ended when it did not fail.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,10 +129,22 @@ pub trait JobHandler: Send + Sync + 'static {
     /// The name clients pass as the job's `type`.
     const TYPE: &'static str;
 
+    /// Only a workspace admin may create (or retry) jobs of this type:
+    /// destructive work such as `bulk_delete`.
+    const ADMIN_ONLY: bool = false;
+
     /// Checks what serde cannot (ranges, sizes); runs at creation and before
     /// each run.
     fn validate(&self, _payload: &Self::Payload) -> Result<(), PayloadError> {
         Ok(())
+    }
+
+    /// The storage keys the job reads, each with the payload field naming
+    /// it. Each must lie under the job's workspace's prefix
+    /// (`workspaces/{id}/`): checked at creation (a 422 naming the field)
+    /// and again before each run, so no job reads another tenant's files.
+    fn objects<'a>(&self, _payload: &'a Self::Payload) -> Vec<(&'static str, &'a str)> {
+        Vec::new()
     }
 
     /// Does the work. Long work goes in steps: between steps, check
@@ -155,15 +168,21 @@ pub fn parse_payload<T: DeserializeOwned>(payload: &Value) -> Result<T, PayloadE
 /// payload types live in one registry.
 #[async_trait]
 trait ErasedHandler: Send + Sync {
-    fn validate(&self, payload: &Value) -> Result<(), PayloadError>;
+    fn validate(&self, payload: &Value, workspace: WorkspaceId) -> Result<(), PayloadError>;
+    fn admin_only(&self) -> bool;
     async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError>;
 }
 
 #[async_trait]
 impl<H: JobHandler> ErasedHandler for H {
-    fn validate(&self, payload: &Value) -> Result<(), PayloadError> {
+    fn admin_only(&self) -> bool {
+        H::ADMIN_ONLY
+    }
+
+    fn validate(&self, payload: &Value, workspace: WorkspaceId) -> Result<(), PayloadError> {
         let typed: H::Payload = parse_payload(payload)?;
-        JobHandler::validate(self, &typed)
+        JobHandler::validate(self, &typed)?;
+        own_objects(self, &typed, workspace)
     }
 
     async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
@@ -172,8 +191,33 @@ impl<H: JobHandler> ErasedHandler for H {
         let typed: H::Payload = parse_payload(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
         JobHandler::validate(self, &typed)
+            .and_then(|()| own_objects(self, &typed, ctx.workspace_id()))
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
         JobHandler::run(self, typed, ctx).await
+    }
+}
+
+/// An error naming the first storage key of the payload outside the
+/// workspace's prefix.
+fn own_objects<H: JobHandler>(
+    handler: &H,
+    payload: &H::Payload,
+    workspace: WorkspaceId,
+) -> Result<(), PayloadError> {
+    match handler
+        .objects(payload)
+        .into_iter()
+        .find(|(_, key)| !crate::storage::in_workspace(workspace, key))
+    {
+        None => Ok(()),
+        Some((field, key)) => Err(PayloadError::field(
+            field,
+            format!(
+                "{key:?} is not a file of this workspace: keys start with {} (upload files \
+                 with POST /api/workspaces/{workspace}/uploads)",
+                crate::storage::workspace_prefix(workspace)
+            ),
+        )),
     }
 }
 
@@ -232,10 +276,20 @@ impl Registry {
         self.handlers.contains_key(job_type)
     }
 
+    /// Whether only admins may create jobs of `job_type`.
+    pub fn admin_only(&self, job_type: &str) -> bool {
+        self.handlers.get(job_type).is_some_and(|h| h.admin_only())
+    }
+
     /// Validates a payload for a type; unknown types are an error too.
-    pub fn validate(&self, job_type: &str, payload: &Value) -> Result<(), PayloadError> {
+    pub fn validate(
+        &self,
+        job_type: &str,
+        payload: &Value,
+        workspace: WorkspaceId,
+    ) -> Result<(), PayloadError> {
         match self.handlers.get(job_type) {
-            Some(h) => h.validate(payload),
+            Some(h) => h.validate(payload, workspace),
             None => Err(PayloadError::field(
                 "type",
                 format!(

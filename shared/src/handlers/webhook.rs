@@ -1,6 +1,7 @@
 //! `webhook`: POST a JSON body to a URL, the model for calls to enrichment
-//! providers. A per-host token bucket paces the calls (an empty bucket
-//! snoozes the job, using no attempt); 5xx, 408, 429, timeouts and
+//! providers. A token bucket per workspace and host paces the calls (an
+//! empty bucket snoozes the job, using no attempt; one tenant's burst never
+//! spends another's calls); 5xx, 408, 429, timeouts and
 //! connection errors are retried with backoff; other 4xx are permanent.
 //! Addresses that resolve to loopback, private, link-local or otherwise
 //! internal ranges are refused unless the deployment allows them, and the
@@ -140,7 +141,7 @@ impl JobHandler for Webhook {
         }
         if !ctx
             .take_token(
-                &format!("webhook:{host}"),
+                &format!("webhook:{}:{host}", ctx.workspace_id()),
                 PER_HOST_PER_SEC,
                 PER_HOST_PER_SEC,
             )

@@ -1,0 +1,211 @@
+//! Uploads: `POST /api/workspaces/{ws}/uploads` gives a key under the
+//! workspace's prefix and a short-lived URL to send the file to (a
+//! presigned S3 PUT, or on local storage the signed `PUT` route here); the
+//! key then goes into a job's payload, e.g. `contact_import`'s
+//! `{"source": {"object": key}}`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::error::{ApiError, Problem};
+use super::extract::{JsonBody, Member};
+use super::AppState;
+use crate::ids::WorkspaceId;
+use crate::storage::{upload_key, valid_file_name, StorageError, Upload};
+
+/// How long an upload URL works.
+pub const UPLOAD_LINK_TTL: Duration = Duration::from_secs(900);
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUpload {
+    /// The file's name: 1 to 100 letters, digits, `.`, `-`, `_`.
+    pub filename: String,
+    /// Its media type; default `application/octet-stream`.
+    pub content_type: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UploadView {
+    /// Where the file will be: put it in a job's payload.
+    pub key: String,
+    /// Where to send it: an absolute presigned URL (S3), or a path of this
+    /// API (local storage).
+    pub url: String,
+    /// Always `PUT`.
+    pub method: &'static str,
+    /// Headers to send with it.
+    pub headers: BTreeMap<String, String>,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// The largest file accepted, in bytes.
+    pub max_bytes: u64,
+}
+
+#[utoipa::path(post, path = "/api/workspaces/{ws}/uploads", tag = "uploads",
+    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    request_body = CreateUpload,
+    responses((status = 201, description = "Send the file to `url` with `method` and `headers` before `expires_at`", body = UploadView),
+              (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+              (status = 404, description = "No such workspace for this caller", body = Problem, content_type = "application/problem+json"),
+              (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
+              (status = 503, description = "Storage unreachable", body = Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    member: Member,
+    JsonBody(body): JsonBody<CreateUpload>,
+) -> Result<Response, ApiError> {
+    if !valid_file_name(&body.filename) {
+        return Err(ApiError::invalid(
+            "filename",
+            "a file name is 1 to 100 letters, digits, '.', '-' and '_', not starting with '.'",
+        ));
+    }
+    let content_type = match body.content_type {
+        None => "application/octet-stream".to_string(),
+        Some(ct) => match ct.parse::<mime::Mime>() {
+            Ok(m) => m.to_string(),
+            Err(_) => {
+                return Err(ApiError::invalid(
+                    "content_type",
+                    format!("{ct:?} is not a media type like text/csv"),
+                ))
+            }
+        },
+    };
+    let id = Uuid::now_v7();
+    let key = upload_key(member.workspace, id, &body.filename);
+    let now = state.clock.now();
+    let url = match state
+        .storage
+        .upload(&key, UPLOAD_LINK_TTL, now)
+        .await
+        .map_err(storage_unavailable)?
+    {
+        Upload::Link(url) => url,
+        Upload::Signed { expires, signature } => format!(
+            "/api/workspaces/{}/uploads/{id}/{}?expires={expires}&signature={signature}",
+            member.workspace, body.filename
+        ),
+    };
+    let view = UploadView {
+        key,
+        url,
+        method: "PUT",
+        headers: BTreeMap::from([("Content-Type".to_string(), content_type)]),
+        expires_at: now
+            + chrono::Duration::from_std(UPLOAD_LINK_TTL).unwrap_or(chrono::TimeDelta::MAX),
+        max_bytes: state.settings.max_upload_bytes,
+    };
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+fn storage_unavailable(e: StorageError) -> ApiError {
+    tracing::error!(error = %e, "storage unavailable");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage-unavailable",
+        "Storage unavailable",
+        "the file storage could not be reached; try again shortly",
+    )
+}
+
+#[derive(Deserialize)]
+pub struct Signed {
+    expires: Option<i64>,
+    signature: Option<String>,
+}
+
+/// The local storage's upload URL: takes the file for a signed, unexpired
+/// link, streaming it to storage, at most `max_upload_bytes`. The link is
+/// the credential (as a presigned S3 URL is); it names one key, in one
+/// workspace, and a kept file is never overwritten.
+pub async fn receive(
+    State(state): State<AppState>,
+    Path((ws, id, name)): Path<(String, String, String)>,
+    Query(signed): Query<Signed>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let refused = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "upload-link-invalid",
+            "Upload link not valid",
+            "this upload link is not valid or has expired; ask for a new one with \
+             POST /api/workspaces/{ws}/uploads",
+        )
+    };
+    let (Ok(ws), Ok(id)) = (ws.parse::<WorkspaceId>(), id.parse::<Uuid>()) else {
+        return Err(refused());
+    };
+    if !valid_file_name(&name) {
+        return Err(refused());
+    }
+    let key = upload_key(ws, id, &name);
+    let (Some(expires), Some(signature)) = (signed.expires, signed.signature) else {
+        return Err(refused());
+    };
+    if !state
+        .storage
+        .upload_allowed(&key, expires, &signature, state.clock.now())
+    {
+        return Err(refused());
+    }
+    if state
+        .storage
+        .exists(&key)
+        .await
+        .map_err(storage_unavailable)?
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "upload-exists",
+            "Already uploaded",
+            "a file was already sent to this link; ask for a new one to send another",
+        ));
+    }
+    let limit = state.settings.max_upload_bytes;
+    let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = too_large.clone();
+    let mut seen: u64 = 0;
+    let chunks = body
+        .into_data_stream()
+        .map(move |chunk| -> Result<Bytes, StorageError> {
+            let chunk =
+                chunk.map_err(|e| StorageError::Failed(format!("the upload broke off: {e}")))?;
+            seen += chunk.len() as u64;
+            if seen > limit {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                return Err(StorageError::Failed("too large".into()));
+            }
+            Ok(chunk)
+        })
+        .boxed();
+    match state.storage.put_stream(&key, chunks).await {
+        Ok(()) => {}
+        Err(_) if too_large.load(std::sync::atomic::Ordering::SeqCst) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload-too-large",
+                "File too large",
+                format!("files are at most {limit} bytes; nothing was kept"),
+            ))
+        }
+        Err(e @ StorageError::Failed(_)) if e.to_string().contains("broke off") => {
+            return Err(ApiError::bad_request(format!("{e}; nothing was kept")))
+        }
+        Err(e) => return Err(storage_unavailable(e)),
+    }
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "key": key }))).into_response())
+}

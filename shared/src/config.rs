@@ -150,6 +150,13 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Maximum request body (`OFFLOAD_MAX_BODY_BYTES`).
     pub max_body_bytes: usize,
+    /// The longest one statement may run on this process's connections
+    /// (`OFFLOAD_STATEMENT_TIMEOUT_MS`: the worker's and scheduler's; the
+    /// api function takes `api_statement_timeout` instead).
+    pub statement_timeout: Duration,
+    /// `OFFLOAD_API_STATEMENT_TIMEOUT_MS`: the API's, shorter: a request
+    /// never holds a connection long, whatever a member asks for.
+    pub api_statement_timeout: Duration,
     /// Largest file a client may upload (`OFFLOAD_MAX_UPLOAD_BYTES`).
     pub max_upload_bytes: u64,
     /// How long an API request may take (`OFFLOAD_REQUEST_TIMEOUT_SECS`).
@@ -383,6 +390,18 @@ impl Config {
                 .unwrap_or_default(),
             max_body_bytes: num(&var, "OFFLOAD_MAX_BODY_BYTES", 1 << 20, 1_024..=(64 << 20))?
                 as usize,
+            statement_timeout: Duration::from_millis(num(
+                &var,
+                "OFFLOAD_STATEMENT_TIMEOUT_MS",
+                120_000,
+                100..=3_600_000,
+            )?),
+            api_statement_timeout: Duration::from_millis(num(
+                &var,
+                "OFFLOAD_API_STATEMENT_TIMEOUT_MS",
+                5_000,
+                100..=600_000,
+            )?),
             max_upload_bytes: num(
                 &var,
                 "OFFLOAD_MAX_UPLOAD_BYTES",

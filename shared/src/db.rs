@@ -114,13 +114,19 @@ pub type Refresh = std::sync::Arc<
 >;
 
 /// The settings every connection of ours gets.
-fn tune(cfg: &mut tokio_postgres::Config) {
+fn tune(cfg: &mut tokio_postgres::Config, statement_timeout: Option<Duration>) {
     cfg.connect_timeout(Duration::from_secs(5));
     cfg.application_name("offload");
     // Plans over `unnest` of hundreds of ids go bad at the default
-    // random_page_cost; and a forgotten open transaction must not hold back
-    // vacuum of the hot tables for long.
-    cfg.options("-c random_page_cost=1.1 -c idle_in_transaction_session_timeout=60000");
+    // random_page_cost; a forgotten open transaction must not hold back
+    // vacuum of the hot tables for long; and no statement a caller can
+    // make expensive runs past the process's limit (SQLSTATE 57014).
+    let mut options =
+        "-c random_page_cost=1.1 -c idle_in_transaction_session_timeout=60000".to_string();
+    if let Some(t) = statement_timeout {
+        options.push_str(&format!(" -c statement_timeout={}", t.as_millis().max(1)));
+    }
+    cfg.options(&options);
 }
 
 /// How the pool opens connections: with the current URL's settings; when
@@ -129,6 +135,7 @@ fn tune(cfg: &mut tokio_postgres::Config) {
 /// open keep working through a rotation; new ones pick up the new password.
 struct Connector {
     current: std::sync::RwLock<tls::Target>,
+    statement_timeout: Option<Duration>,
     refresh: Option<Refresh>,
     last_refresh: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -163,7 +170,7 @@ impl Connector {
         *last = Some(std::time::Instant::now());
         match refresh().await.and_then(|url| {
             let mut t = target(&url).map_err(|e| e.to_string())?;
-            tune(&mut t.config);
+            tune(&mut t.config, self.statement_timeout);
             Ok(t)
         }) {
             Ok(t) => {
@@ -212,6 +219,9 @@ pub struct PoolOptions {
     /// local runner, a benchmark) skips that round trip per checkout and
     /// only drops connections it knows are closed.
     pub verify: bool,
+    /// The longest a statement may run on these connections (none: the
+    /// server's setting).
+    pub statement_timeout: Option<Duration>,
 }
 
 impl PoolOptions {
@@ -221,6 +231,7 @@ impl PoolOptions {
             size,
             wait_timeout: crate::config::Config::defaults().db_pool_timeout,
             verify: false,
+            statement_timeout: None,
         }
     }
 }
@@ -238,11 +249,12 @@ pub fn pool_with(
     refresh: Option<Refresh>,
 ) -> Result<Pool, DbError> {
     let mut t = target(url)?;
-    tune(&mut t.config);
+    tune(&mut t.config, options.statement_timeout);
     let mgr = Manager::from_connect(
         t.config.clone(),
         Connector {
             current: std::sync::RwLock::new(t),
+            statement_timeout: options.statement_timeout,
             refresh,
             last_refresh: tokio::sync::Mutex::new(None),
         },
@@ -337,6 +349,12 @@ pub fn is_connection_error(e: &DbError) -> bool {
         DbError::Query(q) => q.is_closed() || q.code().is_none(),
         _ => false,
     }
+}
+
+/// Whether the server cancelled the statement for running past the
+/// connection's `statement_timeout`.
+pub fn is_statement_timeout(e: &DbError) -> bool {
+    matches!(e, DbError::Query(q) if q.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED))
 }
 
 /// Creates the database named in `url` when it does not exist, connecting

@@ -127,6 +127,7 @@ impl Services {
                 size: config.db_pool_size,
                 wait_timeout: config.db_pool_timeout,
                 verify: config.in_lambda,
+                statement_timeout: Some(config.statement_timeout),
             },
             refresh,
         )?;

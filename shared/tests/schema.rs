@@ -60,3 +60,56 @@ async fn a_binary_refuses_a_schema_behind_it_and_says_how_to_fix_it() {
     let e = db::check_schema(&db.pool).await.unwrap_err().to_string();
     assert!(e.contains("run `offload migrate`"), "{e}");
 }
+
+#[tokio::test]
+async fn every_pooled_connection_stops_a_statement_at_the_processs_limit() {
+    let db = TestDb::new().await;
+    // What the api function does with its configuration: the short limit.
+    let config = offload::config::Config {
+        database_url: db.url.clone(),
+        statement_timeout: offload::config::Config::defaults().api_statement_timeout,
+        ..offload::config::Config::defaults()
+    };
+    let services =
+        offload::startup::Services::connect(config, offload::handlers::Registry::builtin())
+            .await
+            .unwrap();
+    let conn = services.store.pool().get().await.unwrap();
+    let shown: String = conn
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shown, "5s");
+
+    let short = db::pool_with(
+        &db.url,
+        db::PoolOptions {
+            statement_timeout: Some(std::time::Duration::from_millis(200)),
+            ..db::PoolOptions::new(1)
+        },
+        None,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let err = short
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT pg_sleep(5)", &[])
+        .await
+        .map_err(db::DbError::from)
+        .unwrap_err();
+    assert!(db::is_statement_timeout(&err), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // The connection is still good for the next statement.
+    let one: i32 = short
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one, 1);
+}

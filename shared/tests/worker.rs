@@ -326,9 +326,8 @@ async fn a_pool_timeout_does_not_spend_the_jobs_attempt() {
     let small = offload::db::pool_with(
         &db.url,
         offload::db::PoolOptions {
-            size: 2,
             wait_timeout: Duration::from_millis(300),
-            verify: false,
+            ..offload::db::PoolOptions::new(2)
         },
         None,
     )

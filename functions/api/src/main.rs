@@ -14,6 +14,11 @@ async fn main() -> Result<(), Error> {
     if config.jwt_secret_is_default {
         tracing::warn!("OFFLOAD_JWT_SECRET is unset: using the development secret");
     }
+    // Requests get the short statement limit; jobs the long one.
+    let config = offload::config::Config {
+        statement_timeout: config.api_statement_timeout,
+        ..config
+    };
     let registry = Registry::for_config(&config);
     let services = Services::connect(config, registry).await?;
     let state = services

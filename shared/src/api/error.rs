@@ -117,6 +117,17 @@ impl From<DbError> for ApiError {
             );
             e.retry_after = Some(2);
             e
+        } else if db::is_statement_timeout(&e) {
+            tracing::warn!(error = %e, "a request's statement ran past the statement timeout");
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "query-timeout",
+                "Took too long",
+                "the database took too long to answer and the request was stopped; nothing \
+                 was changed. Narrow it (a shorter window, fewer items) or try again shortly",
+            );
+            e.retry_after = Some(5);
+            e
         } else {
             tracing::error!(error = %e, "database error");
             ApiError::new(

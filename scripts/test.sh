@@ -65,3 +65,4 @@ cargo run -q -p offload-bench -- --jobs 500 --repeat 1 --latency-jobs 20 --laten
 cargo run -q -p offload-bench -- --only sustained --sustained-secs 10 --sustained-rate 200 \
   --sustained-retention-secs 2 --sustained-scheduler-secs 2 --sustained-sample-secs 1 \
   --out target/bench-smoke-sustained.json
+cargo run -q -p offload-bench -- --only stats --stats-jobs 2000 --out target/bench-smoke-stats.json

@@ -53,7 +53,7 @@ struct Args {
     out: String,
     /// Figures to measure (comma-separated): tiers, drain, latency, cost, api, enqueue, sqs,
     /// import, neighbour, backlog, sustained (the last three are long: not in the default set),
-    /// coldstart (after `cargo build --release --bins`).
+    /// coldstart (after `cargo build --release --bins`), stats (1 000 000 retained jobs).
     #[arg(
         long,
         default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import",
@@ -67,6 +67,9 @@ struct Args {
         value_delimiter = ','
     )]
     tiers: Vec<Tier>,
+    /// Retained jobs of the one workspace in the stats figure.
+    #[arg(long, default_value_t = 1_000_000)]
+    stats_jobs: i64,
     /// Queued jobs of the busy workspace in the neighbour figure.
     #[arg(long, default_value_t = 100_000)]
     neighbour_backlog: usize,
@@ -776,6 +779,69 @@ async fn api_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
 /// Create-job latency through the router in-process (no sockets, no HTTP
 /// client) at the same steady rate; ms, sorted. Separates the API's own cost
 /// from the loopback HTTP stack's.
+/// The stats route over a workspace whose retained history is
+/// `stats_jobs` finished jobs spread evenly over the last 7 days (and a few
+/// hundred waiting), called through the router; ms per call by window,
+/// sorted.
+async fn stats_once(args: &Args, server: &str) -> anyhow::Result<Vec<(i64, Vec<f64>)>> {
+    use tower::ServiceExt;
+    let db = BenchDb::new(server, "stats").await?;
+    {
+        let conn = db.pool.get().await?;
+        conn.execute(
+            "INSERT INTO jobs (id, workspace_id, job_type, queue, status, attempts, payload, \
+                               created_at, started_at, finished_at, updated_at) \
+             SELECT gen_random_uuid(), $1, 'noop', \
+                    (ARRAY['high', 'default', 'low'])[1 + i % 3], \
+                    CASE WHEN i % 50 = 0 THEN 'dead' ELSE 'completed' END, 1, '{}', \
+                    t, t + interval '40 ms', t + interval '90 ms', t + interval '90 ms' \
+             FROM (SELECT i, now() - (i * (interval '7 days' / $2::int)) AS t \
+                   FROM generate_series(1, $2::int) AS i) s",
+            &[&db.ws.0, &(args.stats_jobs as i32)],
+        )
+        .await?;
+        conn.execute(
+            "INSERT INTO jobs (id, workspace_id, job_type, status, payload) \
+             SELECT gen_random_uuid(), $1, 'noop', 'queued', '{}' FROM generate_series(1, 500)",
+            &[&db.ws.0],
+        )
+        .await?;
+        conn.batch_execute("VACUUM ANALYZE jobs").await?;
+    }
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let secret = "offload-bench-secret-offload-bench-secret";
+    let user = offload::ids::UserId::new();
+    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
+    let app = offload::api::router(app_state(&db, q, secret));
+    let now = chrono::Utc::now();
+    let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
+    let mut out = Vec::new();
+    for window in [3600_i64, 86_400] {
+        let uri = format!("/api/workspaces/{}/stats?window={window}", db.ws);
+        let mut ms = Vec::with_capacity(100);
+        for i in 0..110 {
+            let req = axum::http::Request::get(&uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::empty())?;
+            let started = Instant::now();
+            let resp = app.clone().oneshot(req).await?;
+            let status = resp.status();
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .ok();
+            anyhow::ensure!(status == 200, "stats answered {status}");
+            // The first calls warm the caches; they are left out.
+            if i >= 10 {
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        ms.sort_by(f64::total_cmp);
+        out.push((window, ms));
+    }
+    db.drop_db().await?;
+    Ok(out)
+}
+
 async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     use tower::ServiceExt;
     let db = BenchDb::new(server, "router").await?;
@@ -1233,6 +1299,25 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         db.drop_db().await?;
+    }
+    if want("stats") {
+        eprintln!(
+            "stats: GET /stats of one workspace holding {} jobs finished over the last 7 days \
+             (retention), 100 calls each for window=3600 and window=86400",
+            args.stats_jobs
+        );
+        for (window, ms) in stats_once(&args, &server).await? {
+            report(
+                &format!("stats_window_{window}_p50"),
+                vec![percentile(&ms, 0.5)],
+                "ms",
+            );
+            report(
+                &format!("stats_window_{window}_p99"),
+                vec![percentile(&ms, 0.99)],
+                "ms",
+            );
+        }
     }
     if want("neighbour") {
         eprintln!(

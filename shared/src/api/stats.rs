@@ -33,7 +33,9 @@ pub struct Minute {
 
 #[derive(Serialize, ToSchema)]
 pub struct Stats {
-    /// Jobs by status, every status present.
+    /// Jobs by status, every status present: `pending`, `queued` and
+    /// `running` as they are now; `completed`, `cancelled` and `dead` among
+    /// jobs finished within the window.
     pub by_status: BTreeMap<String, i64>,
     /// Unfinished jobs by queue, then by status (`pending`, `queued`, `running`).
     pub by_queue: BTreeMap<String, BTreeMap<String, i64>>,
@@ -84,9 +86,11 @@ pub async fn stats(
                 .collect(),
         );
     }
+    // Waiting and running jobs from the counts the triggers keep (V9): no
+    // scan of the workspace's history; finished ones within the window, below.
     let rows = db
         .query(
-            "SELECT status, queue, count(*) FROM jobs WHERE workspace_id = $1 GROUP BY 1, 2",
+            "SELECT status, queue, n FROM workspace_job_counts WHERE workspace_id = $1",
             &[&ws],
         )
         .await
@@ -129,6 +133,7 @@ pub async fn stats(
         .query_one(
             "SELECT count(*) FILTER (WHERE status = 'completed' AND finished_at >= $2), \
                     count(*) FILTER (WHERE status = 'dead' AND finished_at >= $2), \
+                    count(*) FILTER (WHERE status = 'cancelled' AND finished_at >= $2), \
                     percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP ( \
                       ORDER BY extract(epoch FROM started_at - created_at) * 1000) \
                       FILTER (WHERE started_at >= $2), \
@@ -142,7 +147,14 @@ pub async fn stats(
         )
         .await
         .map_err(DbError::from)?;
-    let (completed, dead): (i64, i64) = (row.get(0), row.get(1));
+    let (completed, dead, cancelled): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    for (status, n) in [
+        ("completed", completed),
+        ("dead", dead),
+        ("cancelled", cancelled),
+    ] {
+        by_status.insert(status.into(), n);
+    }
     let pct = |i: usize, n: usize| -> Percentiles {
         let v: Option<Vec<f64>> = row.get(i);
         let samples: i64 = row.get(n);
@@ -161,8 +173,8 @@ pub async fn stats(
         by_queue,
         throughput,
         failure_rate: (completed + dead > 0).then(|| dead as f64 / (completed + dead) as f64),
-        wait_ms: pct(2, 3),
-        run_ms: pct(4, 5),
+        wait_ms: pct(3, 4),
+        run_ms: pct(5, 6),
         window_seconds: window,
     }))
 }

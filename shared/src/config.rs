@@ -157,6 +157,9 @@ pub struct Config {
     /// `OFFLOAD_API_STATEMENT_TIMEOUT_MS`: the API's, shorter: a request
     /// never holds a connection long, whatever a member asks for.
     pub api_statement_timeout: Duration,
+    /// Long-polls of one workspace waiting at once in an API process
+    /// (`OFFLOAD_MAX_WAITING_PER_WORKSPACE`); more answer 429.
+    pub max_waiting_per_workspace: usize,
     /// Largest file a client may upload (`OFFLOAD_MAX_UPLOAD_BYTES`).
     pub max_upload_bytes: u64,
     /// How long an API request may take (`OFFLOAD_REQUEST_TIMEOUT_SECS`).
@@ -402,6 +405,12 @@ impl Config {
                 5_000,
                 100..=600_000,
             )?),
+            max_waiting_per_workspace: num(
+                &var,
+                "OFFLOAD_MAX_WAITING_PER_WORKSPACE",
+                200,
+                1..=100_000,
+            )? as usize,
             max_upload_bytes: num(
                 &var,
                 "OFFLOAD_MAX_UPLOAD_BYTES",

@@ -179,6 +179,10 @@ impl Services {
             clock: self.clock.clone(),
             settings: ApiSettings::from(&self.config),
             storage: self.storage.clone(),
+            watch: crate::api::watch::Watch::new(
+                Some(self.config.database_url.clone()),
+                self.config.max_waiting_per_workspace,
+            ),
         })
     }
 

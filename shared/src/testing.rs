@@ -285,6 +285,10 @@ impl TestDb {
             clock: Clock::System,
             settings: ApiSettings::default(),
             storage: self.storage(),
+            watch: crate::api::watch::Watch::new(
+                Some(self.url.clone()),
+                crate::config::Config::defaults().max_waiting_per_workspace,
+            ),
         }
     }
 }

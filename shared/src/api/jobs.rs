@@ -507,14 +507,46 @@ pub async fn get_one(
         .await?
         .ok_or_else(|| ApiError::not_found("job"))?;
     let baseline = if_none_match.clone().unwrap_or_else(|| etag(&job));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
-    while wait > 0 && etag(&job) == baseline && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if wait > 0 && etag(&job) == baseline {
+        // Wait on a notification for this job (no reads while nothing
+        // changes), reading it only when something did.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+        let mut waiter = match state
+            .watch
+            .wait_for(
+                &state.store,
+                member.workspace,
+                id,
+                Duration::from_secs(wait),
+            )
+            .await?
+        {
+            Ok(w) => w,
+            Err(super::watch::Full) => {
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too-many-waiting",
+                    "Too many waiting requests",
+                    "this workspace has too many requests waiting on jobs at once; retry, or \
+                     watch fewer jobs at a time (list them instead)",
+                );
+                e.retry_after = Some(1);
+                return Err(e);
+            }
+        };
+        // What changed before the watch was in place.
         job = state
             .store
             .get(member.workspace, id)
             .await?
             .ok_or_else(|| ApiError::not_found("job"))?;
+        while etag(&job) == baseline && waiter.changed(deadline).await {
+            job = state
+                .store
+                .get(member.workspace, id)
+                .await?
+                .ok_or_else(|| ApiError::not_found("job"))?;
+        }
     }
     let tag = etag(&job);
     if if_none_match.as_deref() == Some(tag.as_str()) {

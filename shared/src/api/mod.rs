@@ -9,6 +9,7 @@ mod limits;
 mod schedules;
 mod stats;
 mod uploads;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub settings: ApiSettings,
     /// Where jobs' files are, for download links.
     pub storage: crate::storage::Storage,
+    /// The process's long-polls.
+    pub watch: Arc<watch::Watch>,
 }
 
 impl AppState {

@@ -15,6 +15,7 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     // Larger batches than the other duties': each is one DELETE, and its
     // cost is the rows it deletes, not the statement.
     let batch = s.config.batch_limit.saturating_mul(5);
+    s.store.drop_expired_watches().await?;
     let mut total = 0;
     loop {
         let n = s.store.prune(before, batch).await?;

@@ -90,6 +90,14 @@ impl Store {
         Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
     }
 
+    /// Drops long-poll registrations past their time (an API process that
+    /// died while requests waited).
+    pub async fn drop_expired_watches(&self) -> Result<u64, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        db.execute("DELETE FROM job_watches WHERE until < now()", &[])
+            .await
+    }
+
     /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
     /// that finished before `before`.
     pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {

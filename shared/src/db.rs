@@ -275,6 +275,44 @@ pub fn pool_with(
         .map_err(|e| DbError::BadUrl(e.to_string()))
 }
 
+/// LISTENs on `channel` over a connection of its own until the connection
+/// ends: `listening` once the server has taken the LISTEN, then `payload`
+/// for each notification. Returns the error that ended it.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+    mut listening: impl FnMut(),
+    mut payload: impl FnMut(&str),
+) -> Result<(), DbError> {
+    use futures::StreamExt;
+    let target = target(url)?;
+    let (client, mut conn) = target
+        .config
+        .connect(target.tls)
+        .await
+        .map_err(|e| unreachable(url, e))?;
+    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+    let statement = format!("LISTEN {channel}");
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    let mut started = false;
+    loop {
+        tokio::select! {
+            r = &mut listen, if !started => {
+                r?;
+                started = true;
+                listening();
+            }
+            m = messages.next() => match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => payload(n.payload()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
 /// Opens one connection outside any pool (migrations, LISTEN).
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
     let mut t = target(url)?;

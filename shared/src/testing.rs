@@ -660,6 +660,18 @@ impl TestApp {
             .bearer_auth(&self.token)
     }
 
+    /// `GET` `path` (after `/api/workspaces/{ws}`) as the workspace's admin:
+    /// the JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.req("GET", path)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// `GET …/jobs/{id}` as the workspace's admin.
     pub async fn get_job(&self, id: &str) -> reqwest::Response {
         self.client

@@ -48,14 +48,7 @@ async fn a_key_is_shown_once_used_on_its_workspace_and_dead_once_revoked() {
     assert_eq!(job["workspace_id"], ws);
 
     // The list shows the key, its use, and never its secret.
-    let list: Value = app
-        .req("GET", "/api-keys")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/api-keys").await;
     let keys = list["api_keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0]["name"], "billing cron");

@@ -207,14 +207,7 @@ async fn stats_count_by_status_and_queue_and_report_latencies() {
     app.create_job(json!({"type": "noop", "queue": "high"}))
         .await;
 
-    let s: Value = app
-        .req("GET", "/stats")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = app.get_json("/stats").await;
     assert_eq!(s["by_status"]["completed"], 3, "{s}");
     assert_eq!(s["by_status"]["dead"], 1);
     assert_eq!(s["by_status"]["queued"], 2);

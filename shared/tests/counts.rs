@@ -121,14 +121,7 @@ async fn the_kept_counts_follow_every_change_of_a_job() {
     assert_counts_true(&app.db, "after a delete").await;
 
     // The stats route says what the jobs say.
-    let s: Value = app
-        .req("GET", "/stats")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s: Value = app.get_json("/stats").await;
     assert_eq!(s["by_status"]["queued"], 8 + 8 + 1, "{s}");
     assert_eq!(s["by_queue"]["high"]["queued"], 8, "{s}");
     assert_eq!(s["by_status"]["completed"], 8 - 1, "{s}");

@@ -40,9 +40,10 @@ async fn busy_since(
         .get(0)
 }
 
-#[tokio::test]
-async fn two_hundred_waiting_requests_cost_no_statements_until_the_job_changes() {
-    let app = app(1_000).await;
+type Waiting = Vec<tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>>;
+
+/// A new job, and `n` requests long-polling it for `secs`.
+async fn wait_on_a_new_job(app: &TestApp, n: usize, secs: u32) -> (Value, String, Waiting) {
     let created: Value = app
         .create_job(json!({"type": "noop"}))
         .await
@@ -50,12 +51,17 @@ async fn two_hundred_waiting_requests_cost_no_statements_until_the_job_changes()
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
-    let url = format!("{}/{id}?wait=20", app.jobs_url());
-    let mut waiting = Vec::new();
-    for _ in 0..200 {
-        let req = app.client.get(&url).bearer_auth(&app.token).send();
-        waiting.push(tokio::spawn(req));
-    }
+    let url = format!("{}/{id}?wait={secs}", app.jobs_url());
+    let waiting = (0..n)
+        .map(|_| tokio::spawn(app.client.get(&url).bearer_auth(&app.token).send()))
+        .collect();
+    (created, id, waiting)
+}
+
+#[tokio::test]
+async fn two_hundred_waiting_requests_cost_no_statements_until_the_job_changes() {
+    let app = app(1_000).await;
+    let (created, id, waiting) = wait_on_a_new_job(&app, 200, 20).await;
     // Every request has registered and is waiting.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(waiting.iter().all(|t| !t.is_finished()));
@@ -104,20 +110,8 @@ async fn two_hundred_waiting_requests_cost_no_statements_until_the_job_changes()
 #[tokio::test]
 async fn a_workspaces_waiting_requests_are_capped_and_a_timeout_answers_the_same_job() {
     let app = app(3).await;
-    let created: Value = app
-        .create_job(json!({"type": "noop"}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap().to_string();
+    let (created, id, waiting) = wait_on_a_new_job(&app, 3, 2).await;
     let url = format!("{}/{id}?wait=2", app.jobs_url());
-    let mut waiting = Vec::new();
-    for _ in 0..3 {
-        waiting.push(tokio::spawn(
-            app.client.get(&url).bearer_auth(&app.token).send(),
-        ));
-    }
     tokio::time::sleep(Duration::from_millis(700)).await;
     let fourth = app
         .client

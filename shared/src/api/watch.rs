@@ -10,9 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::broadcast;
-use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 use crate::db::{self, DbError};
@@ -137,37 +135,19 @@ async fn listen_once(
     changed: &broadcast::Sender<JobId>,
     listening: &std::sync::atomic::AtomicBool,
 ) -> Result<(), DbError> {
-    let target = db::target(url)?;
-    let (client, mut conn) = target
-        .config
-        .connect(target.tls)
-        .await
-        .map_err(|e| db::unreachable(url, e))?;
-    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-    let listen = client.batch_execute("LISTEN offload_jobs");
-    tokio::pin!(listen);
-    let mut started = false;
-    loop {
-        tokio::select! {
-            r = &mut listen, if !started => {
-                r?;
-                started = true;
-                listening.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            m = messages.next() => match m {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    for id in n.payload().split(',') {
-                        if let Ok(id) = id.parse::<Uuid>() {
-                            let _ = changed.send(JobId(id));
-                        }
-                    }
+    db::listen(
+        url,
+        "offload_jobs",
+        || listening.store(true, std::sync::atomic::Ordering::SeqCst),
+        |ids| {
+            for id in ids.split(',') {
+                if let Ok(id) = id.parse::<Uuid>() {
+                    let _ = changed.send(JobId(id));
                 }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(()),
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 impl Waiter {

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::Pool;
-use futures::StreamExt;
 use tokio::sync::Notify;
-use tokio_postgres::AsyncMessage;
 
 use super::{OutgoingMessage, Queue, QueueDepth, QueueError, ReceivedMessage};
 use crate::db;
@@ -174,27 +172,7 @@ impl PgQueue {
 }
 
 async fn listen_once(url: &str, wake: &Wake) -> Result<(), db::DbError> {
-    let target = db::target(url)?;
-    let (client, mut conn) = target
-        .config
-        .connect(target.tls)
-        .await
-        .map_err(|e| db::unreachable(url, e))?;
-    let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
-    let listen = client.batch_execute("LISTEN offload_queue");
-    tokio::pin!(listen);
-    let mut listening = false;
-    loop {
-        tokio::select! {
-            r = &mut listen, if !listening => { r?; listening = true; wake.all(); }
-            m = messages.next() => match m {
-                Some(Ok(AsyncMessage::Notification(_))) => wake.one_each(),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(()),
-            }
-        }
-    }
+    db::listen(url, "offload_queue", || wake.all(), |_| wake.one_each()).await
 }
 
 fn unavailable(e: impl std::fmt::Display) -> QueueError {

@@ -809,13 +809,7 @@ async fn stats_once(args: &Args, server: &str) -> anyhow::Result<Vec<(i64, Vec<f
         .await?;
         conn.batch_execute("VACUUM ANALYZE jobs").await?;
     }
-    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
-    let secret = "offload-bench-secret-offload-bench-secret";
-    let user = offload::ids::UserId::new();
-    workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let app = offload::api::router(app_state(&db, q, secret));
-    let now = chrono::Utc::now();
-    let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
+    let (app, token) = admin_router(&db).await?;
     let mut out = Vec::new();
     for window in [3600_i64, 86_400] {
         let uri = format!("/api/workspaces/{}/stats?window={window}", db.ws);
@@ -843,16 +837,23 @@ async fn stats_once(args: &Args, server: &str) -> anyhow::Result<Vec<(i64, Vec<f
     Ok(out)
 }
 
-async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
-    use tower::ServiceExt;
-    let db = BenchDb::new(server, "router").await?;
+/// The API router over the benchmark's database (Postgres queue), and a
+/// token of an admin of its workspace.
+async fn admin_router(db: &BenchDb) -> anyhow::Result<(axum::Router, String)> {
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
     let secret = "offload-bench-secret-offload-bench-secret";
     let user = offload::ids::UserId::new();
     workspace::add_member(&**db.pool.get().await?, db.ws, user, workspace::Role::Admin).await?;
-    let app = offload::api::router(app_state(&db, q, secret));
+    let app = offload::api::router(app_state(db, q, secret));
     let now = chrono::Utc::now();
     let token = offload::auth::Keys::new(secret).issue(user, now, now + chrono::Duration::hours(1));
+    Ok((app, token))
+}
+
+async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
+    use tower::ServiceExt;
+    let db = BenchDb::new(server, "router").await?;
+    let (app, token) = admin_router(&db).await?;
     let uri = format!("/api/workspaces/{}/jobs", db.ws);
     let request = |uri: &str, token: &str| {
         axum::http::Request::post(uri)

@@ -540,12 +540,19 @@ pub async fn get_one(
             .get(member.workspace, id)
             .await?
             .ok_or_else(|| ApiError::not_found("job"))?;
-        while etag(&job) == baseline && waiter.changed(deadline).await {
+        // Read again after each notification, and once at the deadline: a
+        // notification lost with a broken listener connection (a Lambda
+        // thawed after a freeze) costs a late answer, never a stale one.
+        while etag(&job) == baseline {
+            let woke = waiter.changed(deadline).await;
             job = state
                 .store
                 .get(member.workspace, id)
                 .await?
                 .ok_or_else(|| ApiError::not_found("job"))?;
+            if !woke {
+                break;
+            }
         }
     }
     let tag = etag(&job);

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -138,18 +140,23 @@ impl Storage {
 
     /// Writes `dest` from chunks as they are made (a multipart upload on S3),
     /// so an object of any size costs a few chunks of memory. On an error
-    /// the upload is aborted and nothing is written.
-    pub async fn put_stream(
+    /// the upload is aborted and nothing is written; an error of the
+    /// chunks comes back as it was given.
+    pub async fn put_stream<E: From<StorageError>>(
         &self,
         dest: &str,
-        mut chunks: BoxStream<'_, Result<Bytes, StorageError>>,
-    ) -> Result<(), StorageError> {
-        let upload = self.store.put_multipart(&Path::from(dest)).await?;
+        mut chunks: BoxStream<'_, Result<Bytes, E>>,
+    ) -> Result<(), E> {
+        let upload = self
+            .store
+            .put_multipart(&Path::from(dest))
+            .await
+            .map_err(StorageError::from)?;
         let mut w = object_store::WriteMultipart::new(upload);
         while let Some(chunk) = chunks.next().await {
             match chunk {
                 Ok(c) => {
-                    w.wait_for_capacity(4).await?;
+                    w.wait_for_capacity(4).await.map_err(StorageError::from)?;
                     w.write(&c);
                 }
                 Err(e) => {
@@ -158,7 +165,7 @@ impl Storage {
                 }
             }
         }
-        w.finish().await?;
+        w.finish().await.map_err(StorageError::from)?;
         Ok(())
     }
 
@@ -240,7 +247,9 @@ impl Storage {
                 let expires = now.timestamp() + ttl.as_secs() as i64;
                 Ok(Upload::Signed {
                     expires,
-                    signature: upload_mac(signing_key, key, expires).finalize_hex(),
+                    signature: URL_SAFE_NO_PAD.encode(
+                        hmac::Mac::finalize(upload_mac(signing_key, key, expires)).into_bytes(),
+                    ),
                 })
             }
         }
@@ -259,11 +268,11 @@ impl Storage {
         let Backend::Local { signing_key } = &self.backend else {
             return false;
         };
-        let Ok(given) = hex_bytes(signature) else {
+        let Ok(given) = URL_SAFE_NO_PAD.decode(signature) else {
             return false;
         };
         now.timestamp() <= expires
-            && hmac::Mac::verify_slice(upload_mac(signing_key, key, expires).mac, &given).is_ok()
+            && hmac::Mac::verify_slice(upload_mac(signing_key, key, expires), &given).is_ok()
     }
 
     /// Whether an object is kept at `key`.
@@ -276,39 +285,14 @@ impl Storage {
     }
 }
 
-struct UploadMac {
-    mac: hmac::Hmac<sha2::Sha256>,
-}
-
-impl UploadMac {
-    fn finalize_hex(self) -> String {
-        use hmac::Mac;
-        self.mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-}
-
-fn upload_mac(key: &[u8; 32], object: &str, expires: i64) -> UploadMac {
+/// The upload signature's MAC over the method, key and expiry.
+fn upload_mac(key: &[u8; 32], object: &str, expires: i64) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
     mac.update(b"PUT\n");
     mac.update(object.as_bytes());
     mac.update(format!("\n{expires}").as_bytes());
-    UploadMac { mac }
-}
-
-fn hex_bytes(s: &str) -> Result<Vec<u8>, ()> {
-    if !s.len().is_multiple_of(2) || s.len() > 128 {
-        return Err(());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2).ok_or(())?, 16).map_err(|_| ()))
-        .collect()
+    mac
 }
 
 /// What [`Storage::download`] gives.

@@ -140,6 +140,21 @@ impl From<DbError> for ApiError {
     }
 }
 
+/// Storage that fails is a 503: nothing was changed, and a retry may pass.
+/// (A missing object means something else to each route; they match
+/// `StorageError::NotFound` before this.)
+impl From<crate::storage::StorageError> for ApiError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        tracing::error!(error = %e, "storage unavailable");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage-unavailable",
+            "Service unavailable",
+            "the file storage is unreachable; try again shortly",
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::to_vec(&Problem {

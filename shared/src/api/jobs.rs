@@ -813,13 +813,8 @@ pub async fn file(
             ),
         )),
         Err(e) => {
-            tracing::error!(error = %e, key, "storage unavailable");
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage-unavailable",
-                "Service unavailable",
-                "the file storage is unreachable; try again shortly",
-            ))
+            tracing::error!(key, "the file could not be read");
+            Err(e.into())
         }
     }
 }

@@ -22,7 +22,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{JsonBody, Member};
 use super::AppState;
 use crate::ids::WorkspaceId;
-use crate::storage::{upload_key, valid_file_name, StorageError, Upload};
+use crate::storage::{upload_key, valid_file_name, Upload};
 
 /// How long an upload URL works.
 pub const UPLOAD_LINK_TTL: Duration = Duration::from_secs(900);
@@ -87,12 +87,7 @@ pub async fn create(
     let id = Uuid::now_v7();
     let key = upload_key(member.workspace, id, &body.filename);
     let now = state.clock.now();
-    let url = match state
-        .storage
-        .upload(&key, UPLOAD_LINK_TTL, now)
-        .await
-        .map_err(storage_unavailable)?
-    {
+    let url = match state.storage.upload(&key, UPLOAD_LINK_TTL, now).await? {
         Upload::Link(url) => url,
         Upload::Signed { expires, signature } => format!(
             "/api/workspaces/{}/uploads/{id}/{}?expires={expires}&signature={signature}",
@@ -109,16 +104,6 @@ pub async fn create(
         max_bytes: state.settings.max_upload_bytes,
     };
     Ok((StatusCode::CREATED, Json(view)).into_response())
-}
-
-fn storage_unavailable(e: StorageError) -> ApiError {
-    tracing::error!(error = %e, "storage unavailable");
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "storage-unavailable",
-        "Storage unavailable",
-        "the file storage could not be reached; try again shortly",
-    )
 }
 
 #[derive(Deserialize)]
@@ -162,12 +147,7 @@ pub async fn receive(
     {
         return Err(refused());
     }
-    if state
-        .storage
-        .exists(&key)
-        .await
-        .map_err(storage_unavailable)?
-    {
+    if state.storage.exists(&key).await? {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "upload-exists",
@@ -176,36 +156,25 @@ pub async fn receive(
         ));
     }
     let limit = state.settings.max_upload_bytes;
-    let too_large = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = too_large.clone();
     let mut seen: u64 = 0;
     let chunks = body
         .into_data_stream()
-        .map(move |chunk| -> Result<Bytes, StorageError> {
-            let chunk =
-                chunk.map_err(|e| StorageError::Failed(format!("the upload broke off: {e}")))?;
+        .map(move |chunk| -> Result<Bytes, ApiError> {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request(format!("the upload broke off: {e}; nothing was kept"))
+            })?;
             seen += chunk.len() as u64;
             if seen > limit {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                return Err(StorageError::Failed("too large".into()));
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "upload-too-large",
+                    "File too large",
+                    format!("files are at most {limit} bytes; nothing was kept"),
+                ));
             }
             Ok(chunk)
         })
         .boxed();
-    match state.storage.put_stream(&key, chunks).await {
-        Ok(()) => {}
-        Err(_) if too_large.load(std::sync::atomic::Ordering::SeqCst) => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "upload-too-large",
-                "File too large",
-                format!("files are at most {limit} bytes; nothing was kept"),
-            ))
-        }
-        Err(e @ StorageError::Failed(_)) if e.to_string().contains("broke off") => {
-            return Err(ApiError::bad_request(format!("{e}; nothing was kept")))
-        }
-        Err(e) => return Err(storage_unavailable(e)),
-    }
+    state.storage.put_stream(&key, chunks).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "key": key }))).into_response())
 }

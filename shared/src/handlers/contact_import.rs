@@ -385,7 +385,7 @@ impl ContactImport {
         });
         let chunks = futures::stream::once(async move { Ok(Bytes::from(header)) }).chain(pages);
         ctx.storage()
-            .put_stream(&ctx.file_key(REPORT), chunks.boxed())
+            .put_stream::<StorageError>(&ctx.file_key(REPORT), chunks.boxed())
             .await?;
         Ok(Some(REPORT))
     }

@@ -175,14 +175,7 @@ async fn cancelling_a_running_job_answers_202_and_it_ends_cancelled() {
     let done: Value = app.get_job(&id).await.json().await.unwrap();
     assert_eq!(done["status"], "cancelled");
     assert!(done["result"]["steps_done"].as_u64().unwrap() < 30);
-    let logs: Value = app
-        .req("GET", &format!("/jobs/{id}/logs"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let logs: Value = app.get_json(&format!("/jobs/{id}/logs")).await;
     assert!(logs["logs"]
         .as_array()
         .unwrap()
@@ -248,14 +241,7 @@ async fn schedules_can_be_created_read_changed_and_deleted() {
     assert_eq!(s["timezone"], "Europe/Paris");
     assert!(s["next_run_at"].as_str().unwrap().ends_with(":00:00Z"));
 
-    let list: Value = app
-        .req("GET", "/schedules")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/schedules").await;
     assert_eq!(list["schedules"].as_array().unwrap().len(), 1);
     let mut changed = body.clone();
     changed["cron"] = json!("30 3 * * 1");
@@ -267,14 +253,7 @@ async fn schedules_can_be_created_read_changed_and_deleted() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let got: Value = app
-        .req("GET", &format!("/schedules/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = app.get_json(&format!("/schedules/{id}")).await;
     assert_eq!(
         (got["cron"].as_str(), got["enabled"].as_bool()),
         (Some("30 3 * * 1"), Some(false))

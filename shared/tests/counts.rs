@@ -2,7 +2,8 @@
 //! (`workspace_job_counts`, kept by triggers) equal a count of the jobs
 //! themselves through every change a job goes through: batch creates,
 //! parking for a limited workspace, claims, outcomes, cancels, retries,
-//! deletes, and a workspace deleted.
+//! deletes, and a workspace deleted; and the per-minute rollups the
+//! route's finished counts and percentiles come from agree with the jobs.
 
 use offload::config::WorkerConfig;
 use offload::testing::{event_source, TestApp, TestDb};
@@ -124,8 +125,13 @@ async fn the_kept_counts_follow_every_change_of_a_job() {
     let s: Value = app.get_json("/stats").await;
     assert_eq!(s["by_status"]["queued"], 8 + 8 + 1, "{s}");
     assert_eq!(s["by_queue"]["high"]["queued"], 8, "{s}");
-    assert_eq!(s["by_status"]["completed"], 8 - 1, "{s}");
+    // Finished counts are what finished within the window: the deleted
+    // job and the retried one still count there, like in the throughput.
+    assert_eq!(s["by_status"]["completed"], 8, "{s}");
+    assert_eq!(s["by_status"]["dead"], 3, "{s}");
     assert_eq!(s["by_status"]["cancelled"], 1, "{s}");
+    assert_eq!(s["by_type"]["sleep"]["dead"], 3, "{s}");
+    assert_eq!(s["run_ms"]["samples"], 11, "{s}");
 
     // A deleted workspace leaves no counts behind.
     app.db
@@ -136,10 +142,109 @@ async fn the_kept_counts_follow_every_change_of_a_job() {
         .execute("DELETE FROM workspaces WHERE id = $1", &[&app.workspace.0])
         .await
         .unwrap();
-    assert_eq!(
-        app.db
-            .scalar_i64("SELECT count(*) FROM workspace_job_counts")
-            .await,
-        0
-    );
+    for table in [
+        "workspace_job_counts",
+        "job_stats_minutes",
+        "job_latency_minutes",
+    ] {
+        assert_eq!(
+            app.db
+                .scalar_i64(&format!("SELECT count(*) FROM {table}"))
+                .await,
+            0,
+            "{table}"
+        );
+    }
+}
+
+/// The exact nearest-rank percentile of sorted values.
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p * sorted.len() as f64).ceil() as usize).max(1);
+    sorted[rank - 1]
+}
+
+#[tokio::test]
+async fn percentiles_from_the_rollups_are_within_five_percent_of_the_jobs() {
+    let app = TestApp::spawn().await;
+    let conn = app.db.pool.get().await.unwrap();
+    // 300 jobs inserted already finished (the insert trigger), run i * 7 ms
+    // after waiting i * 3 ms...
+    conn.execute(
+        "INSERT INTO jobs (id, workspace_id, job_type, status, attempts, payload, \
+                           created_at, started_at, finished_at, updated_at) \
+         SELECT gen_random_uuid(), $1, 'noop', 'completed', 1, '{}', t, \
+                t + i * interval '3 ms', t + i * interval '10 ms', t + i * interval '10 ms' \
+         FROM (SELECT i, now() - interval '10 minutes' AS t FROM generate_series(1, 300) i) s",
+        &[&app.workspace.0],
+    )
+    .await
+    .unwrap();
+    // ...and 200 created waiting, then started and finished by updates (the
+    // update trigger), 40 of them dead.
+    conn.execute(
+        "INSERT INTO jobs (id, workspace_id, job_type, status, payload, created_at) \
+         SELECT gen_random_uuid(), $1, 'sleep', 'queued', jsonb_build_object('i', i), \
+                now() - interval '5 minutes' \
+         FROM generate_series(1, 200) i",
+        &[&app.workspace.0],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE jobs SET status = 'running', attempts = 1, \
+                started_at = created_at + (payload->>'i')::int * interval '40 ms' \
+         WHERE job_type = 'sleep'",
+        &[],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE jobs SET status = CASE WHEN (payload->>'i')::int % 5 = 0 THEN 'dead' \
+                                       ELSE 'completed' END, \
+                finished_at = started_at + (payload->>'i')::int * interval '900 ms' \
+         WHERE job_type = 'sleep'",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let s: Value = app.get_json("/stats").await;
+    assert_eq!(s["by_status"]["completed"], 300 + 160, "{s}");
+    assert_eq!(s["by_status"]["dead"], 40, "{s}");
+    assert_eq!(s["by_type"]["sleep"]["completed"], 160, "{s}");
+    assert_eq!(s["by_type"]["noop"]["completed"], 300, "{s}");
+    assert_eq!(s["failure_rate"].as_f64().unwrap(), 40.0 / 500.0);
+    let minutes: i64 = s["throughput"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["completed"].as_i64().unwrap() + m["failed"].as_i64().unwrap())
+        .sum();
+    assert_eq!(minutes, 500, "{s}");
+
+    for (name, column) in [
+        ("wait_ms", "started_at - created_at"),
+        ("run_ms", "finished_at - started_at"),
+    ] {
+        let mut exact: Vec<f64> = conn
+            .query(
+                &format!("SELECT (extract(epoch FROM {column}) * 1000)::float8 FROM jobs"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        exact.sort_by(f64::total_cmp);
+        assert_eq!(s[name]["samples"], 500, "{name}: {s}");
+        for (p, key) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
+            let want = nearest_rank(&exact, p);
+            let got = s[name][key].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= want * 0.05,
+                "{name} {key}: {got} from the rollups, {want} from the jobs"
+            );
+        }
+    }
 }

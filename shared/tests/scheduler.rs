@@ -163,8 +163,20 @@ async fn finished_jobs_older_than_retention_are_pruned() {
     let clock = Clock::manual(Utc::now() + chrono::Duration::days(8));
     let mut s = scheduler(&db, q.clone(), clock);
     s.config.outbox_grace = Duration::from_secs(10 * 86_400);
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM job_stats_minutes")
+            .await,
+        1,
+        "the cancel is in the stats rollups"
+    );
     assert_eq!(s.run_once().await.pruned, 1);
     assert!(db.store.get_any(jobs[0].id).await.unwrap().is_none());
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM job_stats_minutes")
+            .await,
+        0,
+        "rollups older than two days are pruned with the jobs"
+    );
     assert!(
         db.store.get_any(jobs[1].id).await.unwrap().is_some(),
         "unfinished jobs stay"

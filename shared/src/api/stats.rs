@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
 use axum::Json;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -20,6 +20,14 @@ pub struct Percentiles {
     pub p95: Option<f64>,
     pub p99: Option<f64>,
     pub samples: i64,
+}
+
+/// Jobs of one type finished within the window.
+#[derive(Serialize, ToSchema, Default)]
+pub struct TypeCounts {
+    pub completed: i64,
+    pub dead: i64,
+    pub cancelled: i64,
 }
 
 /// One minute of finished jobs.
@@ -39,6 +47,8 @@ pub struct Stats {
     pub by_status: BTreeMap<String, i64>,
     /// Unfinished jobs by queue, then by status (`pending`, `queued`, `running`).
     pub by_queue: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Jobs finished within the window, by job type.
+    pub by_type: BTreeMap<String, TypeCounts>,
     /// Completed and failed per minute over the last hour, oldest first; minutes with none are left out.
     pub throughput: Vec<Minute>,
     /// Failed / (completed + failed) among jobs finished in the window (null with none).
@@ -105,49 +115,50 @@ pub async fn stats(
         }
     }
 
-    // Finished jobs were created before they finished, so bounding
-    // created_at by the retention-independent lower bound of a day before
-    // the window keeps the scan on the (workspace, created_at) index.
-    let created_floor = since.min(hour) - chrono::Duration::days(1);
-    let throughput = db
+    // Finished jobs, throughput and latencies from the per-minute rollups
+    // the triggers keep (V11): a day's window reads at most 1 440 minutes
+    // of rows, however many jobs ran in them. Whole minutes: the window
+    // starts at the beginning of the minute `since` falls in.
+    let since_minute = minute_floor(since);
+    let hour_minute = minute_floor(hour);
+    let first = since_minute.min(hour_minute);
+    let rows = db
         .query(
-            "SELECT date_trunc('minute', finished_at) AS m, \
-                    count(*) FILTER (WHERE status = 'completed'), \
-                    count(*) FILTER (WHERE status = 'dead') \
-             FROM jobs WHERE workspace_id = $1 AND created_at >= $3 AND finished_at >= $2 \
-               AND status IN ('completed', 'dead') \
-             GROUP BY 1 ORDER BY 1",
-            &[&ws, &hour, &created_floor],
-        )
-        .await
-        .map_err(DbError::from)?
-        .iter()
-        .map(|r| Minute {
-            minute: r.get(0),
-            completed: r.get(1),
-            failed: r.get(2),
-        })
-        .collect();
-
-    let row = db
-        .query_one(
-            "SELECT count(*) FILTER (WHERE status = 'completed' AND finished_at >= $2), \
-                    count(*) FILTER (WHERE status = 'dead' AND finished_at >= $2), \
-                    count(*) FILTER (WHERE status = 'cancelled' AND finished_at >= $2), \
-                    percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP ( \
-                      ORDER BY extract(epoch FROM started_at - created_at) * 1000) \
-                      FILTER (WHERE started_at >= $2), \
-                    count(*) FILTER (WHERE started_at >= $2), \
-                    percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP ( \
-                      ORDER BY extract(epoch FROM finished_at - started_at) * 1000) \
-                      FILTER (WHERE finished_at >= $2 AND started_at IS NOT NULL), \
-                    count(*) FILTER (WHERE finished_at >= $2 AND started_at IS NOT NULL) \
-             FROM jobs WHERE workspace_id = $1 AND created_at >= $3",
-            &[&ws, &since, &created_floor],
+            "SELECT minute, job_type, completed, dead, cancelled FROM job_stats_minutes \
+             WHERE workspace_id = $1 AND minute >= $2 ORDER BY minute",
+            &[&ws, &first],
         )
         .await
         .map_err(DbError::from)?;
-    let (completed, dead, cancelled): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let mut throughput: Vec<Minute> = Vec::new();
+    let mut by_type: BTreeMap<String, TypeCounts> = BTreeMap::new();
+    let (mut completed, mut dead, mut cancelled) = (0_i64, 0_i64, 0_i64);
+    for r in rows {
+        let (minute, job_type): (DateTime<Utc>, String) = (r.get(0), r.get(1));
+        let (c, d, x): (i64, i64, i64) = (r.get(2), r.get(3), r.get(4));
+        if minute >= since_minute {
+            completed += c;
+            dead += d;
+            cancelled += x;
+            let t = by_type.entry(job_type).or_default();
+            t.completed += c;
+            t.dead += d;
+            t.cancelled += x;
+        }
+        if minute >= hour_minute && c + d > 0 {
+            match throughput.last_mut() {
+                Some(m) if m.minute == minute => {
+                    m.completed += c;
+                    m.failed += d;
+                }
+                _ => throughput.push(Minute {
+                    minute,
+                    completed: c,
+                    failed: d,
+                }),
+            }
+        }
+    }
     for (status, n) in [
         ("completed", completed),
         ("dead", dead),
@@ -155,30 +166,90 @@ pub async fn stats(
     ] {
         by_status.insert(status.into(), n);
     }
-    let pct = |i: usize, n: usize| -> Percentiles {
-        let v: Option<Vec<f64>> = row.get(i);
-        let samples: i64 = row.get(n);
-        match v {
-            Some(v) if v.len() == 3 && samples > 0 => Percentiles {
-                p50: Some(round(v[0])),
-                p95: Some(round(v[1])),
-                p99: Some(round(v[2])),
-                samples,
-            },
-            _ => Percentiles::default(),
-        }
-    };
+
+    let rows = db
+        .query(
+            "SELECT kind, bucket, sum(n)::bigint FROM job_latency_minutes \
+             WHERE workspace_id = $1 AND kind IN ('wait', 'run') AND minute >= $2 \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[&ws, &since_minute],
+        )
+        .await
+        .map_err(DbError::from)?;
+    let (mut wait, mut run) = (Vec::new(), Vec::new());
+    for r in rows {
+        let (kind, bucket, n): (String, i16, i64) = (r.get(0), r.get(1), r.get(2));
+        if kind == "wait" { &mut wait } else { &mut run }.push((bucket, n));
+    }
     Ok(Json(Stats {
         by_status,
         by_queue,
+        by_type,
         throughput,
         failure_rate: (completed + dead > 0).then(|| dead as f64 / (completed + dead) as f64),
-        wait_ms: pct(3, 4),
-        run_ms: pct(5, 6),
+        wait_ms: percentiles(&wait),
+        run_ms: percentiles(&run),
         window_seconds: window,
     }))
 }
 
+fn minute_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(chrono::Duration::minutes(1)).unwrap_or(t)
+}
+
+/// The duration a latency bucket stands for, in ms: bucket 0 holds
+/// everything under 1 ms, bucket b >= 1 holds [1.1^(b-1), 1.1^b) and stands
+/// for its geometric middle, so the figure is within 5 % of any duration in
+/// it (`latency_bucket` in migration V11).
+fn bucket_ms(bucket: i16) -> f64 {
+    if bucket <= 0 {
+        0.5
+    } else {
+        1.1_f64.powf(f64::from(bucket) - 0.5)
+    }
+}
+
+/// Nearest-rank percentiles of a histogram given as (bucket, count) in
+/// bucket order.
+fn percentiles(hist: &[(i16, i64)]) -> Percentiles {
+    let samples: i64 = hist.iter().map(|(_, n)| n).sum();
+    if samples == 0 {
+        return Percentiles::default();
+    }
+    let at = |p: f64| -> Option<f64> {
+        let rank = ((p * samples as f64).ceil() as i64).max(1);
+        let mut seen = 0;
+        hist.iter().find_map(|&(bucket, n)| {
+            seen += n;
+            (seen >= rank).then(|| round(bucket_ms(bucket)))
+        })
+    };
+    Percentiles {
+        p50: at(0.50),
+        p95: at(0.95),
+        p99: at(0.99),
+        samples,
+    }
+}
+
 fn round(ms: f64) -> f64 {
     (ms * 100.0).round() / 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_take_the_nearest_rank_of_the_histogram() {
+        // 90 samples near 10 ms (bucket 25), 8 near 100 ms, 2 near 1 s.
+        let p = percentiles(&[(25, 90), (49, 8), (73, 2)]);
+        assert_eq!(p.samples, 100);
+        let (p50, p95, p99) = (p.p50.unwrap(), p.p95.unwrap(), p.p99.unwrap());
+        assert!((9.5..10.5).contains(&p50), "{p50}");
+        assert!((95.0..105.0).contains(&p95), "{p95}");
+        assert!((950.0..1050.0).contains(&p99), "{p99}");
+        assert_eq!(percentiles(&[]).p50, None);
+        assert_eq!(percentiles(&[(0, 3)]).p99, Some(0.5));
+    }
 }

@@ -9,6 +9,10 @@ use chrono::Duration;
 use super::Scheduler;
 use crate::db::DbError;
 
+/// How long the stats route's per-minute rollups are kept: its longest
+/// window is a day.
+const STATS_KEPT_DAYS: i64 = 2;
+
 pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     let before = s.clock.now() - Duration::from_std(s.config.retention).unwrap_or_default();
     let until = tokio::time::Instant::now() + s.config.prune_budget;
@@ -16,6 +20,9 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     // cost is the rows it deletes, not the statement.
     let batch = s.config.batch_limit.saturating_mul(5);
     s.store.drop_expired_watches().await?;
+    s.store
+        .prune_stats(s.clock.now() - Duration::days(STATS_KEPT_DAYS))
+        .await?;
     let mut total = 0;
     loop {
         let n = s.store.prune(before, batch).await?;

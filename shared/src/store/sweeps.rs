@@ -98,6 +98,25 @@ impl Store {
             .await
     }
 
+    /// Deletes the stats route's per-minute rollups (V11) older than
+    /// `before`: the route reads a day at most.
+    pub async fn prune_stats(&self, before: DateTime<Utc>) -> Result<u64, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let counts = db
+            .execute(
+                "DELETE FROM job_stats_minutes WHERE minute < $1",
+                &[&before],
+            )
+            .await?;
+        let latencies = db
+            .execute(
+                "DELETE FROM job_latency_minutes WHERE minute < $1",
+                &[&before],
+            )
+            .await?;
+        Ok(counts + latencies)
+    }
+
     /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
     /// that finished before `before`.
     pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {

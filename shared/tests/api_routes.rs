@@ -645,6 +645,45 @@ async fn the_openapi_document_describes_every_route_with_the_job_shape() {
     want.sort();
     assert_eq!(keys, want);
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+    // Every workspace route documents its path parameters and the problem
+    // answers any of them can give.
+    for (path, methods) in paths
+        .iter()
+        .filter(|(p, _)| p.starts_with("/api/workspaces/"))
+    {
+        for (method, op) in methods.as_object().unwrap() {
+            for status in ["400", "401", "404", "503"] {
+                assert_eq!(
+                    op["responses"][status]["content"]["application/problem+json"]["schema"]
+                        ["$ref"],
+                    "#/components/schemas/Problem",
+                    "{method} {path} {status}"
+                );
+            }
+            let segments: Vec<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            let declared: Vec<&str> = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["in"] == "path")
+                .map(|p| p["name"].as_str().unwrap())
+                .collect();
+            assert_eq!(declared, segments, "{method} {path}");
+        }
+    }
+    let limit = doc["paths"]["/api/workspaces/{ws}/jobs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap();
+    assert_eq!(
+        (&limit["schema"]["minimum"], &limit["schema"]["maximum"]),
+        (&json!(1), &json!(200))
+    );
     // Every documented route exists: each answers something other than the router's 404 fallback.
     for path in paths.keys() {
         let url = format!(

@@ -252,7 +252,17 @@ async fn injection_shaped_filters_match_nothing_and_break_nothing() {
         .collect();
     assert_eq!(own.len(), 3);
 
-    for param in offload::api::jobs::LIST_PARAMETERS {
+    // Every query parameter the document says the list takes.
+    let doc = serde_json::to_value(offload::api::openapi()).unwrap();
+    let params: Vec<String> = doc["paths"]["/api/workspaces/{ws}/jobs"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(params.len(), 7, "{params:?}");
+    for param in &params {
         for value in NASTY {
             let resp = app
                 .req("GET", "/jobs")

@@ -1,6 +1,6 @@
 //! Workspace API keys: `/api/workspaces/{ws}/api-keys`, admins only.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, Member};
+use super::extract::{Ids, ItemPath, JsonBody, Member, WsPath};
 use super::AppState;
 use crate::api_keys::{self, ApiKey};
 use crate::workspace::Role;
@@ -61,10 +61,9 @@ pub struct ApiKeyList {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{ws}/api-keys", tag = "api-keys",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    params(WsPath),
     request_body = CreateApiKey,
     responses((status = 201, description = "Created; `key` is the secret, shown only here", body = ApiKeyView),
-              (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such workspace for this caller", body = Problem, content_type = "application/problem+json"),
               (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json")),
@@ -90,9 +89,8 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/api/workspaces/{ws}/api-keys", tag = "api-keys",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    params(WsPath),
     responses((status = 200, description = "The workspace's keys, oldest first, without their secrets", body = ApiKeyList),
-              (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such workspace for this caller", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
@@ -109,21 +107,17 @@ pub async fn list(
 }
 
 #[utoipa::path(delete, path = "/api/workspaces/{ws}/api-keys/{id}", tag = "api-keys",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "API key id")),
+    params(ItemPath),
     responses((status = 204, description = "Revoked: the key answers 401 from now on"),
-              (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such key in this workspace", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn revoke(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(ItemPath { id, .. }): Ids<ItemPath>,
 ) -> Result<StatusCode, ApiError> {
     member.require_admin()?;
-    let id: Uuid = ids.1.parse().map_err(|_| {
-        ApiError::bad_request(format!("API key id {:?} is not a UUID", ids.1)).with_field("id")
-    })?;
     let db = state.db().await?;
     if api_keys::revoke(&**db, member.workspace, id).await? {
         Ok(StatusCode::NO_CONTENT)

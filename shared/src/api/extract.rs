@@ -187,29 +187,173 @@ fn has_nul_escape(bytes: &[u8]) -> bool {
     })
 }
 
-/// A whole-number query parameter within `range`, `default` when absent;
-/// anything else is a 400 naming the parameter. `unit` reads after "whole
-/// number" in the message (`" of seconds"`, or empty).
-pub fn query_number(
-    q: &std::collections::HashMap<String, String>,
-    name: &str,
-    default: i64,
-    range: std::ops::RangeInclusive<i64>,
-    unit: &str,
-) -> Result<i64, ApiError> {
-    match q.get(name) {
-        None => Ok(default),
-        Some(raw) => raw
+/// The path of a workspace's routes.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct WsPath {
+    /// Workspace id
+    #[param(value_type = uuid::Uuid)]
+    #[allow(
+        dead_code,
+        reason = "read and checked by `Member`; declared here for the document"
+    )]
+    pub ws: WorkspaceId,
+}
+
+/// The path of one item of a workspace that is not a job (a schedule, an
+/// API key).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ItemPath {
+    /// Workspace id
+    #[param(value_type = uuid::Uuid)]
+    #[allow(
+        dead_code,
+        reason = "read and checked by `Member`; declared here for the document"
+    )]
+    pub ws: WorkspaceId,
+    /// Id of the schedule or API key
+    pub id: uuid::Uuid,
+}
+
+/// Query parameters as `T`, a `#[serde(deny_unknown_fields)]` struct: a
+/// value that does not fit, a parameter given twice, or one the route does
+/// not take is a 400 naming the parameter.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let raw = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(raw.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(Params)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let message = e.into_inner().to_string();
+                if let Some(rest) = message.strip_prefix("unknown field ") {
+                    let name = rest.split('`').nth(1).unwrap_or_default().to_string();
+                    return ApiError::bad_request(format!("unknown query parameter {rest}"))
+                        .with_field(name);
+                }
+                let name = if path == "." {
+                    message.split('`').nth(1).unwrap_or_default().to_string()
+                } else {
+                    path
+                };
+                ApiError::bad_request(format!("query parameter `{name}`: {message}"))
+                    .with_field(name)
+            })
+    }
+}
+
+/// Path parameters as `T` (a struct named like the route's `{…}`
+/// segments); an id that is not a UUID is a 400 naming the segment.
+pub struct Ids<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Ids<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(t)) => Ok(Ids(t)),
+            Err(PathRejection::FailedToDeserializePathParams(e)) => match e.kind() {
+                ErrorKind::ParseErrorAtKey { key, value, .. }
+                | ErrorKind::DeserializeError { key, value, .. } => Err(ApiError::bad_request(
+                    format!("the {key} in the path, {value:?}, is not a UUID"),
+                )
+                .with_field(key.clone())),
+                _ => Err(ApiError::bad_request(e.body_text())),
+            },
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// A whole-number query parameter from `MIN` to `MAX`; anything else is
+/// refused with the range in the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounded<const MIN: i64, const MAX: i64>(pub i64);
+
+impl<'de, const MIN: i64, const MAX: i64> serde::Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<str>::deserialize(d)?;
+        raw.trim()
             .parse::<i64>()
             .ok()
-            .filter(|n| range.contains(n))
+            .filter(|n| (MIN..=MAX).contains(n))
+            .map(Bounded)
             .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "{name} must be a whole number{unit} from {} to {}",
-                    range.start(),
-                    range.end()
+                serde::de::Error::custom(format!(
+                    "must be a whole number from {MIN} to {MAX}, got {raw:?}"
                 ))
-                .with_field(name)
-            }),
+            })
+    }
+}
+
+/// A time query parameter in RFC 3339 (`2026-01-31T09:00:00Z`).
+#[derive(Clone, Copy, Debug)]
+pub struct Rfc3339(pub chrono::DateTime<chrono::Utc>);
+
+impl<'de> serde::Deserialize<'de> for Rfc3339 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<str>::deserialize(d)?;
+        chrono::DateTime::parse_from_rfc3339(&raw)
+            .map(|t| Rfc3339(t.with_timezone(&chrono::Utc)))
+            .map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "must be an RFC 3339 time such as 2026-01-31T09:00:00Z, got {raw:?}"
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Q {
+        limit: Option<Bounded<1, 200>>,
+        after: Option<Rfc3339>,
+        status: Option<crate::job::JobStatus>,
+    }
+
+    async fn parse(query: &str) -> Result<Q, ApiError> {
+        let (mut parts, _) = Request::get(format!("/x?{query}"))
+            .body(())
+            .unwrap()
+            .into_parts();
+        Params::<Q>::from_request_parts(&mut parts, &())
+            .await
+            .map(|p| p.0)
+    }
+
+    #[tokio::test]
+    async fn query_parameters_are_typed_and_every_refusal_names_the_parameter() {
+        let q = parse("limit=20&after=2026-01-31T09:00:00Z&status=dead")
+            .await
+            .unwrap();
+        assert_eq!(q.limit, Some(Bounded(20)));
+        assert!(parse("").await.unwrap().limit.is_none());
+        for (query, field, says) in [
+            ("limit=0", "limit", "from 1 to 200"),
+            ("limit=ten", "limit", "from 1 to 200"),
+            ("limit=1&limit=2", "limit", "duplicate"),
+            ("after=yesterday", "after", "RFC 3339"),
+            ("status=lost", "status", "unknown variant"),
+            ("colour=red", "colour", "unknown query parameter `colour`"),
+        ] {
+            let e = parse(query).await.unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{query}");
+            assert_eq!(e.field.as_deref(), Some(field), "{query}: {}", e.detail);
+            assert!(e.detail.contains(says), "{query}: {}", e.detail);
+        }
     }
 }

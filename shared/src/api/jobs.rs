@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,10 +12,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{query_number, JsonBody, Member};
+use super::extract::{Bounded, Ids, JsonBody, Member, Params, Rfc3339, WsPath};
 use super::AppState;
 use crate::enqueue;
 use crate::ids::{JobId, WorkspaceId};
@@ -254,14 +254,13 @@ fn request_key(header: Option<String>, body: Option<&str>) -> Result<Option<Stri
 /// `POST /api/workspaces/{ws}/jobs`: 202 with the new job; the same
 /// `Idempotency-Key` again answers 200 with the job it created.
 #[utoipa::path(post, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
+    params(WsPath,
            ("Idempotency-Key" = Option<String>, Header, description = "Same key, same body: the same job (200)")),
     request_body = CreateJob,
     responses(
         (status = 202, description = "Created; `status` is `queued`, or `pending` if the queue was unreachable", body = Job),
         (status = 200, description = "This Idempotency-Key was used before: the job it created", body = Job),
         (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Idempotency-Key reused for a different job", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
@@ -365,71 +364,79 @@ fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, JobId), ApiError> {
     Ok((t, id.parse().map_err(|_| bad())?))
 }
 
-fn parse_time(q: &HashMap<String, String>, name: &str) -> Result<Option<DateTime<Utc>>, ApiError> {
-    q.get(name)
-        .map(|v| {
-            DateTime::parse_from_rfc3339(v)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| {
-                    ApiError::bad_request(format!("{name} must be an RFC 3339 time, got {v:?}"))
-                        .with_field(name)
-                })
-        })
-        .transpose()
+/// The `cursor` of `GET …/jobs`: the `next_cursor` of the page before.
+#[derive(Clone, Copy, Debug)]
+pub struct JobCursor(DateTime<Utc>, JobId);
+
+impl<'de> Deserialize<'de> for JobCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<str>::deserialize(d)?;
+        parse_cursor(&raw)
+            .map(|(t, id)| JobCursor(t, id))
+            .map_err(|_| serde::de::Error::custom("is not a cursor this API returned"))
+    }
 }
 
-/// The query parameters `GET …/jobs` takes; any other is a 400.
-pub const LIST_PARAMETERS: [&str; 7] = [
-    "status",
-    "type",
-    "tag",
-    "created_after",
-    "created_before",
-    "cursor",
-    "limit",
-];
+/// The path of one job.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct JobPath {
+    /// Workspace id
+    #[param(value_type = uuid::Uuid)]
+    pub ws: WorkspaceId,
+    /// Job id
+    #[param(value_type = uuid::Uuid)]
+    pub id: JobId,
+}
+
+/// The query of `GET …/jobs`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only jobs in this status
+    status: Option<JobStatus>,
+    /// Only jobs of this type
+    #[serde(rename = "type")]
+    job_type: Option<String>,
+    /// Only jobs with this tag
+    tag: Option<String>,
+    /// RFC 3339, inclusive
+    #[param(value_type = Option<String>, format = DateTime)]
+    created_after: Option<Rfc3339>,
+    /// RFC 3339, exclusive
+    #[param(value_type = Option<String>, format = DateTime)]
+    created_before: Option<Rfc3339>,
+    /// `next_cursor` of the previous page
+    #[param(value_type = Option<String>)]
+    cursor: Option<JobCursor>,
+    /// Jobs per page, default 50
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
+    limit: Option<Bounded<1, 200>>,
+}
 
 /// `GET /api/workspaces/{ws}/jobs?status=&type=&tag=&created_after=&created_before=&cursor=&limit=`
 #[utoipa::path(get, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
-           ("status" = Option<JobStatus>, Query, description = "Only jobs in this status"),
-           ("type" = Option<String>, Query, description = "Only jobs of this type"),
-           ("tag" = Option<String>, Query, description = "Only jobs with this tag"),
-           ("created_after" = Option<String>, Query, description = "RFC 3339, inclusive"),
-           ("created_before" = Option<String>, Query, description = "RFC 3339, exclusive"),
-           ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
-           ("limit" = Option<u32>, Query, description = "1..=200, default 50")),
+    params(WsPath, ListParams),
     responses(
         (status = 200, description = "Newest first", body = JobList),
         (status = 400, description = "Bad filter or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     member: Member,
-    Query(q): Query<HashMap<String, String>>,
+    Params(q): Params<ListParams>,
 ) -> Result<Json<JobList>, ApiError> {
-    if let Some(k) = q.keys().find(|k| !LIST_PARAMETERS.contains(&k.as_str())) {
-        return Err(ApiError::bad_request(format!(
-            "unknown query parameter {k:?}; known: {}",
-            LIST_PARAMETERS.join(", ")
-        ))
-        .with_field(k.clone()));
-    }
-    let limit = query_number(&q, "limit", 50, 1..=200, "")?;
+    let limit = q.limit.map_or(50, |l| l.0);
     let filter = ListFilter {
-        status: q
-            .get("status")
-            .map(|s| s.parse::<JobStatus>())
-            .transpose()
-            .map_err(|e| ApiError::bad_request(e).with_field("status"))?,
-        job_type: q.get("type").cloned(),
-        tag: q.get("tag").cloned(),
-        created_after: parse_time(&q, "created_after")?,
-        created_before: parse_time(&q, "created_before")?,
-        before: q.get("cursor").map(|c| parse_cursor(c)).transpose()?,
+        status: q.status,
+        job_type: q.job_type,
+        tag: q.tag,
+        created_after: q.created_after.map(|t| t.0),
+        created_before: q.created_before.map(|t| t.0),
+        before: q.cursor.map(|c| (c.0, c.1)),
         limit: limit + 1,
     };
     let mut jobs = state.store.list(member.workspace, &filter).await?;
@@ -461,10 +468,14 @@ pub struct LogPage {
     pub next_cursor: Option<String>,
 }
 
-fn parse_job_id(raw: &str) -> Result<JobId, ApiError> {
-    raw.parse().map_err(|_| {
-        ApiError::bad_request(format!("job id {raw:?} is not a UUID")).with_field("id")
-    })
+/// The query of `GET …/jobs/{id}`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WaitParams {
+    /// Long-poll up to this many seconds for a change
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 25)]
+    wait: Option<Bounded<0, { MAX_WAIT_SECS as i64 }>>,
 }
 
 fn etag(job: &Job) -> String {
@@ -476,27 +487,23 @@ fn etag(job: &Job) -> String {
 /// `If-None-Match` ETag (or to its state when the request arrived);
 /// `If-None-Match` with the current ETag and no change is 304.
 #[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
-           ("id" = uuid::Uuid, Path, description = "Job id"),
-           ("wait" = Option<u32>, Query, description = "Long-poll up to this many seconds (max 25) for a change"),
+    params(JobPath, WaitParams,
            ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
     responses(
         (status = 200, description = "The job, with an ETag", body = Job),
         (status = 304, description = "Unchanged since the given ETag"),
         (status = 400, description = "Bad id or wait", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
+    Params(q): Params<WaitParams>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&ids.1)?;
-    let wait = query_number(&q, "wait", 0, 0..=MAX_WAIT_SECS as i64, " of seconds")? as u64;
+    let wait = q.wait.map_or(0, |w| w.0) as u64;
     let if_none_match = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -575,11 +582,10 @@ pub async fn get_one(
 /// `POST …/jobs/{id}/cancel`: 200 with the cancelled job when it had not
 /// started; 202 when it is running (it stops at its next step).
 #[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/cancel", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    params(JobPath),
     responses(
         (status = 200, description = "Cancelled at once (it had not started)", body = Job),
         (status = 202, description = "Running: cancel requested; it stops at its next step", body = Job),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Already finished", body = Problem, content_type = "application/problem+json"),
     ),
@@ -587,9 +593,8 @@ pub async fn get_one(
 pub async fn cancel(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&ids.1)?;
     match state
         .store
         .request_cancel(member.workspace, id, state.clock.now())
@@ -611,10 +616,9 @@ pub async fn cancel(
 
 /// `POST …/jobs/{id}/retry`: re-runs a dead or cancelled job from scratch.
 #[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/retry", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    params(JobPath),
     responses(
         (status = 202, description = "Re-run from scratch: attempts, errors, result and progress reset", body = Job),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not dead or cancelled", body = Problem, content_type = "application/problem+json"),
     ),
@@ -622,9 +626,8 @@ pub async fn cancel(
 pub async fn retry(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
 ) -> Result<Response, ApiError> {
-    let id = parse_job_id(&ids.1)?;
     let now = state.clock.now();
     if let Some(job) = state.store.get(member.workspace, id).await? {
         require_role(&state, &member, &job.job_type)?;
@@ -648,10 +651,9 @@ pub async fn retry(
 
 /// `DELETE …/jobs/{id}`: removes a finished job and its logs (admins only).
 #[utoipa::path(delete, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id")),
+    params(JobPath),
     responses(
         (status = 204, description = "Deleted with its logs"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin of the workspace", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not finished", body = Problem, content_type = "application/problem+json"),
@@ -660,10 +662,9 @@ pub async fn retry(
 pub async fn delete(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
 ) -> Result<StatusCode, ApiError> {
     member.require_admin()?;
-    let id = parse_job_id(&ids.1)?;
     if state.store.delete_finished(member.workspace, id).await? {
         return Ok(StatusCode::NO_CONTENT);
     }
@@ -676,34 +677,51 @@ pub async fn delete(
     }
 }
 
+/// The query of `GET …/jobs/{id}/logs`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogParams {
+    /// `next_cursor` of the previous page
+    #[param(value_type = Option<String>)]
+    cursor: Option<LogCursor>,
+    /// Lines per page, default 100
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
+    limit: Option<Bounded<1, 500>>,
+}
+
+/// The `cursor` of `GET …/logs`: the `next_cursor` of the page before.
+#[derive(Clone, Copy, Debug)]
+pub struct LogCursor(i64);
+
+impl<'de> Deserialize<'de> for LogCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = std::borrow::Cow::<str>::deserialize(d)?;
+        raw.parse()
+            .map(LogCursor)
+            .map_err(|_| serde::de::Error::custom("is not a cursor this API returned"))
+    }
+}
+
 /// `GET …/jobs/{id}/logs?cursor=&limit=`
 #[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/logs", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id"),
-           ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
-           ("limit" = Option<u32>, Query, description = "1..=500, default 100")),
+    params(JobPath, LogParams),
     responses(
         (status = 200, description = "Log lines, oldest first", body = LogPage),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn logs(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
+    Params(q): Params<LogParams>,
 ) -> Result<Json<LogPage>, ApiError> {
-    let id = parse_job_id(&ids.1)?;
     if state.store.get(member.workspace, id).await?.is_none() {
         return Err(ApiError::not_found("job"));
     }
-    let after = match q.get("cursor") {
-        None => 0,
-        Some(c) => c.parse::<i64>().map_err(|_| {
-            ApiError::bad_request("cursor is not one this API returned").with_field("cursor")
-        })?,
-    };
-    let limit = query_number(&q, "limit", 100, 1..=500, "")?;
+    let after = q.cursor.map_or(0, |c| c.0);
+    let limit = q.limit.map_or(100, |l| l.0);
     let rows = state
         .store
         .logs(member.workspace, id, after, limit + 1)
@@ -724,6 +742,20 @@ pub async fn logs(
     Ok(Json(LogPage { logs, next_cursor }))
 }
 
+/// The path of one file a job made.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct FilePath {
+    /// Workspace id
+    #[param(value_type = uuid::Uuid)]
+    pub ws: WorkspaceId,
+    /// Job id
+    #[param(value_type = uuid::Uuid)]
+    pub id: JobId,
+    /// A name from the job result's `files`, e.g. `contacts.csv`
+    pub name: String,
+}
+
 /// How long a download link made by [`file`] works: long enough to start
 /// the download, short enough that a link copied out of a browser is
 /// useless soon after.
@@ -734,13 +766,11 @@ pub const DOWNLOAD_LINK_TTL: Duration = Duration::from_secs(300);
 /// made now and valid for five minutes (S3), or the bytes themselves
 /// (local storage).
 #[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/files/{name}", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Job id"),
-           ("name" = String, Path, description = "A name from the job result's `files`, e.g. `contacts.csv`")),
+    params(FilePath),
     responses(
         (status = 302, description = "Redirect to a presigned download link valid for 5 minutes (S3 storage)",
             headers(("Location" = String, description = "The download link"))),
         (status = 200, description = "The file (local storage)", content_type = "application/octet-stream"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such workspace or job for this user, or the job has no such file", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "The file is no longer kept", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Storage unreachable", body = Problem, content_type = "application/problem+json"),
@@ -749,10 +779,9 @@ pub const DOWNLOAD_LINK_TTL: Duration = Duration::from_secs(300);
 pub async fn file(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String, String)>,
+    Ids(FilePath { id, name, .. }): Ids<FilePath>,
 ) -> Result<Response, ApiError> {
     use crate::storage::{job_file_key, valid_file_name, Download, StorageError};
-    let (id, name) = (parse_job_id(&ids.1)?, ids.2);
     let job = state
         .store
         .get(member.workspace, id)
@@ -837,15 +866,13 @@ pub struct JobBatch {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/batch", tag = "jobs",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    params(WsPath),
     request_body = CreateBatch,
     responses(
         (status = 202, description = "Created, in the order given; nothing is created if any is invalid. A job whose idempotency_key was used before is the job it names", body = JobBatch),
         (status = 200, description = "Every job's idempotency_key was used before: the jobs they name", body = JobBatch),
         (status = 409, description = "An idempotency_key was used for a different job", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "An invalid item; `field` is like `jobs[3].payload.ms`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Over a creation limit (each job counts); see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),

@@ -139,7 +139,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     use utoipa::OpenApi;
     use utoipa_axum::router::OpenApiRouter;
     use utoipa_axum::routes;
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let routes = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
         .routes(routes!(jobs::create, jobs::list))
         .routes(routes!(jobs::create_batch))
@@ -158,7 +158,61 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             schedules::update,
             schedules::delete
         ))
-        .split_for_parts()
+        .split_for_parts();
+    let (router, mut doc) = routes;
+    common_responses(&mut doc);
+    (router, doc)
+}
+
+/// The problem answers every workspace route can give, declared here once
+/// instead of on each route: 401 (no valid token or key), 404 (not a
+/// workspace of the caller; a route that says more about its 404 keeps its
+/// own), 400 for a malformed id or query parameter, and 503 (database or
+/// storage unreachable, or a query past its time limit; nothing changed).
+fn common_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if !path.starts_with("/api/workspaces/{ws}") {
+            continue;
+        }
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let answers = &mut op.responses.responses;
+            for (status, description) in [
+                ("400", "A malformed id in the path or query parameter"),
+                ("401", "No valid token or API key"),
+                ("404", "No such workspace for this caller"),
+                (
+                    "503",
+                    "Database or storage unreachable, or the query took too long; nothing \
+                     changed (see Retry-After)",
+                ),
+            ] {
+                answers
+                    .entry(status.to_string())
+                    .or_insert_with(|| problem(description).into());
+            }
+        }
+    }
 }
 
 /// The OpenAPI document of the API, as served at `/api/openapi.json`.

@@ -1,7 +1,7 @@
 //! Recurring jobs: `/api/workspaces/{ws}/schedules`. Members read them;
 //! admins create, change and delete them.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, Member};
+use super::extract::{Ids, ItemPath, JsonBody, Member, WsPath};
 use super::AppState;
 use crate::schedule::{self, Schedule, ScheduleSpec};
 
@@ -142,19 +142,9 @@ fn schedule_error(e: String) -> ApiError {
     ApiError::invalid(field, e)
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| {
-        ApiError::bad_request(format!("schedule id {raw:?} is not a UUID")).with_field("id")
-    })
-}
-
-const P401: &str = "No valid token";
-
 #[utoipa::path(get, path = "/api/workspaces/{ws}/schedules", tag = "schedules",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
-    responses((status = 200, description = "The workspace's schedules, oldest first", body = ScheduleList),
-              (status = 401, description = P401, body = Problem, content_type = "application/problem+json"),
-              (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json")),
+    params(WsPath),
+    responses((status = 200, description = "The workspace's schedules, oldest first", body = ScheduleList),),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -168,12 +158,10 @@ pub async fn list(
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{ws}/schedules", tag = "schedules",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    params(WsPath),
     request_body = ScheduleBody,
     responses((status = 201, description = "Created; `next_run_at` is its first run", body = ScheduleView),
-              (status = 401, description = P401, body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
-              (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json"),
               (status = 422, description = "Invalid field (cron, timezone, type, payload…)", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn create(
@@ -197,17 +185,15 @@ pub async fn create(
 }
 
 #[utoipa::path(get, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Schedule id")),
+    params(ItemPath),
     responses((status = 200, description = "The schedule", body = ScheduleView),
-              (status = 401, description = P401, body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(ItemPath { id, .. }): Ids<ItemPath>,
 ) -> Result<Json<ScheduleView>, ApiError> {
-    let id = parse_id(&ids.1)?;
     let db = state.db().await?;
     schedule::get(&**db, member.workspace, id)
         .await?
@@ -216,10 +202,9 @@ pub async fn get_one(
 }
 
 #[utoipa::path(put, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Schedule id")),
+    params(ItemPath),
     request_body = ScheduleBody,
     responses((status = 200, description = "Replaced; `next_run_at` recomputed", body = ScheduleView),
-              (status = 401, description = P401, body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json"),
               (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json")),
@@ -227,11 +212,10 @@ pub async fn get_one(
 pub async fn update(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(ItemPath { id, .. }): Ids<ItemPath>,
     JsonBody(body): JsonBody<ScheduleBody>,
 ) -> Result<Json<ScheduleView>, ApiError> {
     member.require_admin()?;
-    let id = parse_id(&ids.1)?;
     let spec = spec(&state, &member, body)?;
     let db = state.db().await?;
     schedule::update(&**db, member.workspace, id, &spec, state.clock.now())
@@ -242,19 +226,17 @@ pub async fn update(
 }
 
 #[utoipa::path(delete, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"), ("id" = uuid::Uuid, Path, description = "Schedule id")),
+    params(ItemPath),
     responses((status = 204, description = "Deleted; jobs it already made are kept"),
-              (status = 401, description = P401, body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     member: Member,
-    Path(ids): Path<(String, String)>,
+    Ids(ItemPath { id, .. }): Ids<ItemPath>,
 ) -> Result<StatusCode, ApiError> {
     member.require_admin()?;
-    let id = parse_id(&ids.1)?;
     let db = state.db().await?;
     if schedule::delete(&**db, member.workspace, id).await? {
         Ok(StatusCode::NO_CONTENT)

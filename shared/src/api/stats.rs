@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use chrono::{DateTime, DurationRound, Utc};
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{query_number, Member};
+use super::extract::{Bounded, Member, Params, WsPath};
 use super::AppState;
 use crate::db::DbError;
 
@@ -60,22 +60,29 @@ pub struct Stats {
     pub window_seconds: i64,
 }
 
+/// The query of `GET …/stats`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StatsParams {
+    /// Seconds back for finished counts, rates and percentiles, default 3600
+    #[param(value_type = Option<u32>, minimum = 60, maximum = 86400)]
+    window: Option<Bounded<60, 86_400>>,
+}
+
 #[utoipa::path(get, path = "/api/workspaces/{ws}/stats", tag = "stats",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id"),
-           ("window" = Option<u32>, Query, description = "Seconds back for rates and percentiles, 60..=86400, default 3600")),
+    params(WsPath, StatsParams),
     responses(
         (status = 200, description = "Counts, throughput, failure rate and latency percentiles", body = Stats),
         (status = 400, description = "Bad window", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such workspace for this user", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn stats(
     State(state): State<AppState>,
     member: Member,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Params(q): Params<StatsParams>,
 ) -> Result<Json<Stats>, ApiError> {
-    let window = query_number(&q, "window", 3600, 60..=86_400, " of seconds")?;
+    let window = q.window.map_or(3600, |w| w.0);
     let now = state.clock.now();
     let since = now - chrono::Duration::seconds(window);
     let hour = now - chrono::Duration::hours(1);

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::{ApiError, Problem};
-use super::extract::{JsonBody, Member};
+use super::extract::{JsonBody, Member, Params, WsPath};
 use super::AppState;
 use crate::ids::WorkspaceId;
 use crate::storage::{upload_key, valid_file_name, Upload};
@@ -53,10 +53,9 @@ pub struct UploadView {
 }
 
 #[utoipa::path(post, path = "/api/workspaces/{ws}/uploads", tag = "uploads",
-    params(("ws" = uuid::Uuid, Path, description = "Workspace id")),
+    params(WsPath),
     request_body = CreateUpload,
     responses((status = 201, description = "Send the file to `url` with `method` and `headers` before `expires_at`", body = UploadView),
-              (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
               (status = 404, description = "No such workspace for this caller", body = Problem, content_type = "application/problem+json"),
               (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json"),
               (status = 503, description = "Storage unreachable", body = Problem, content_type = "application/problem+json")),
@@ -119,7 +118,7 @@ pub struct Signed {
 pub async fn receive(
     State(state): State<AppState>,
     Path((ws, id, name)): Path<(String, String, String)>,
-    Query(signed): Query<Signed>,
+    Params(signed): Params<Signed>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let refused = || {

@@ -144,6 +144,7 @@ async fn the_kept_counts_follow_every_change_of_a_job() {
         .unwrap();
     for table in [
         "workspace_job_counts",
+        "job_stats_log",
         "job_stats_minutes",
         "job_latency_minutes",
     ] {
@@ -208,7 +209,28 @@ async fn percentiles_from_the_rollups_are_within_five_percent_of_the_jobs() {
     .await
     .unwrap();
 
+    // Read from the log as written, then from the rollups the scheduler
+    // folds it into: the same answer.
+    let unfolded: Value = app.get_json("/stats").await;
+    assert_eq!(
+        app.db
+            .scalar_i64("SELECT count(*) FROM job_stats_log")
+            .await,
+        500,
+        "a row per finished job"
+    );
+    assert_eq!(app.db.store.fold_stats(200).await.unwrap(), 200);
+    let half: Value = app.get_json("/stats").await;
+    assert_eq!(app.db.store.fold_stats(10_000).await.unwrap(), 300);
     let s: Value = app.get_json("/stats").await;
+    assert_eq!(unfolded, s, "log and rollups read alike");
+    assert_eq!(half, s, "half folded reads alike");
+    assert_eq!(
+        app.db
+            .scalar_i64("SELECT count(*) FROM job_stats_log")
+            .await,
+        0
+    );
     assert_eq!(s["by_status"]["completed"], 300 + 160, "{s}");
     assert_eq!(s["by_status"]["dead"], 40, "{s}");
     assert_eq!(s["by_type"]["sleep"]["completed"], 160, "{s}");

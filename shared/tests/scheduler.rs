@@ -164,19 +164,20 @@ async fn finished_jobs_older_than_retention_are_pruned() {
     let mut s = scheduler(&db, q.clone(), clock);
     s.config.outbox_grace = Duration::from_secs(10 * 86_400);
     assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM job_stats_minutes")
-            .await,
+        db.scalar_i64("SELECT count(*) FROM job_stats_log").await,
         1,
-        "the cancel is in the stats rollups"
+        "the cancel is in the stats log"
     );
     assert_eq!(s.run_once().await.pruned, 1);
     assert!(db.store.get_any(jobs[0].id).await.unwrap().is_none());
-    assert_eq!(
-        db.scalar_i64("SELECT count(*) FROM job_stats_minutes")
-            .await,
-        0,
-        "rollups older than two days are pruned with the jobs"
-    );
+    for table in ["job_stats_log", "job_stats_minutes"] {
+        assert_eq!(
+            db.scalar_i64(&format!("SELECT count(*) FROM {table}"))
+                .await,
+            0,
+            "{table}: folded, then pruned as older than two days"
+        );
+    }
     assert!(
         db.store.get_any(jobs[1].id).await.unwrap().is_some(),
         "unfinished jobs stay"

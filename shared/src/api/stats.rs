@@ -53,7 +53,7 @@ pub struct Stats {
     pub throughput: Vec<Minute>,
     /// Failed / (completed + failed) among jobs finished in the window (null with none).
     pub failure_rate: Option<f64>,
-    /// Created to started, for jobs started in the window.
+    /// Created to first started, for jobs finished in the window.
     pub wait_ms: Percentiles,
     /// Started to finished, for jobs finished in the window.
     pub run_ms: Percentiles,
@@ -123,16 +123,24 @@ pub async fn stats(
     }
 
     // Finished jobs, throughput and latencies from the per-minute rollups
-    // the triggers keep (V11): a day's window reads at most 1 440 minutes
-    // of rows, however many jobs ran in them. Whole minutes: the window
-    // starts at the beginning of the minute `since` falls in.
+    // (V11) and the log rows the scheduler has not folded into them yet (a
+    // minute's worth): a day's window reads at most 1 440 minutes of rows,
+    // however many jobs ran in them. Whole minutes: the window starts at the
+    // beginning of the minute `since` falls in.
     let since_minute = minute_floor(since);
     let hour_minute = minute_floor(hour);
     let first = since_minute.min(hour_minute);
     let rows = db
         .query(
-            "SELECT minute, job_type, completed, dead, cancelled FROM job_stats_minutes \
-             WHERE workspace_id = $1 AND minute >= $2 ORDER BY minute",
+            "SELECT minute, job_type, sum(c)::bigint, sum(d)::bigint, sum(x)::bigint FROM ( \
+               SELECT minute, job_type, completed AS c, dead AS d, cancelled AS x \
+               FROM job_stats_minutes WHERE workspace_id = $1 AND minute >= $2 \
+               UNION ALL \
+               SELECT minute, job_type, count(*) FILTER (WHERE status = 'completed'), \
+                      count(*) FILTER (WHERE status = 'dead'), \
+                      count(*) FILTER (WHERE status = 'cancelled') \
+               FROM job_stats_log WHERE workspace_id = $1 AND minute >= $2 GROUP BY 1, 2 \
+             ) r GROUP BY 1, 2 ORDER BY 1",
             &[&ws, &first],
         )
         .await
@@ -176,9 +184,18 @@ pub async fn stats(
 
     let rows = db
         .query(
-            "SELECT kind, bucket, sum(n)::bigint FROM job_latency_minutes \
-             WHERE workspace_id = $1 AND kind IN ('wait', 'run') AND minute >= $2 \
-             GROUP BY 1, 2 ORDER BY 1, 2",
+            "SELECT kind, bucket, sum(n)::bigint FROM ( \
+               SELECT kind, bucket, n FROM job_latency_minutes \
+               WHERE workspace_id = $1 AND kind IN ('wait', 'run') AND minute >= $2 \
+               UNION ALL \
+               SELECT 'wait', wait_bucket, count(*) FROM job_stats_log \
+               WHERE workspace_id = $1 AND minute >= $2 AND wait_bucket IS NOT NULL \
+               GROUP BY 2 \
+               UNION ALL \
+               SELECT 'run', run_bucket, count(*) FROM job_stats_log \
+               WHERE workspace_id = $1 AND minute >= $2 AND run_bucket IS NOT NULL \
+               GROUP BY 2 \
+             ) r GROUP BY 1, 2 ORDER BY 1, 2",
             &[&ws, &since_minute],
         )
         .await

@@ -98,6 +98,48 @@ impl Store {
             .await
     }
 
+    /// Folds up to `limit` rows of the stats log into the per-minute
+    /// rollups (V11), and says how many it folded. Each row is deleted as
+    /// it is folded, so concurrent folds count it once; the rollups are
+    /// written in key order, so they cannot deadlock.
+    pub async fn fold_stats(&self, limit: i64) -> Result<u64, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_one(
+                "WITH moved AS ( \
+                   DELETE FROM job_stats_log WHERE ctid = ANY(ARRAY( \
+                     SELECT ctid FROM job_stats_log LIMIT $1)) \
+                   RETURNING workspace_id, minute, job_type, status, wait_bucket, run_bucket), \
+                 counted AS ( \
+                   INSERT INTO job_stats_minutes AS s \
+                     (workspace_id, minute, job_type, completed, dead, cancelled) \
+                   SELECT workspace_id, minute, job_type, \
+                          count(*) FILTER (WHERE status = 'completed'), \
+                          count(*) FILTER (WHERE status = 'dead'), \
+                          count(*) FILTER (WHERE status = 'cancelled') \
+                   FROM moved GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
+                   ON CONFLICT (workspace_id, minute, job_type) DO UPDATE \
+                   SET completed = s.completed + excluded.completed, \
+                       dead = s.dead + excluded.dead, \
+                       cancelled = s.cancelled + excluded.cancelled), \
+                 timed AS ( \
+                   INSERT INTO job_latency_minutes AS l (workspace_id, kind, minute, bucket, n) \
+                   SELECT workspace_id, kind, minute, bucket, count(*) FROM ( \
+                     SELECT workspace_id, 'wait' AS kind, minute, wait_bucket AS bucket \
+                     FROM moved WHERE wait_bucket IS NOT NULL \
+                     UNION ALL \
+                     SELECT workspace_id, 'run', minute, run_bucket \
+                     FROM moved WHERE run_bucket IS NOT NULL) t \
+                   GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 \
+                   ON CONFLICT (workspace_id, kind, minute, bucket) DO UPDATE \
+                   SET n = l.n + excluded.n) \
+                 SELECT count(*) FROM moved",
+                &[&limit],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+
     /// Deletes the stats route's per-minute rollups (V11) older than
     /// `before`: the route reads a day at most.
     pub async fn prune_stats(&self, before: DateTime<Utc>) -> Result<u64, DbError> {

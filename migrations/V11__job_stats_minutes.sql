@@ -79,6 +79,10 @@ CREATE TABLE job_stats_log (
     run_bucket   smallint
 );
 CREATE INDEX job_stats_log_workspace_minute ON job_stats_log (workspace_id, minute);
+-- Emptied by every fold: vacuumed after every 10 000 rows folded rather than after a
+-- fifth of the table, so reads do not wade through the dead ones.
+ALTER TABLE job_stats_log SET (autovacuum_vacuum_scale_factor = 0,
+                               autovacuum_vacuum_threshold = 10000);
 
 CREATE FUNCTION jobs_stats_log() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

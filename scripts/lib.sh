@@ -103,3 +103,25 @@ start_moto() {
   done
   die "moto's server did not start; see $LOCAL/moto.log"
 }
+
+# Installs the web packages (npm ci, from package-lock.json) and builds the TypeScript client
+# (generated from the API's OpenAPI document) and the dashboard into dashboard/dist, which the
+# api binary serves at /.
+build_web() {
+  command -v npm >/dev/null || die "Node.js 20 or later with npm is needed (apt-get install nodejs npm)"
+  say "npm ci; the TypeScript client (from the OpenAPI document) and the dashboard"
+  (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$ROOT" && cargo run -q --locked --bin offload-openapi >clients/typescript/openapi.json)
+  (cd "$ROOT" && npm run -s build -w clients/typescript && npm run -s build -w dashboard)
+}
+
+# Debian's Chromium, for the dashboard's browser tests (no browser download at run time).
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] && return
+  say "installing Debian's chromium"
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  $sudo apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null; } \
+    || die "could not install chromium (apt-get install chromium)"
+}

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Command 2: the same set-up as dev.sh, then every check: format, clippy (warnings are errors),
-# all tests against a real PostgreSQL and moto's SQS server, cfn-lint on template.yaml, the
+# all tests against a real PostgreSQL and moto's SQS server, the TypeScript client's tests and
+# the dashboard's in Chromium, cfn-lint on template.yaml, the
 # Lambda functions built for arm64 as SAM builds them, and `sam validate --lint`.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 ensure_postgres
 ensure_python_tools
 cd "$ROOT"
+# The dashboard is compiled into the api binary: build it before any Rust build.
+build_web
 
 say "cargo fmt --check"
 cargo fmt --all -- --check
@@ -28,6 +31,13 @@ psql "${DATABASE_URL%/*}/postgres" -Atqc \
 say "cargo test"
 export OFFLOAD_TEST_DATABASE_URL="$DATABASE_URL"
 cargo test --workspace --locked
+
+say "TypeScript client tests"
+npm test -s -w clients/typescript
+
+say "dashboard in Chromium (screenshots: test-output/dashboard/)"
+cargo build -q --locked --bin offload
+scripts/e2e.sh
 
 say "Lambda builds: cargo lambda build --release --arm64, as sam build makes them"
 ensure_lambda_tools

@@ -822,8 +822,10 @@ async fn stats_once(args: &Args, server: &str) -> anyhow::Result<Vec<(i64, Vec<f
             "stats: {folded} log rows folded into the rollups in {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        conn.batch_execute("VACUUM ANALYZE jobs, job_stats_minutes, job_latency_minutes")
-            .await?;
+        conn.batch_execute(
+            "VACUUM ANALYZE jobs, job_stats_log, job_stats_minutes, job_latency_minutes",
+        )
+        .await?;
     }
     let (app, token) = admin_router(&db).await?;
     let mut out = Vec::new();

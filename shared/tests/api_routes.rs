@@ -674,6 +674,21 @@ async fn the_openapi_document_describes_every_route_with_the_job_shape() {
             assert_eq!(declared, segments, "{method} {path}");
         }
     }
+    // Generated clients key their operations by id: two alike, and one
+    // route's types replace another's.
+    let mut ids: Vec<&str> = paths
+        .values()
+        .flat_map(|m| m.as_object().unwrap().values())
+        .map(|op| {
+            op["operationId"]
+                .as_str()
+                .expect("every operation has an id")
+        })
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "operation ids are unique: {ids:?}");
     let limit = doc["paths"]["/api/workspaces/{ws}/jobs"]["get"]["parameters"]
         .as_array()
         .unwrap()

@@ -60,7 +60,7 @@ pub struct ApiKeyList {
     pub api_keys: Vec<ApiKeyView>,
 }
 
-#[utoipa::path(post, path = "/api/workspaces/{ws}/api-keys", tag = "api-keys",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/api-keys", operation_id = "create_api_key", tag = "api-keys",
     params(WsPath),
     request_body = CreateApiKey,
     responses((status = 201, description = "Created; `key` is the secret, shown only here", body = ApiKeyView),
@@ -88,7 +88,7 @@ pub async fn create(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/api/workspaces/{ws}/api-keys", tag = "api-keys",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/api-keys", operation_id = "list_api_keys", tag = "api-keys",
     params(WsPath),
     responses((status = 200, description = "The workspace's keys, oldest first, without their secrets", body = ApiKeyList),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
@@ -106,7 +106,7 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(delete, path = "/api/workspaces/{ws}/api-keys/{id}", tag = "api-keys",
+#[utoipa::path(delete, path = "/api/workspaces/{ws}/api-keys/{id}", operation_id = "revoke_api_key", tag = "api-keys",
     params(ItemPath),
     responses((status = 204, description = "Revoked: the key answers 401 from now on"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),

@@ -253,7 +253,7 @@ fn request_key(header: Option<String>, body: Option<&str>) -> Result<Option<Stri
 
 /// `POST /api/workspaces/{ws}/jobs`: 202 with the new job; the same
 /// `Idempotency-Key` again answers 200 with the job it created.
-#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs", operation_id = "create_job", tag = "jobs",
     params(WsPath,
            ("Idempotency-Key" = Option<String>, Header, description = "Same key, same body: the same job (200)")),
     request_body = CreateJob,
@@ -416,7 +416,7 @@ pub struct ListParams {
 }
 
 /// `GET /api/workspaces/{ws}/jobs?status=&type=&tag=&created_after=&created_before=&cursor=&limit=`
-#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs", tag = "jobs",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs", operation_id = "list_jobs", tag = "jobs",
     params(WsPath, ListParams),
     responses(
         (status = 200, description = "Newest first", body = JobList),
@@ -486,7 +486,7 @@ fn etag(job: &Job) -> String {
 /// soon as the job changes (or after N seconds, at most 25) relative to the
 /// `If-None-Match` ETag (or to its state when the request arrived);
 /// `If-None-Match` with the current ETag and no change is 304.
-#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}", operation_id = "get_job", tag = "jobs",
     params(JobPath, WaitParams,
            ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer")),
     responses(
@@ -581,7 +581,7 @@ pub async fn get_one(
 
 /// `POST …/jobs/{id}/cancel`: 200 with the cancelled job when it had not
 /// started; 202 when it is running (it stops at its next step).
-#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/cancel", tag = "jobs",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/cancel", operation_id = "cancel_job", tag = "jobs",
     params(JobPath),
     responses(
         (status = 200, description = "Cancelled at once (it had not started)", body = Job),
@@ -615,7 +615,7 @@ pub async fn cancel(
 }
 
 /// `POST …/jobs/{id}/retry`: re-runs a dead or cancelled job from scratch.
-#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/retry", tag = "jobs",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/retry", operation_id = "retry_job", tag = "jobs",
     params(JobPath),
     responses(
         (status = 202, description = "Re-run from scratch: attempts, errors, result and progress reset", body = Job),
@@ -650,7 +650,7 @@ pub async fn retry(
 }
 
 /// `DELETE …/jobs/{id}`: removes a finished job and its logs (admins only).
-#[utoipa::path(delete, path = "/api/workspaces/{ws}/jobs/{id}", tag = "jobs",
+#[utoipa::path(delete, path = "/api/workspaces/{ws}/jobs/{id}", operation_id = "delete_job", tag = "jobs",
     params(JobPath),
     responses(
         (status = 204, description = "Deleted with its logs"),
@@ -704,7 +704,7 @@ impl<'de> Deserialize<'de> for LogCursor {
 }
 
 /// `GET …/jobs/{id}/logs?cursor=&limit=`
-#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/logs", tag = "jobs",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/logs", operation_id = "job_logs", tag = "jobs",
     params(JobPath, LogParams),
     responses(
         (status = 200, description = "Log lines, oldest first", body = LogPage),
@@ -765,7 +765,7 @@ pub const DOWNLOAD_LINK_TTL: Duration = Duration::from_secs(300);
 /// result's `files`), after checking the workspace: a redirect to a link
 /// made now and valid for five minutes (S3), or the bytes themselves
 /// (local storage).
-#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/files/{name}", tag = "jobs",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/files/{name}", operation_id = "job_file", tag = "jobs",
     params(FilePath),
     responses(
         (status = 302, description = "Redirect to a presigned download link valid for 5 minutes (S3 storage)",
@@ -865,7 +865,7 @@ pub struct JobBatch {
     pub jobs: Vec<Job>,
 }
 
-#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/batch", tag = "jobs",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/batch", operation_id = "create_jobs", tag = "jobs",
     params(WsPath),
     request_body = CreateBatch,
     responses(

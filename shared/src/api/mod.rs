@@ -2,6 +2,7 @@
 //! runs through `lambda_http` and the local runner serves directly.
 
 mod api_keys;
+pub mod dashboard;
 mod error;
 mod extract;
 pub mod jobs;
@@ -244,6 +245,8 @@ pub fn router(state: AppState) -> Router {
             "/api/workspaces/{ws}/uploads/{id}/{name}",
             axum::routing::put(uploads::receive).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        .route("/", get(dashboard::index))
+        .route("/assets/{name}", get(dashboard::asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -303,7 +306,7 @@ async fn problem_for_bare_errors(resp: axum::response::Response) -> axum::respon
 }
 
 /// Liveness with a database round trip: 503 when the database is down.
-#[utoipa::path(get, path = "/health", tag = "health",
+#[utoipa::path(get, path = "/health", operation_id = "health", tag = "health",
     responses((status = 200, description = "Up, database reachable"),
               (status = 503, description = "Database unreachable", body = error::Problem, content_type = "application/problem+json")))]
 async fn health(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {

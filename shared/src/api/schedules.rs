@@ -142,7 +142,7 @@ fn schedule_error(e: String) -> ApiError {
     ApiError::invalid(field, e)
 }
 
-#[utoipa::path(get, path = "/api/workspaces/{ws}/schedules", tag = "schedules",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/schedules", operation_id = "list_schedules", tag = "schedules",
     params(WsPath),
     responses((status = 200, description = "The workspace's schedules, oldest first", body = ScheduleList),),
     security(("bearer" = [])))]
@@ -157,7 +157,7 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(post, path = "/api/workspaces/{ws}/schedules", tag = "schedules",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/schedules", operation_id = "create_schedule", tag = "schedules",
     params(WsPath),
     request_body = ScheduleBody,
     responses((status = 201, description = "Created; `next_run_at` is its first run", body = ScheduleView),
@@ -184,7 +184,7 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(ScheduleView::from(s))).into_response())
 }
 
-#[utoipa::path(get, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/schedules/{id}", operation_id = "get_schedule", tag = "schedules",
     params(ItemPath),
     responses((status = 200, description = "The schedule", body = ScheduleView),
               (status = 404, description = "No such schedule", body = Problem, content_type = "application/problem+json")),
@@ -201,7 +201,7 @@ pub async fn get_one(
         .ok_or_else(|| ApiError::not_found("schedule"))
 }
 
-#[utoipa::path(put, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
+#[utoipa::path(put, path = "/api/workspaces/{ws}/schedules/{id}", operation_id = "update_schedule", tag = "schedules",
     params(ItemPath),
     request_body = ScheduleBody,
     responses((status = 200, description = "Replaced; `next_run_at` recomputed", body = ScheduleView),
@@ -225,7 +225,7 @@ pub async fn update(
         .ok_or_else(|| ApiError::not_found("schedule"))
 }
 
-#[utoipa::path(delete, path = "/api/workspaces/{ws}/schedules/{id}", tag = "schedules",
+#[utoipa::path(delete, path = "/api/workspaces/{ws}/schedules/{id}", operation_id = "delete_schedule", tag = "schedules",
     params(ItemPath),
     responses((status = 204, description = "Deleted; jobs it already made are kept"),
               (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),

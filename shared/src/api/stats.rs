@@ -70,7 +70,7 @@ pub struct StatsParams {
     window: Option<Bounded<60, 86_400>>,
 }
 
-#[utoipa::path(get, path = "/api/workspaces/{ws}/stats", tag = "stats",
+#[utoipa::path(get, path = "/api/workspaces/{ws}/stats", operation_id = "stats", tag = "stats",
     params(WsPath, StatsParams),
     responses(
         (status = 200, description = "Counts, throughput, failure rate and latency percentiles", body = Stats),

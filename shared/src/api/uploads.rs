@@ -52,7 +52,7 @@ pub struct UploadView {
     pub max_bytes: u64,
 }
 
-#[utoipa::path(post, path = "/api/workspaces/{ws}/uploads", tag = "uploads",
+#[utoipa::path(post, path = "/api/workspaces/{ws}/uploads", operation_id = "create_upload", tag = "uploads",
     params(WsPath),
     request_body = CreateUpload,
     responses((status = 201, description = "Send the file to `url` with `method` and `headers` before `expires_at`", body = UploadView),

@@ -58,7 +58,7 @@ export function DeadJobs({ api }: { api: Offload }) {
     ${error && html`<p class="error" role="alert">${error}</p>`}
     <div class="table-wrap card">
       <table>
-        <caption class="muted">${data ? `${shown.length} dead jobs shown` : "Loading…"}</caption>
+        <caption class="muted">${data ? `${shown.length} dead job${shown.length === 1 ? "" : "s"} shown` : "Loading…"}</caption>
         <thead><tr>
           <th scope="col"><input type="checkbox" aria-label="Select all shown"
             checked=${shown.length > 0 && shown.every((j) => selected.has(j.id))}

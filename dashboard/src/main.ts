@@ -51,7 +51,7 @@ function SignIn({ onSignIn }: { onSignIn: (s: session.Session) => void }) {
       <label>Token or API key
         <textarea name="token" required rows="3" spellcheck="false" placeholder="eyJ… or ofk_…"></textarea>
       </label>
-      <p class="muted">${"`offload dev` prints both. Kept for this tab only."}</p>
+      <p class="muted"><code>offload dev</code> prints both. Kept for this tab only.</p>
       ${error && html`<p class="error" role="alert">${error}</p>`}
       <button type="submit">Sign in</button>
     </form>

@@ -2,7 +2,6 @@
 // throughput, latency percentiles, a breakdown by type, the dead count.
 
 import { html } from "htm/preact";
-import { useRef } from "preact/hooks";
 import type { Offload, Stats } from "@offload/client";
 import { usePolled } from "./hooks";
 import { ms } from "./format";
@@ -15,7 +14,8 @@ function Card({ label, value, href }: { label: string; value: string; href?: str
 }
 
 /** Bars of completed and failed per minute over the last hour, and the depth line. */
-function Chart({ stats, depth }: { stats: Stats; depth: [number, number][] }) {
+function Chart({ stats }: { stats: Stats }) {
+  const depth: [number, number][] = stats.depth.map((d) => [Date.parse(d.minute), d.waiting]);
   const W = 600, H = 160, now = Date.now(), start = now - 3600_000;
   const x = (t: number) => ((t - start) / 3600_000) * W;
   const peak = Math.max(1, ...stats.throughput.map((m) => m.completed + m.failed), ...depth.map((d) => d[1]));
@@ -37,23 +37,13 @@ function Chart({ stats, depth }: { stats: Stats; depth: [number, number][] }) {
     </svg>
     <figcaption>
       <span class="key key-ok">completed</span> <span class="key key-fail">failed</span> per minute, last hour;
-      <span class="key key-depth">depth</span> (pending + queued) since this page opened. Peak ${peak}.
+      <span class="key key-depth">depth</span> (pending + queued, sampled each minute). Peak ${peak}.
     </figcaption>
   </figure>`;
 }
 
 export function Overview({ api }: { api: Offload }) {
-  const depthSeries = useRef<[number, number][]>([]);
-  const { data: stats, error } = usePolled(
-    async (signal) => {
-      const s = await api.stats(3600, { signal });
-      const depth = (s.by_status.pending ?? 0) + (s.by_status.queued ?? 0);
-      depthSeries.current = [...depthSeries.current.filter(([t]) => t > Date.now() - 3600_000), [Date.now(), depth]];
-      return s;
-    },
-    3000,
-    [api],
-  );
+  const { data: stats, error } = usePolled((signal) => api.stats(3600, { signal }), 3000, [api]);
   if (!stats) return html`<h1>Overview</h1>${error ? html`<p class="error" role="alert">${error}</p>` : html`<p aria-busy="true">Loading…</p>`}`;
   const s = stats.by_status;
   const depth = (s.pending ?? 0) + (s.queued ?? 0);
@@ -72,7 +62,7 @@ export function Overview({ api }: { api: Offload }) {
       <${Card} label="Success rate" value=${done ? `${(100 * (1 - (stats.failure_rate ?? 0))).toFixed(1)} %` : "—"} />
       <${Card} label="Throughput" value=${`${perMinute.toFixed(1)}/min`} />
     </section>
-    <${Chart} stats=${stats} depth=${depthSeries.current} />
+    <${Chart} stats=${stats} />
     <div class="two">
       <section class="card">
         <h2>Latency, last hour</h2>

@@ -68,7 +68,7 @@ export function Schedules({ api }: { api: Offload }) {
     ${error && html`<p class="error" role="alert">${error}</p>`}
     <div class="table-wrap card">
       <table>
-        <caption class="muted">${data ? `${data.length} schedules` : "Loading…"}</caption>
+        <caption class="muted">${data ? `${data.length} schedule${data.length === 1 ? "" : "s"}` : "Loading…"}</caption>
         <thead><tr><th scope="col">Name</th><th scope="col">When</th><th scope="col">Type</th><th scope="col">Next run</th><th scope="col">Last run</th><th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
         <tbody>
           ${data?.map((s) => html`<tr data-schedule=${s.id}>
@@ -77,11 +77,11 @@ export function Schedules({ api }: { api: Offload }) {
             <td>${s.type}</td>
             <td>${s.enabled ? html`${inZone(s.next_run_at, s.timezone)}<br /><span class="muted">${inZone(s.next_run_at, zone)}</span>` : "—"}</td>
             <td>${s.last_run_at ? inZone(s.last_run_at, s.timezone) : "never"}</td>
-            <td class="actions">
+            <td><span class="actions">
               <button disabled=${busy} onClick=${() => act(() => api.updateSchedule(s.id, bodyOf(s, !s.enabled)))}>${s.enabled ? "Pause" : "Resume"}</button>
               <button disabled=${busy} class="danger" onClick=${() => confirm(`Delete the schedule “${s.name}”? Jobs it made are kept.`) && act(() => api.deleteSchedule(s.id))}
                 aria-label=${`Delete schedule ${s.name}`}>Delete</button>
-            </td>
+            </span></td>
           </tr>`)}
           ${data && !data.length && html`<tr><td colspan="6" class="muted">No schedules yet.</td></tr>`}
         </tbody>

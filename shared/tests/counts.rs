@@ -121,8 +121,13 @@ async fn the_kept_counts_follow_every_change_of_a_job() {
     assert_eq!(resp.status(), 204);
     assert_counts_true(&app.db, "after a delete").await;
 
-    // The stats route says what the jobs say.
+    // The stats route says what the jobs say, and the depth the scheduler
+    // samples is what was waiting then.
+    app.db.store.sample_depth(chrono::Utc::now()).await.unwrap();
     let s: Value = app.get_json("/stats").await;
+    assert_eq!(s["depth"].as_array().unwrap().len(), 1, "{s}");
+    assert_eq!(s["depth"][0]["waiting"], 8 + 8 + 1, "{s}");
+    assert_eq!(s["depth"][0]["running"], 0, "{s}");
     assert_eq!(s["by_status"]["queued"], 8 + 8 + 1, "{s}");
     assert_eq!(s["by_queue"]["high"]["queued"], 8, "{s}");
     // Finished counts are what finished within the window: the deleted

@@ -182,6 +182,12 @@ async fn finished_jobs_older_than_retention_are_pruned() {
         db.store.get_any(jobs[1].id).await.unwrap().is_some(),
         "unfinished jobs stay"
     );
+    assert_eq!(
+        db.scalar_i64("SELECT waiting FROM workspace_depth_minutes")
+            .await,
+        1,
+        "the run sampled the waiting job for the stats' depth"
+    );
 }
 
 fn spec(cron: &str, tz: &str) -> offload::schedule::ScheduleSpec {

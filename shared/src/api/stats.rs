@@ -22,6 +22,15 @@ pub struct Percentiles {
     pub samples: i64,
 }
 
+/// Jobs waiting (pending or queued) and running in one minute, as the
+/// scheduler sampled them.
+#[derive(Serialize, ToSchema)]
+pub struct Depth {
+    pub minute: DateTime<Utc>,
+    pub waiting: i64,
+    pub running: i64,
+}
+
 /// Jobs of one type finished within the window.
 #[derive(Serialize, ToSchema, Default)]
 pub struct TypeCounts {
@@ -49,6 +58,9 @@ pub struct Stats {
     pub by_queue: BTreeMap<String, BTreeMap<String, i64>>,
     /// Jobs finished within the window, by job type.
     pub by_type: BTreeMap<String, TypeCounts>,
+    /// Waiting and running jobs per minute over the last hour, oldest first, sampled by
+    /// the scheduler; minutes with none are left out.
+    pub depth: Vec<Depth>,
     /// Completed and failed per minute over the last hour, oldest first; minutes with none are left out.
     pub throughput: Vec<Minute>,
     /// Failed / (completed + failed) among jobs finished in the window (null with none).
@@ -205,10 +217,26 @@ pub async fn stats(
         let (kind, bucket, n): (String, i16, i64) = (r.get(0), r.get(1), r.get(2));
         if kind == "wait" { &mut wait } else { &mut run }.push((bucket, n));
     }
+    let depth = db
+        .query(
+            "SELECT minute, waiting, running FROM workspace_depth_minutes \
+             WHERE workspace_id = $1 AND minute >= $2 ORDER BY minute",
+            &[&ws, &hour_minute],
+        )
+        .await
+        .map_err(DbError::from)?
+        .iter()
+        .map(|r| Depth {
+            minute: r.get(0),
+            waiting: r.get(1),
+            running: r.get(2),
+        })
+        .collect();
     Ok(Json(Stats {
         by_status,
         by_queue,
         by_type,
+        depth,
         throughput,
         failure_rate: (completed + dead > 0).then(|| dead as f64 / (completed + dead) as f64),
         wait_ms: percentiles(&wait),

@@ -23,6 +23,7 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     // The stats log into its rollups first: it is what keeps the stats
     // route's read small.
     while s.store.fold_stats(batch).await? as i64 >= batch && tokio::time::Instant::now() < until {}
+    s.store.sample_depth(s.clock.now()).await?;
     s.store
         .prune_stats(s.clock.now() - Duration::days(STATS_KEPT_DAYS))
         .await?;

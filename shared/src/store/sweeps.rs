@@ -140,6 +140,25 @@ impl Store {
         Ok(row.get::<_, i64>(0) as u64)
     }
 
+    /// Records every workspace's waiting and running jobs for the minute
+    /// `now` falls in (from the kept counts; a second sample in the same
+    /// minute replaces the first).
+    pub async fn sample_depth(&self, now: DateTime<Utc>) -> Result<u64, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        db.execute(
+            "INSERT INTO workspace_depth_minutes (workspace_id, minute, waiting, running) \
+             SELECT workspace_id, date_trunc('minute', $1::timestamptz), \
+                    coalesce(sum(n) FILTER (WHERE status IN ('pending', 'queued')), 0), \
+                    coalesce(sum(n) FILTER (WHERE status = 'running'), 0) \
+             FROM workspace_job_counts GROUP BY workspace_id HAVING sum(n) > 0 \
+             ORDER BY workspace_id \
+             ON CONFLICT (workspace_id, minute) DO UPDATE \
+             SET waiting = excluded.waiting, running = excluded.running",
+            &[&now],
+        )
+        .await
+    }
+
     /// Deletes the stats route's per-minute rollups (V11) older than
     /// `before`: the route reads a day at most.
     pub async fn prune_stats(&self, before: DateTime<Utc>) -> Result<u64, DbError> {

@@ -31,6 +31,8 @@ const MAX_TAG_LEN: usize = 100;
 const MAX_KEY_LEN: usize = 255;
 /// Longest `?wait=` for a long-poll.
 const MAX_WAIT_SECS: u64 = 25;
+/// When a long-poll reads its job once more after registering its watch.
+const WATCH_RECHECK: Duration = Duration::from_secs(1);
 
 /// The body of `POST /api/workspaces/{ws}/jobs`.
 #[derive(Debug, Deserialize, Serialize, Clone, ToSchema)]
@@ -547,17 +549,23 @@ pub async fn get_one(
             .get(member.workspace, id)
             .await?
             .ok_or_else(|| ApiError::not_found("job"))?;
-        // Read again after each notification, and once at the deadline: a
-        // notification lost with a broken listener connection (a Lambda
-        // thawed after a freeze) costs a late answer, never a stale one.
+        // Read again after each notification, once a moment after the watch
+        // was in place, and once at the deadline. A writer whose statement
+        // looked for watchers just before this one registered, and committed
+        // just after the read above, sends no notification: the read a
+        // moment later sees its change. A notification lost with a broken
+        // listener connection (a Lambda thawed after a freeze) costs a late
+        // answer, never a stale one.
+        let mut recheck = Some(tokio::time::Instant::now() + WATCH_RECHECK);
         while etag(&job) == baseline {
-            let woke = waiter.changed(deadline).await;
+            let until = recheck.take().map_or(deadline, |r| r.min(deadline));
+            let woke = waiter.changed(until).await;
             job = state
                 .store
                 .get(member.workspace, id)
                 .await?
                 .ok_or_else(|| ApiError::not_found("job"))?;
-            if !woke {
+            if !woke && tokio::time::Instant::now() >= deadline {
                 break;
             }
         }

@@ -63,7 +63,7 @@ test("the page is served with a strict CSP and signs in with the keyboard only",
   await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Overview" }).waitFor();
   const stored = await page.evaluate(() => [sessionStorage.length, localStorage.length]);
-  assert.deepEqual(stored, [1, 0], "the token is kept in session storage only");
+  assert.deepEqual(stored, [2, 0], "the token is kept in session storage only");
 });
 
 test("a running job's progress bar moves to 100 %", async () => {
@@ -169,6 +169,8 @@ test("a schedule is created with its next run in its time zone, then deleted", a
   await row.waitFor();
   const text = await row.innerText();
   assert.match(text, /GMT\+9|JST/, `next run shown in Tokyo time: ${text}`);
+  await row.getByText("then").click();
+  assert.equal(await row.locator("ul.plain li").count(), 4, "the four runs after the next");
   await shot("schedules");
   await row.getByRole("button", { name: "Delete schedule nightly e2e" }).click();
   await row.waitFor({ state: "detached" });
@@ -191,6 +193,7 @@ test("an expired token returns to sign-in", async () => {
   await page.getByRole("heading", { name: "Sign in" }).waitFor();
   await page.getByRole("status").filter({ hasText: /Signed out: .*expired/ }).waitFor();
   assert.equal(await page.evaluate(() => sessionStorage.getItem("offload.session")), null);
+  assert.equal(await page.getByLabel("Workspace id").inputValue(), WS, "the workspace is filled in again");
   await shot("signed-out");
   assert.deepEqual(cspErrors, [], "no Content-Security-Policy violation on any screen");
 });

@@ -47,7 +47,7 @@ function SignIn({ onSignIn }: { onSignIn: (s: session.Session) => void }) {
     <form onSubmit=${submit} class="card">
       <h2>Sign in</h2>
       ${reason && html`<p class="notice" role="status">Signed out: ${reason}</p>`}
-      <label>Workspace id<input name="workspace" required autocomplete="off" spellcheck="false" /></label>
+      <label>Workspace id<input name="workspace" required autocomplete="off" spellcheck="false" defaultValue=${session.lastWorkspace()} /></label>
       <label>Token or API key
         <textarea name="token" required rows="3" spellcheck="false" placeholder="eyJ… or ofk_…"></textarea>
       </label>

@@ -69,13 +69,16 @@ export function Schedules({ api }: { api: Offload }) {
     <div class="table-wrap card">
       <table>
         <caption class="muted">${data ? `${data.length} schedule${data.length === 1 ? "" : "s"}` : "Loading…"}</caption>
-        <thead><tr><th scope="col">Name</th><th scope="col">When</th><th scope="col">Type</th><th scope="col">Next run</th><th scope="col">Last run</th><th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
+        <thead><tr><th scope="col">Name</th><th scope="col">When</th><th scope="col">Type</th><th scope="col">Next runs</th><th scope="col">Last run</th><th scope="col"><span class="sr-only">Actions</span></th></tr></thead>
         <tbody>
           ${data?.map((s) => html`<tr data-schedule=${s.id}>
             <th scope="row">${s.name} ${!s.enabled && html`<span class="badge badge-cancelled">paused</span>`}</th>
             <td><code>${s.cron}</code> <span class="muted">${s.timezone}</span></td>
             <td>${s.type}</td>
-            <td>${s.enabled ? html`${inZone(s.next_run_at, s.timezone)}<br /><span class="muted">${inZone(s.next_run_at, zone)}</span>` : "—"}</td>
+            <td>${s.enabled
+              ? html`${inZone(s.next_run_at, s.timezone)}<br /><span class="muted">${inZone(s.next_run_at, zone)}</span>
+                  <details><summary>then</summary><ul class="plain">${s.upcoming.slice(1).map((t) => html`<li>${inZone(t, s.timezone)}</li>`)}</ul></details>`
+              : "—"}</td>
             <td>${s.last_run_at ? inZone(s.last_run_at, s.timezone) : "never"}</td>
             <td><span class="actions">
               <button disabled=${busy} onClick=${() => act(() => api.updateSchedule(s.id, bodyOf(s, !s.enabled)))}>${s.enabled ? "Pause" : "Resume"}</button>

@@ -9,6 +9,12 @@ export interface Session {
 }
 
 const KEY = "offload.session";
+const LAST_WORKSPACE = "offload.workspace";
+
+/** The workspace last signed in to in this tab, to fill in after a sign-out. */
+export function lastWorkspace(): string {
+  return sessionStorage.getItem(LAST_WORKSPACE) ?? "";
+}
 
 export function load(): Session | null {
   try {
@@ -22,6 +28,7 @@ export function load(): Session | null {
 
 export function save(s: Session) {
   sessionStorage.setItem(KEY, JSON.stringify(s));
+  sessionStorage.setItem(LAST_WORKSPACE, s.workspace);
 }
 
 export function clear() {

@@ -238,6 +238,22 @@ async fn schedules_can_be_created_read_changed_and_deleted() {
     assert_eq!(resp.status(), StatusCode::CREATED);
     let s: Value = resp.json().await.unwrap();
     let id = s["id"].as_str().unwrap().to_string();
+    // The next five runs, each at 02:00 in Paris, a day apart.
+    let upcoming: Vec<chrono::DateTime<chrono::Utc>> = s["upcoming"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(upcoming.len(), 5, "{s}");
+    assert_eq!(s["upcoming"][0], s["next_run_at"]);
+    for t in &upcoming {
+        let paris = t.with_timezone(&chrono_tz::Europe::Paris);
+        assert_eq!(paris.format("%H:%M").to_string(), "02:00", "{t}");
+    }
+    assert!(upcoming
+        .windows(2)
+        .all(|w| w[1] - w[0] >= chrono::Duration::hours(23)));
     assert_eq!(s["timezone"], "Europe/Paris");
     assert!(s["next_run_at"].as_str().unwrap().ends_with(":00:00Z"));
 

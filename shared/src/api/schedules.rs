@@ -68,14 +68,30 @@ pub struct ScheduleView {
     pub tags: Vec<String>,
     pub enabled: bool,
     pub next_run_at: chrono::DateTime<chrono::Utc>,
+    /// The next five runs, `next_run_at` first (while the schedule is paused,
+    /// those it would make once resumed).
+    pub upcoming: Vec<chrono::DateTime<chrono::Utc>>,
     pub last_run_at: Option<chrono::DateTime<chrono::Utc>>,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// How many runs `upcoming` lists.
+const UPCOMING: usize = 5;
+
 impl From<Schedule> for ScheduleView {
     fn from(s: Schedule) -> Self {
+        let mut upcoming = vec![s.next_run_at];
+        if let Ok(r) = schedule::Recurrence::parse(&s.cron, &s.timezone) {
+            while upcoming.len() < UPCOMING {
+                match r.next_after(upcoming[upcoming.len() - 1]) {
+                    Ok(t) => upcoming.push(t),
+                    Err(_) => break,
+                }
+            }
+        }
         ScheduleView {
+            upcoming,
             id: s.id,
             workspace_id: s.workspace_id.0,
             name: s.name,

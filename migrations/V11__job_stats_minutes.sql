@@ -66,8 +66,8 @@ SELECT workspace_id, kind, minute, bucket, count(*) FROM (
 
 -- One row per job finishing, appended by row triggers whose WHEN clause leaves every
 -- other write (claims, heartbeats, progress) without a call. Appending takes no lock
--- another writer waits for: upserting the rollups from the trigger made every worker
--- of a workspace queue on the same rows and cost a third of the drain rate. The
+-- another writer waits for: upserting the rollups from a statement trigger made every
+-- worker of a workspace queue on the same rows, and cost about 450 us per job. The
 -- scheduler folds these rows into the rollups every minute; the stats route reads the
 -- rollups and the rows not folded yet.
 CREATE TABLE job_stats_log (

@@ -30,6 +30,21 @@ async function api(method, path, body) {
   return resp.status === 204 ? null : resp.json();
 }
 
+/** Presses Tab until the focused element's label or text matches, then returns; no mouse. */
+async function tabTo(pattern) {
+  for (let i = 0; i < 80; i++) {
+    await page.keyboard.press("Tab");
+    const label = await page.evaluate(() => {
+      const el = document.activeElement;
+      if (!el) return "";
+      const label = el.getAttribute("aria-label") ?? el.labels?.[0]?.textContent ?? el.textContent ?? "";
+      return label.trim();
+    });
+    if (pattern.test(label)) return;
+  }
+  assert.fail(`no focusable element matching ${pattern} within 80 tabs`);
+}
+
 const shot = (name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
 
 before(async () => {
@@ -121,6 +136,26 @@ test("a job that failed permanently is found in dead jobs, retried, and complete
   await page.locator(".badge", { hasText: "completed" }).first().waitFor({ timeout: 15_000 });
   assert.equal(calls, 2);
   receiver.close();
+});
+
+test("a job is found and cancelled with the keyboard only", async () => {
+  const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 30000, steps: 60 }, tags: ["e2e-keys"] });
+  await page.goto(`${URL_}/#/`);
+  await page.getByRole("heading", { name: "Overview" }).waitFor();
+  await tabTo(/^Jobs$/);
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "Jobs" }).waitFor();
+  await tabTo(/^Tag/);
+  await page.keyboard.type("e2e-keys");
+  await page.keyboard.press("Enter");
+  await page.waitForFunction(() => location.hash.includes("tag=e2e-keys"));
+  await page.locator(`tr[data-job="${job.id}"]`).waitFor();
+  await tabTo(new RegExp(`Cancel job ${job.id}`));
+  await page.keyboard.press("Enter");
+  for (let i = 0; i < 100 && (await api("GET", `/jobs/${job.id}`)).status !== "cancelled"; i++) {
+    await new Promise((r) => setTimeout(r, 150));
+  }
+  assert.equal((await api("GET", `/jobs/${job.id}`)).status, "cancelled");
 });
 
 test("the jobs table filters by status and tag, and fits a phone", async () => {

@@ -70,7 +70,7 @@ export function Overview({ api }: { api: Offload }) {
           <thead><tr><th scope="col"></th><th scope="col">p50</th><th scope="col">p95</th><th scope="col">p99</th><th scope="col">jobs</th></tr></thead>
           <tbody>
             ${[["Wait (created → started)", stats.wait_ms], ["Run (started → finished)", stats.run_ms]].map(
-              ([label, p]: any) => html`<tr><th scope="row">${label}</th><td>${ms(p.p50)}</td><td>${ms(p.p95)}</td><td>${ms(p.p99)}</td><td>${p.samples}</td></tr>`,
+              ([label, p]: any) => html`<tr><th scope="row">${label}</th><td class="num">${ms(p.p50)}</td><td class="num">${ms(p.p95)}</td><td class="num">${ms(p.p99)}</td><td class="num">${p.samples}</td></tr>`,
             )}
           </tbody>
         </table>

@@ -160,6 +160,18 @@ async fn finished_jobs_older_than_retention_are_pruned() {
         .request_cancel(ws, jobs[0].id, Utc::now())
         .await
         .unwrap();
+    // A depth sample from eight days before the scheduler's clock.
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO workspace_depth_minutes (workspace_id, minute, waiting, running) \
+             VALUES ($1, date_trunc('minute', now()), 7, 0)",
+            &[&ws.0],
+        )
+        .await
+        .unwrap();
     let clock = Clock::manual(Utc::now() + chrono::Duration::days(8));
     let mut s = scheduler(&db, q.clone(), clock);
     s.config.outbox_grace = Duration::from_secs(10 * 86_400);
@@ -181,6 +193,12 @@ async fn finished_jobs_older_than_retention_are_pruned() {
     assert!(
         db.store.get_any(jobs[1].id).await.unwrap().is_some(),
         "unfinished jobs stay"
+    );
+    assert_eq!(
+        db.scalar_i64("SELECT count(*) FROM workspace_depth_minutes")
+            .await,
+        1,
+        "the sample from eight days before is pruned"
     );
     assert_eq!(
         db.scalar_i64("SELECT waiting FROM workspace_depth_minutes")

@@ -159,23 +159,24 @@ impl Store {
         .await
     }
 
-    /// Deletes the stats route's per-minute rollups (V11) older than
-    /// `before`: the route reads a day at most.
+    /// Deletes the stats route's per-minute rollups and depth samples (V11)
+    /// older than `before`: the route reads a day at most.
     pub async fn prune_stats(&self, before: DateTime<Utc>) -> Result<u64, DbError> {
         let db = Conn::get(&self.pool).await?;
-        let counts = db
-            .execute(
-                "DELETE FROM job_stats_minutes WHERE minute < $1",
-                &[&before],
-            )
-            .await?;
-        let latencies = db
-            .execute(
-                "DELETE FROM job_latency_minutes WHERE minute < $1",
-                &[&before],
-            )
-            .await?;
-        Ok(counts + latencies)
+        let mut deleted = 0;
+        for table in [
+            "job_stats_minutes",
+            "job_latency_minutes",
+            "workspace_depth_minutes",
+        ] {
+            deleted += db
+                .execute(
+                    &format!("DELETE FROM {table} WHERE minute < $1"),
+                    &[&before],
+                )
+                .await?;
+        }
+        Ok(deleted)
     }
 
     /// Deletes up to `limit` finished jobs (and, by cascade, their logs)

@@ -280,17 +280,17 @@ pub struct Bounded<const MIN: i64, const MAX: i64>(pub i64);
 
 impl<'de, const MIN: i64, const MAX: i64> serde::Deserialize<'de> for Bounded<MIN, MAX> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = std::borrow::Cow::<str>::deserialize(d)?;
-        raw.trim()
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (MIN..=MAX).contains(n))
-            .map(Bounded)
-            .ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "must be a whole number from {MIN} to {MAX}, got {raw:?}"
-                ))
-            })
+        from_text(
+            d,
+            |raw| {
+                raw.trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (MIN..=MAX).contains(n))
+                    .map(Bounded)
+            },
+            |raw| format!("must be a whole number from {MIN} to {MAX}, got {raw:?}"),
+        )
     }
 }
 
@@ -300,15 +300,28 @@ pub struct Rfc3339(pub chrono::DateTime<chrono::Utc>);
 
 impl<'de> serde::Deserialize<'de> for Rfc3339 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = std::borrow::Cow::<str>::deserialize(d)?;
-        chrono::DateTime::parse_from_rfc3339(&raw)
-            .map(|t| Rfc3339(t.with_timezone(&chrono::Utc)))
-            .map_err(|_| {
-                serde::de::Error::custom(format!(
-                    "must be an RFC 3339 time such as 2026-01-31T09:00:00Z, got {raw:?}"
-                ))
-            })
+        from_text(
+            d,
+            |raw| {
+                chrono::DateTime::parse_from_rfc3339(raw)
+                    .ok()
+                    .map(|t| Rfc3339(t.with_timezone(&chrono::Utc)))
+            },
+            |raw| format!("must be an RFC 3339 time such as 2026-01-31T09:00:00Z, got {raw:?}"),
+        )
     }
+}
+
+/// A query value read from its text by `parse`; text it cannot read is
+/// refused with the message `refusal` makes of it (the parameter's name is
+/// added by [`Params`]).
+pub fn from_text<'de, D: serde::Deserializer<'de>, T>(
+    d: D,
+    parse: impl FnOnce(&str) -> Option<T>,
+    refusal: impl FnOnce(&str) -> String,
+) -> Result<T, D::Error> {
+    let raw = <std::borrow::Cow<str> as serde::Deserialize>::deserialize(d)?;
+    parse(&raw).ok_or_else(|| serde::de::Error::custom(refusal(&raw)))
 }
 
 #[cfg(test)]

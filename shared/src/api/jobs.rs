@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{Bounded, Ids, JsonBody, Member, Params, Rfc3339, WsPath};
+use super::extract::{from_text, Bounded, Ids, JsonBody, Member, Params, Rfc3339, WsPath};
 use super::AppState;
 use crate::enqueue;
 use crate::ids::{JobId, WorkspaceId};
@@ -359,23 +359,23 @@ fn cursor_of(job: &Job) -> String {
     )
 }
 
-fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, JobId), ApiError> {
-    let bad = || ApiError::bad_request("cursor is not one this API returned").with_field("cursor");
-    let (micros, id) = c.split_once('.').ok_or_else(bad)?;
-    let t = DateTime::from_timestamp_micros(micros.parse().map_err(|_| bad())?).ok_or_else(bad)?;
-    Ok((t, id.parse().map_err(|_| bad())?))
-}
-
 /// The `cursor` of `GET …/jobs`: the `next_cursor` of the page before.
 #[derive(Clone, Copy, Debug)]
 pub struct JobCursor(DateTime<Utc>, JobId);
 
+impl JobCursor {
+    fn parse(c: &str) -> Option<JobCursor> {
+        let (micros, id) = c.split_once('.')?;
+        let t = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+        Some(JobCursor(t, id.parse().ok()?))
+    }
+}
+
 impl<'de> Deserialize<'de> for JobCursor {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = std::borrow::Cow::<str>::deserialize(d)?;
-        parse_cursor(&raw)
-            .map(|(t, id)| JobCursor(t, id))
-            .map_err(|_| serde::de::Error::custom("is not a cursor this API returned"))
+        from_text(d, JobCursor::parse, |_| {
+            "is not a cursor this API returned".into()
+        })
     }
 }
 
@@ -704,10 +704,11 @@ pub struct LogCursor(i64);
 
 impl<'de> Deserialize<'de> for LogCursor {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = std::borrow::Cow::<str>::deserialize(d)?;
-        raw.parse()
-            .map(LogCursor)
-            .map_err(|_| serde::de::Error::custom("is not a cursor this API returned"))
+        from_text(
+            d,
+            |raw| raw.parse().ok().map(LogCursor),
+            |_| "is not a cursor this API returned".into(),
+        )
     }
 }
 

@@ -12,9 +12,9 @@ db="offload_e2e"
 server="${DATABASE_URL%/*}"
 psql "$server/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
 out="$(mktemp)"
+export OFFLOAD_JWT_SECRET="offload-e2e-secret-offload-e2e-secret"
 OFFLOAD_BIND=127.0.0.1:3199 DATABASE_URL="$server/$db" OFFLOAD_WEBHOOK_ALLOW_PRIVATE=true \
-  OFFLOAD_JWT_SECRET="offload-e2e-secret-offload-e2e-secret" RUST_LOG=warn \
-  target/debug/offload dev >"$out" 2>"$out.err" &
+  RUST_LOG=warn target/debug/offload dev >"$out" 2>"$out.err" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -f "$out" "$out.err"' EXIT
 for _ in $(seq 1 120); do
@@ -26,8 +26,7 @@ eval "$(grep '^export ' "$out")"
 [ -n "${OFFLOAD_TOKEN:-}" ] || die "offload dev printed no token"
 # A token that expires now: the last test waits out the API's clock-skew allowance.
 export OFFLOAD_EXPIRING_AT="$(( $(date +%s) + 1 ))"
-export OFFLOAD_EXPIRING_TOKEN="$(OFFLOAD_JWT_SECRET="offload-e2e-secret-offload-e2e-secret" \
-  target/debug/offload token --workspace "$OFFLOAD_WORKSPACE" \
+export OFFLOAD_EXPIRING_TOKEN="$(target/debug/offload token --workspace "$OFFLOAD_WORKSPACE" \
   --user 0ff10ad0-0000-4000-8000-0000000000a1 --ttl 1s)"
 export SCREENSHOTS="$ROOT/test-output/dashboard"
 export CHROMIUM=/usr/bin/chromium

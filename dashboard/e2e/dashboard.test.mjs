@@ -30,6 +30,13 @@ async function api(method, path, body) {
   return resp.status === 204 ? null : resp.json();
 }
 
+/** Waits (up to 10 s) until the API says the job is in `status`. */
+async function untilStatus(id, status) {
+  for (let i = 0; i < 100 && (await api("GET", `/jobs/${id}`)).status !== status; i++) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Presses Tab until the focused element's label or text matches, then returns; no mouse. */
 async function tabTo(pattern) {
   for (let i = 0; i < 80; i++) {
@@ -121,9 +128,7 @@ test("a job that failed permanently is found in dead jobs, retried, and complete
   await new Promise((r) => receiver.listen(0, "127.0.0.1", r));
   const url = `http://127.0.0.1:${receiver.address().port}/hook`;
   const job = await api("POST", "/jobs", { type: "webhook", payload: { url, body: { n: 1 } } });
-  for (let i = 0; i < 100 && (await api("GET", `/jobs/${job.id}`)).status !== "dead"; i++) {
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await untilStatus(job.id, "dead");
   await page.goto(`${URL_}/#/dead`);
   const row = page.locator(`tr[data-job="${job.id}"]`);
   await row.waitFor();
@@ -152,9 +157,7 @@ test("a job is found and cancelled with the keyboard only", async () => {
   await page.locator(`tr[data-job="${job.id}"]`).waitFor();
   await tabTo(new RegExp(`Cancel job ${job.id}`));
   await page.keyboard.press("Enter");
-  for (let i = 0; i < 100 && (await api("GET", `/jobs/${job.id}`)).status !== "cancelled"; i++) {
-    await new Promise((r) => setTimeout(r, 150));
-  }
+  await untilStatus(job.id, "cancelled");
   assert.equal((await api("GET", `/jobs/${job.id}`)).status, "cancelled");
 });
 
@@ -163,11 +166,7 @@ test("the jobs table filters by status and tag, and fits a phone", async () => {
     jobs: [1, 2, 3].map(() => ({ type: "noop", tags: ["e2e-red"] })),
   });
   await api("POST", "/jobs/batch", { jobs: [1, 2].map(() => ({ type: "noop", tags: ["e2e-blue"] })) });
-  for (const j of red.jobs) {
-    for (let i = 0; i < 100 && (await api("GET", `/jobs/${j.id}`)).status !== "completed"; i++) {
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
+  for (const j of red.jobs) await untilStatus(j.id, "completed");
   await page.goto(`${URL_}/#/jobs`);
   await page.getByLabel("Status").selectOption("completed");
   await page.getByLabel("Tag").fill("e2e-red");

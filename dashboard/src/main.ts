@@ -4,7 +4,7 @@
 
 import { render } from "preact";
 import { html } from "htm/preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useMemo, useState } from "preact/hooks";
 import type { Offload } from "@offload/client";
 
 import * as session from "./session";
@@ -95,19 +95,15 @@ function Shell({ api, route, onSignOut }: { api: Offload; route: string; onSignO
 function App() {
   const route = useRoute();
   const [s, setSession] = useState(session.load());
-  const [api, setApi] = useState<Offload | null>(s ? session.client(s) : null);
+  const api = useMemo(() => (s ? session.client(s) : null), [s]);
   useEffect(() => {
     // A 401 anywhere cleared the session and sent us here.
-    if (route === "/signin" && !session.load()) {
-      setSession(null);
-      setApi(null);
-    }
+    if (route === "/signin" && !session.load()) setSession(null);
   }, [route]);
-  if (!s || !api || route === "/signin") {
+  if (!api || route === "/signin") {
     return html`<${SignIn}
       onSignIn=${(next: session.Session) => {
         setSession(next);
-        setApi(session.client(next));
         location.hash = "#/";
       }}
     />`;
@@ -118,7 +114,6 @@ function App() {
     onSignOut=${() => {
       session.clear();
       setSession(null);
-      setApi(null);
       location.hash = "#/signin";
     }}
   />`;

@@ -30,4 +30,12 @@ export OFFLOAD_EXPIRING_TOKEN="$(target/debug/offload token --workspace "$OFFLOA
   --user 0ff10ad0-0000-4000-8000-0000000000a1 --ttl 1s)"
 export SCREENSHOTS="$ROOT/test-output/dashboard"
 export CHROMIUM=/usr/bin/chromium
-npm run -s e2e -w dashboard
+# Bounded: a browser or a test that hangs fails the run in 15 minutes instead of holding CI.
+status=0
+timeout -k 10 900 npm run -s e2e -w dashboard || status=$?
+if [ "$status" -ne 0 ]; then
+  [ "$status" -ne 124 ] || echo "error: the browser tests did not finish within 15 minutes" >&2
+  echo "--- offload dev's log (last 60 lines)" >&2
+  tail -n 60 "$out.err" >&2
+  exit "$status"
+fi

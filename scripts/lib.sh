@@ -111,6 +111,8 @@ build_web() {
   command -v npm >/dev/null || die "Node.js 20 or later with npm is needed (apt-get install nodejs npm)"
   say "npm ci; the TypeScript client (from the OpenAPI document) and the dashboard"
   (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error)
+  # The folder exists before any Rust build: the api binary embeds it (see shared/build.rs).
+  mkdir -p "$ROOT/dashboard/dist"
   (cd "$ROOT" && cargo run -q --locked --bin offload-openapi >clients/typescript/openapi.json)
   (cd "$ROOT" && npm run -s build -w clients/typescript && npm run -s build -w dashboard)
 }

@@ -19,6 +19,8 @@ mkdirSync(SHOTS, { recursive: true });
 
 let browser, page;
 const cspErrors = [];
+/** What the page said and what failed to load, printed when a test fails. */
+const pageLog = [];
 
 async function api(method, path, body) {
   const resp = await fetch(`${URL_}/api/workspaces/${WS}${path}`, {
@@ -54,24 +56,75 @@ async function tabTo(pattern) {
 
 const shot = (name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
 
+/**
+ * A browser test: on failure, prints the page's address, its console and
+ * failed requests, and the start of its HTML, then saves a screenshot, so
+ * a failure on a machine nobody can look at says what the browser saw.
+ */
+function browserTest(name, fn) {
+  test(name, async () => {
+    pageLog.length = 0;
+    try {
+      await fn();
+    } catch (err) {
+      const html = await page.content().catch((e) => `(no content: ${e.message})`);
+      console.error(
+        `--- ${name}: the browser at ${page.url()}\n${pageLog.join("\n") || "(nothing logged)"}\n` +
+          `--- HTML (first 1500 characters)\n${html.slice(0, 1500)}\n---`,
+      );
+      const file = `failed-${name.replace(/[^a-z0-9]+/gi, "-").slice(0, 60)}`;
+      await shot(file).catch(() => {});
+      throw err;
+    }
+  });
+}
+
 before(async () => {
+  // The flags keep Chromium off the network it would reach at start-up (updates, sync,
+  // safe browsing): on a closed network those connections are refused or hang.
   browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-    args: ["--no-sandbox"],
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-dev-shm-usage",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    timeout: 60_000,
   });
   page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.setDefaultTimeout(15_000);
   page.on("console", (m) => {
     if (/Content[- ]Security[- ]Policy/i.test(m.text())) cspErrors.push(m.text());
+    pageLog.push(`console.${m.type()}: ${m.text()}`);
   });
+  page.on("pageerror", (e) => pageLog.push(`page error: ${e.stack ?? e.message}`));
+  page.on("requestfailed", (r) => pageLog.push(`request failed: ${r.method()} ${r.url()}: ${r.failure()?.errorText}`));
+  page.on("response", (r) => {
+    if (r.status() >= 400) pageLog.push(`response ${r.status()}: ${r.request().method()} ${r.url()}`);
+  });
+  page.on("crash", () => pageLog.push("the page crashed"));
   page.on("dialog", (d) => d.accept());
 });
 
 after(async () => {
-  await browser?.close();
+  // A browser that does not close must not hold the run: give it 10 s, then kill it.
+  const closing = browser?.close();
+  const timedOut = await Promise.race([
+    closing?.then(() => false),
+    new Promise((r) => setTimeout(() => r(true), 10_000).unref()),
+  ]);
+  if (timedOut) browser?.process?.()?.kill("SIGKILL");
 });
 
-test("the page is served with a strict CSP and signs in with the keyboard only", async () => {
+browserTest("the page is served with a strict CSP and signs in with the keyboard only", async () => {
   const resp = await page.goto(`${URL_}/`);
+  assert.equal(resp.status(), 200, `GET / answered ${resp.status()}: ${await resp.text()}`);
+  assert.match(resp.headers()["content-type"] ?? "", /^text\/html/);
   const csp = resp.headers()["content-security-policy"];
   assert.match(csp, /script-src 'self'/);
   assert.doesNotMatch(csp, /unsafe-inline/);
@@ -88,7 +141,7 @@ test("the page is served with a strict CSP and signs in with the keyboard only",
   assert.deepEqual(stored, [2, 0], "the token is kept in session storage only");
 });
 
-test("a running job's progress bar moves to 100 %", async () => {
+browserTest("a running job's progress bar moves to 100 %", async () => {
   const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 4000, steps: 8 } });
   await page.goto(`${URL_}/#/jobs/${job.id}`);
   const bar = page.getByRole("progressbar", { name: "Job progress" });
@@ -107,7 +160,7 @@ test("a running job's progress bar moves to 100 %", async () => {
   await shot("job-detail");
 });
 
-test("cancelling a running job shows cancelled and its partial result", async () => {
+browserTest("cancelling a running job shows cancelled and its partial result", async () => {
   const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 30000, steps: 60 } });
   await page.goto(`${URL_}/#/jobs/${job.id}`);
   await page.locator(".badge", { hasText: "running" }).first().waitFor({ timeout: 10_000 });
@@ -118,7 +171,7 @@ test("cancelling a running job shows cancelled and its partial result", async ()
   assert.ok(done > 0 && done < 60, `partial: ${done}`);
 });
 
-test("a job that failed permanently is found in dead jobs, retried, and completes", async () => {
+browserTest("a job that failed permanently is found in dead jobs, retried, and completes", async () => {
   let calls = 0;
   const receiver = createServer((req, res) => {
     calls += 1;
@@ -126,24 +179,29 @@ test("a job that failed permanently is found in dead jobs, retried, and complete
     res.end(calls === 1 ? '{"error":"not yet"}' : '{"ok":true}');
   });
   await new Promise((r) => receiver.listen(0, "127.0.0.1", r));
-  const url = `http://127.0.0.1:${receiver.address().port}/hook`;
-  const job = await api("POST", "/jobs", { type: "webhook", payload: { url, body: { n: 1 } } });
-  await untilStatus(job.id, "dead");
-  await page.goto(`${URL_}/#/dead`);
-  const row = page.locator(`tr[data-job="${job.id}"]`);
-  await row.waitFor();
-  await page.getByLabel("Error contains").fill("400");
-  await row.waitFor();
-  await shot("dead-jobs");
-  await row.getByRole("button", { name: `Retry job ${job.id}` }).click();
-  await page.getByRole("status").filter({ hasText: "1 job sent to run again" }).waitFor();
-  await page.goto(`${URL_}/#/jobs/${job.id}`);
-  await page.locator(".badge", { hasText: "completed" }).first().waitFor({ timeout: 15_000 });
-  assert.equal(calls, 2);
-  receiver.close();
+  // A listening receiver keeps the test process alive: it is closed however the test ends.
+  try {
+    const url = `http://127.0.0.1:${receiver.address().port}/hook`;
+    const job = await api("POST", "/jobs", { type: "webhook", payload: { url, body: { n: 1 } } });
+    await untilStatus(job.id, "dead");
+    await page.goto(`${URL_}/#/dead`);
+    const row = page.locator(`tr[data-job="${job.id}"]`);
+    await row.waitFor();
+    await page.getByLabel("Error contains").fill("400");
+    await row.waitFor();
+    await shot("dead-jobs");
+    await row.getByRole("button", { name: `Retry job ${job.id}` }).click();
+    await page.getByRole("status").filter({ hasText: "1 job sent to run again" }).waitFor();
+    await page.goto(`${URL_}/#/jobs/${job.id}`);
+    await page.locator(".badge", { hasText: "completed" }).first().waitFor({ timeout: 15_000 });
+    assert.equal(calls, 2);
+  } finally {
+    receiver.closeAllConnections();
+    receiver.close();
+  }
 });
 
-test("a job is found and cancelled with the keyboard only", async () => {
+browserTest("a job is found and cancelled with the keyboard only", async () => {
   const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 30000, steps: 60 }, tags: ["e2e-keys"] });
   await page.goto(`${URL_}/#/`);
   await page.getByRole("heading", { name: "Overview" }).waitFor();
@@ -161,7 +219,7 @@ test("a job is found and cancelled with the keyboard only", async () => {
   assert.equal((await api("GET", `/jobs/${job.id}`)).status, "cancelled");
 });
 
-test("the jobs table filters by status and tag, and fits a phone", async () => {
+browserTest("the jobs table filters by status and tag, and fits a phone", async () => {
   const red = await api("POST", "/jobs/batch", {
     jobs: [1, 2, 3].map(() => ({ type: "noop", tags: ["e2e-red"] })),
   });
@@ -192,7 +250,7 @@ test("the jobs table filters by status and tag, and fits a phone", async () => {
   await shot("overview");
 });
 
-test("a schedule is created with its next run in its time zone, then deleted", async () => {
+browserTest("a schedule is created with its next run in its time zone, then deleted", async () => {
   await page.goto(`${URL_}/#/schedules`);
   await page.getByLabel("Name").fill("nightly e2e");
   await page.getByLabel("Cron (minute hour day month weekday)").fill("0 2 * * *");
@@ -211,7 +269,7 @@ test("a schedule is created with its next run in its time zone, then deleted", a
   assert.deepEqual((await api("GET", "/schedules")).schedules, []);
 });
 
-test("an expired token returns to sign-in", async () => {
+browserTest("an expired token returns to sign-in", async () => {
   const expiring = process.env.OFFLOAD_EXPIRING_TOKEN;
   const expiresAt = Number(process.env.OFFLOAD_EXPIRING_AT) * 1000;
   // The API allows 30 s of clock skew past `exp`.

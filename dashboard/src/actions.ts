@@ -20,7 +20,7 @@ export function JobActions({ api, job, onDone }: { api: Offload; job: Job; onDon
       setBusy(false);
     }
   };
-  const canCancel = ["pending", "queued", "running"].includes(job.status);
+  const canCancel = ["pending", "queued", "running", "waiting"].includes(job.status);
   const canRetry = job.status === "dead" || job.status === "cancelled";
   return html`<span class="actions">
     ${canCancel && html`<button disabled=${busy} onClick=${act("cancel")} aria-label=${`Cancel job ${job.id}`}>Cancel</button>`}

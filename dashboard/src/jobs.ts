@@ -9,7 +9,7 @@ import { usePolled } from "./hooks";
 import { ago, badge, duration, progressBar } from "./format";
 import { JobActions } from "./actions";
 
-const STATUSES: JobStatus[] = ["pending", "queued", "running", "completed", "cancelled", "dead"];
+const STATUSES: JobStatus[] = ["pending", "queued", "running", "waiting", "completed", "cancelled", "dead"];
 
 function toRfc3339(local: string): string | undefined {
   return local ? new Date(local).toISOString() : undefined;

@@ -22,6 +22,9 @@ pub enum JobStatus {
     Queued,
     /// A worker holds its lease.
     Running,
+    /// Suspended without a worker until what it waits for (its children)
+    /// is done; see [`Job::wait`].
+    Waiting,
     Completed,
     Cancelled,
     /// Exhausted its attempts, failed permanently, or poisoned its worker.
@@ -29,10 +32,11 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 6] = [
+    pub const ALL: [JobStatus; 7] = [
         JobStatus::Pending,
         JobStatus::Queued,
         JobStatus::Running,
+        JobStatus::Waiting,
         JobStatus::Completed,
         JobStatus::Cancelled,
         JobStatus::Dead,
@@ -43,6 +47,7 @@ impl JobStatus {
             JobStatus::Pending => "pending",
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
+            JobStatus::Waiting => "waiting",
             JobStatus::Completed => "completed",
             JobStatus::Cancelled => "cancelled",
             JobStatus::Dead => "dead",
@@ -71,7 +76,7 @@ impl FromStr for JobStatus {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| {
-                format!("unknown status {s:?}; expected one of pending, queued, running, completed, cancelled, dead")
+                format!("unknown status {s:?}; expected one of pending, queued, running, waiting, completed, cancelled, dead")
             })
     }
 }
@@ -204,8 +209,42 @@ macro_rules! job_columns {
         "id, workspace_id, job_type, queue, priority, status, payload, attempts, max_attempts, \
          run_at, progress, result, error_message, error_kind, tags, created_at, started_at, \
          finished_at, updated_at, created_by, idempotency_key, checkpoint, worker_id, \
-         lease_expires_at, enqueued_at, cancel_requested_at"
+         lease_expires_at, enqueued_at, cancel_requested_at, parent_id, child_index, wait_kind, \
+         wait_until"
     };
+}
+
+/// What a `waiting` job waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitKind {
+    /// Its children to finish (or, if it chose to fail fast, one to die).
+    Children,
+    /// A point in time.
+    Time,
+    /// A wait token to be completed.
+    Token,
+}
+
+impl WaitKind {
+    fn parse(s: &str) -> Option<WaitKind> {
+        match s {
+            "children" => Some(WaitKind::Children),
+            "time" => Some(WaitKind::Time),
+            "token" => Some(WaitKind::Token),
+            _ => None,
+        }
+    }
+}
+
+/// A `waiting` job's wait, as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Wait {
+    pub kind: WaitKind,
+    /// When a time wait ends, or a token wait times out.
+    pub until: Option<DateTime<Utc>>,
+    /// The token that completes a token wait.
+    pub token: Option<String>,
 }
 
 /// One job as stored and as returned by the API. The fields a client sees
@@ -240,6 +279,14 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The job that created this one as its child; null for top-level jobs.
+    #[schema(value_type = Option<uuid::Uuid>)]
+    pub parent_id: Option<JobId>,
+    /// What the job waits for while `waiting`; null otherwise.
+    pub wait: Option<Wait>,
+    /// Its place among its parent's children (0-based).
+    #[serde(skip)]
+    pub child_index: Option<i32>,
     #[serde(skip)]
     pub created_by: Option<UserId>,
     #[serde(skip)]
@@ -266,6 +313,16 @@ impl Job {
         let status: String = row.try_get("status")?;
         let error_kind: Option<String> = row.try_get("error_kind")?;
         let progress: Option<Value> = row.try_get("progress")?;
+        let wait_kind: Option<String> = row.try_get("wait_kind")?;
+        let status: JobStatus = status.parse().unwrap_or(JobStatus::Dead);
+        let wait = match (status, wait_kind.as_deref().and_then(WaitKind::parse)) {
+            (JobStatus::Waiting, Some(kind)) => Some(Wait {
+                kind,
+                until: row.try_get("wait_until")?,
+                token: None,
+            }),
+            _ => None,
+        };
         Ok(Job {
             id: JobId(row.try_get("id")?),
             workspace_id: WorkspaceId(row.try_get("workspace_id")?),
@@ -273,7 +330,7 @@ impl Job {
             // The CHECK constraints of the schema keep these three parseable.
             queue: queue.parse().unwrap_or_default(),
             priority: row.try_get("priority")?,
-            status: status.parse().unwrap_or(JobStatus::Dead),
+            status,
             payload: row.try_get("payload")?,
             attempts: row.try_get("attempts")?,
             max_attempts: row.try_get("max_attempts")?,
@@ -295,6 +352,11 @@ impl Job {
             started_at: row.try_get("started_at")?,
             finished_at: row.try_get("finished_at")?,
             updated_at: row.try_get("updated_at")?,
+            parent_id: row
+                .try_get::<_, Option<uuid::Uuid>>("parent_id")?
+                .map(JobId),
+            wait,
+            child_index: row.try_get("child_index")?,
             created_by: row
                 .try_get::<_, Option<uuid::Uuid>>("created_by")?
                 .map(UserId),

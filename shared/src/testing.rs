@@ -520,7 +520,7 @@ pub fn new_job(workspace: WorkspaceId, job_type: &str, payload: Value) -> NewJob
 }
 
 /// The fields of DESIGN.md's job object, in its order.
-pub const JOB_FIELDS: [&str; 19] = [
+pub const JOB_FIELDS: [&str; 21] = [
     "id",
     "workspace_id",
     "type",
@@ -540,6 +540,8 @@ pub const JOB_FIELDS: [&str; 19] = [
     "started_at",
     "finished_at",
     "updated_at",
+    "parent_id",
+    "wait",
 ];
 
 /// Checks that `resp` is an error of `status` with a problem body (stable

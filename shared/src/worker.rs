@@ -325,11 +325,13 @@ impl Worker {
                 Some(p)
                     if p.status.is_terminal()
                         || p.status == JobStatus::Running
+                        || p.status == JobStatus::Waiting
                         || p.cancel_requested =>
                 {
-                    // Finished, held by another worker, or (an expired lease
-                    // with no attempts left, or a cancel) for the scheduler's
-                    // rescue to end.
+                    // Finished, held by another worker, waiting (what ends
+                    // its wait sends it a message of its own), or (an expired
+                    // lease with no attempts left, or a cancel) for the
+                    // scheduler's rescue to end.
                     tracing::debug!(job_id = %job_id, status = %p.status,
                         "job finished or held elsewhere: message acknowledged");
                 }
@@ -500,6 +502,7 @@ impl Invocation<'_> {
             self.deadline,
             w.config.handoff_margin,
             w.storage.clone(),
+            w.queue.clone(),
         );
         let registry = w.registry.clone();
         let span = tracing::info_span!("job", job_id = %job.id, workspace_id = %job.workspace_id,
@@ -715,8 +718,12 @@ impl Invocation<'_> {
 
         let mut later: Vec<ComeBack> = Vec::new();
         let mut handed_off: Vec<Job> = Vec::new();
+        let mut finished: Vec<(JobId, JobStatus)> = Vec::new();
         for ((held, action, ran), written) in plan.into_iter().zip(statuses) {
             let job = &held.job;
+            if let (Some(parent), Written::Now(st)) = (job.parent_id, &written) {
+                finished.push((parent, *st));
+            }
             let outcome = match (&action, &written) {
                 (_, Written::Lost) => "lost",
                 (_, Written::Now(JobStatus::Cancelled)) => "cancelled",
@@ -728,6 +735,14 @@ impl Invocation<'_> {
                     handed_off.push(fresh);
                     "handed_off"
                 }
+                (Action::WaitForChildren { .. }, Written::Now(JobStatus::Pending)) => {
+                    // Its children had all finished already: it runs again now.
+                    let mut fresh = held.job.clone();
+                    fresh.run_at = now;
+                    handed_off.push(fresh);
+                    "handed_off"
+                }
+                (Action::WaitForChildren { .. }, _) => "waiting",
                 (Action::Snooze(delay), _) => {
                     later.push(ComeBack::of(&held, *delay));
                     "snoozed"
@@ -749,6 +764,23 @@ impl Invocation<'_> {
             tracing::info!(job_id = %job.id, workspace_id = %job.workspace_id,
                 attempt = held.lease.attempt, job_type = %job.job_type, outcome, "job ended its run");
             w.metric(job, outcome, ran.run_time);
+        }
+        // Parents whose last child (or, failing fast, a dead one) this group
+        // finished were woken by the same commit: their messages go now (the
+        // scheduler's outbox sends any this misses).
+        let finished_children: Vec<JobId> = finished
+            .iter()
+            .filter_map(|(parent, status)| status.is_terminal().then_some(*parent))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !finished_children.is_empty() {
+            match w.store.woken_parents(&finished_children).await {
+                Ok(parents) => handed_off.extend(parents),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read woken parents; the outbox will send them")
+                }
+            }
         }
         if !handed_off.is_empty() {
             let refs: Vec<&Job> = handed_off.iter().collect();
@@ -940,6 +972,31 @@ async fn write_group(
                         "handed off to a fresh invocation near the time limit".into(),
                     )),
                     None => {}
+                }
+                st
+            }
+            Action::WaitForChildren {
+                checkpoint,
+                fail_fast,
+            } => {
+                let st = store::wait_for_children(
+                    &tx,
+                    lease,
+                    *fail_fast,
+                    checkpoint,
+                    ran.progress.as_ref(),
+                    now,
+                )
+                .await?;
+                match st {
+                    Some(JobStatus::Cancelled) => logs.push(line(
+                        "info",
+                        "cancel requested: stopped instead of waiting for its children".into(),
+                    )),
+                    Some(JobStatus::Waiting) => {
+                        logs.push(line("info", "waiting for its children".into()))
+                    }
+                    _ => {}
                 }
                 st
             }

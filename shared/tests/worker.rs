@@ -568,6 +568,9 @@ fn a_metric_line_is_embedded_metric_format() {
         lease_expires_at: None,
         enqueued_at: None,
         cancel_requested_at: None,
+        parent_id: None,
+        wait: None,
+        child_index: None,
     };
     let line = offload::worker::metric_line(
         &job,

@@ -148,10 +148,15 @@ pub(super) fn check_template(
 
 /// 403 when the job type is for admins (destructive work) and the caller
 /// is not one.
-fn require_role(state: &AppState, member: &Member, job_type: &str) -> Result<(), ApiError> {
-    if state.registry.admin_only(job_type) {
+fn require_role(
+    state: &AppState,
+    member: &Member,
+    job_type: &str,
+    payload: &serde_json::Value,
+) -> Result<(), ApiError> {
+    if let Some(ty) = state.registry.admin_only(job_type, payload) {
         member.require_admin().map_err(|_| {
-            ApiError::forbidden(format!("only a workspace admin may run {job_type} jobs"))
+            ApiError::forbidden(format!("only a workspace admin may run {ty} jobs"))
         })?;
     }
     Ok(())
@@ -165,7 +170,7 @@ fn validate(
     idempotency_key: Option<String>,
     now: DateTime<Utc>,
 ) -> Result<NewJob, ApiError> {
-    require_role(state, member, &body.job_type)?;
+    require_role(state, member, &body.job_type, &body.payload)?;
     let tpl = check_template(
         state,
         member.workspace,
@@ -638,7 +643,7 @@ pub async fn retry(
 ) -> Result<Response, ApiError> {
     let now = state.clock.now();
     if let Some(job) = state.store.get(member.workspace, id).await? {
-        require_role(&state, &member, &job.job_type)?;
+        require_role(&state, &member, &job.job_type, &job.payload)?;
     }
     let Some(mut job) = state.store.manual_retry(member.workspace, id, now).await? else {
         return match state.store.get(member.workspace, id).await? {
@@ -749,6 +754,67 @@ pub async fn logs(
         })
         .collect();
     Ok(Json(LogPage { logs, next_cursor }))
+}
+
+/// The query of `GET …/jobs/{id}/children`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ChildrenParams {
+    /// `next_cursor` of the previous page
+    #[param(value_type = Option<String>)]
+    cursor: Option<ChildCursor>,
+    /// Children per page, default 50
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 200)]
+    limit: Option<Bounded<1, 200>>,
+}
+
+/// The `cursor` of `GET …/children`: the `next_cursor` of the page before.
+#[derive(Clone, Copy, Debug)]
+pub struct ChildCursor(i32);
+
+impl<'de> Deserialize<'de> for ChildCursor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        from_text(
+            d,
+            |raw| raw.parse().ok().filter(|i: &i32| *i >= 0).map(ChildCursor),
+            |_| "is not a cursor this API returned".into(),
+        )
+    }
+}
+
+/// `GET …/jobs/{id}/children?cursor=&limit=`: the jobs this job created as
+/// its children (a `fan_out`'s), in the order it created them.
+#[utoipa::path(get, path = "/api/workspaces/{ws}/jobs/{id}/children", operation_id = "job_children", tag = "jobs",
+    params(JobPath, ChildrenParams),
+    responses(
+        (status = 200, description = "Children in creation order", body = JobList),
+        (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn children(
+    State(state): State<AppState>,
+    member: Member,
+    Ids(JobPath { id, .. }): Ids<JobPath>,
+    Params(q): Params<ChildrenParams>,
+) -> Result<Json<JobList>, ApiError> {
+    if state.store.get(member.workspace, id).await?.is_none() {
+        return Err(ApiError::not_found("job"));
+    }
+    let limit = q.limit.map_or(50, |l| l.0);
+    let mut jobs = state
+        .store
+        .children(id, q.cursor.map(|c| c.0), limit + 1)
+        .await?;
+    let next_cursor = if jobs.len() as i64 > limit {
+        jobs.truncate(limit as usize);
+        jobs.last()
+            .and_then(|j| j.child_index)
+            .map(|i| i.to_string())
+    } else {
+        None
+    };
+    Ok(Json(JobList { jobs, next_cursor }))
 }
 
 /// The path of one file a job made.

@@ -148,6 +148,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::retry))
         .routes(routes!(jobs::logs))
+        .routes(routes!(jobs::children))
         .routes(routes!(jobs::file))
         .routes(routes!(stats::stats))
         .routes(routes!(api_keys::create, api_keys::list))

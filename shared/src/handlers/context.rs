@@ -15,7 +15,8 @@ use tokio::time::Instant;
 use super::{JobError, Outcome};
 use crate::clock::Clock;
 use crate::ids::{JobId, WorkspaceId};
-use crate::job::Progress;
+use crate::job::{Job, Progress, QueueName};
+use crate::queue::Queue;
 use crate::ratelimit;
 use crate::store::{Lease, LogLine, Store};
 
@@ -44,6 +45,32 @@ pub struct JobContext {
     /// Whether `should_hand_off` was asked before in this run.
     asked_hand_off: bool,
     storage: crate::storage::Storage,
+    queue: Arc<dyn Queue>,
+}
+
+/// A child job to create with [`JobContext::create_children`].
+#[derive(Clone, Debug)]
+pub struct ChildJob {
+    pub job_type: String,
+    pub payload: Value,
+    pub queue: QueueName,
+    pub priority: i16,
+    pub max_attempts: i32,
+    pub tags: Vec<String>,
+}
+
+impl ChildJob {
+    /// A child of `job_type` with the defaults of a new job.
+    pub fn new(job_type: &str, payload: Value) -> Self {
+        ChildJob {
+            job_type: job_type.into(),
+            payload,
+            queue: QueueName::Default,
+            priority: 0,
+            max_attempts: 5,
+            tags: Vec::new(),
+        }
+    }
 }
 
 impl JobContext {
@@ -59,6 +86,7 @@ impl JobContext {
         deadline: Instant,
         handoff_margin: Duration,
         storage: crate::storage::Storage,
+        queue: Arc<dyn Queue>,
     ) -> Self {
         JobContext {
             store,
@@ -76,6 +104,7 @@ impl JobContext {
             handoff_margin,
             asked_hand_off: false,
             storage,
+            queue,
         }
     }
 
@@ -186,6 +215,69 @@ impl JobContext {
 
     pub(crate) fn take_checkpoint(&mut self) -> Option<Value> {
         self.checkpoint.take()
+    }
+
+    /// Creates children of this job, the i-th with index `first + i` among
+    /// them, and sends their messages. Creating a child whose index exists
+    /// creates nothing: a run repeated after a crash gets the same children,
+    /// never a second set. Children created before but never sent (the
+    /// crash came between) are sent now. Returns how many were new.
+    pub async fn create_children(
+        &mut self,
+        first: i32,
+        children: &[ChildJob],
+    ) -> Result<u64, JobError> {
+        let now = self.clock.now();
+        let rows: Vec<crate::store::NewJob> = children
+            .iter()
+            .map(|c| crate::store::NewJob {
+                queue: c.queue,
+                priority: c.priority,
+                max_attempts: c.max_attempts,
+                tags: c.tags.clone(),
+                run_at: now,
+                ..crate::store::NewJob::new(self.workspace_id, &c.job_type, c.payload.clone())
+            })
+            .collect();
+        let db = self
+            .store
+            .pool()
+            .get()
+            .await
+            .map_err(crate::db::DbError::from)?;
+        let new = crate::store::insert_children(&db, self.lease.job_id, first, &rows, now).await?;
+        drop(db);
+        loop {
+            let unsent = self.store.unsent_children(self.lease.job_id, 1000).await?;
+            if unsent.is_empty() {
+                break;
+            }
+            let refs: Vec<&Job> = unsent.iter().collect();
+            let sent = crate::enqueue::send_jobs(&self.store, &*self.queue, &refs, now).await?;
+            if let Some(e) = sent.error {
+                // They stay `pending`; the scheduler's outbox sends them.
+                tracing::warn!(error = %e, job_id = %self.lease.job_id,
+                    "children not sent; the outbox will send them");
+                break;
+            }
+            if sent.sent.len() < refs.len() {
+                break;
+            }
+        }
+        Ok(new)
+    }
+
+    /// Up to `limit` of this job's children after index `after`, in order.
+    pub async fn children(&self, after: Option<i32>, limit: i64) -> Result<Vec<Job>, JobError> {
+        Ok(self.store.children(self.lease.job_id, after, limit).await?)
+    }
+
+    /// Suspends the job until its children have finished (with `fail_fast`,
+    /// or one of them is dead), then runs it again from `checkpoint`. No
+    /// worker is held meanwhile.
+    pub fn wait_for_children<T: Serialize>(&mut self, checkpoint: &T, fail_fast: bool) -> Outcome {
+        self.checkpoint = serde_json::to_value(checkpoint).ok();
+        Outcome::WaitForChildren { fail_fast }
     }
 
     /// Reports progress. Writes are throttled; the latest value is written

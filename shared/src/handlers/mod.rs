@@ -11,6 +11,7 @@ mod bulk_export;
 mod bulk_tag;
 mod contact_import;
 mod context;
+mod fan_out;
 mod lead_scoring;
 mod noop;
 mod sequence_subscription;
@@ -29,7 +30,8 @@ use thiserror::Error;
 pub use bulk_export::BulkExport;
 pub use bulk_tag::{BulkDelete, BulkTag};
 pub use contact_import::ContactImport;
-pub use context::JobContext;
+pub use context::{ChildJob, JobContext};
+pub use fan_out::{FanOut, FanOutPayload};
 pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
 pub use sequence_subscription::SequenceSubscription;
@@ -53,6 +55,12 @@ pub enum Outcome {
     /// Not now (a rate limit is empty): try again after the delay. Does not
     /// use an attempt.
     Snooze(Duration),
+    /// Suspend (`waiting`, no worker held) until every child created with
+    /// [`JobContext::create_children`] has finished, then run again from
+    /// the checkpoint saved by [`JobContext::wait_for_children`]. With
+    /// `fail_fast`, a dead child ends the wait at once. Does not use an
+    /// attempt.
+    WaitForChildren { fail_fast: bool },
 }
 
 /// How a run failed.
@@ -147,6 +155,14 @@ pub trait JobHandler: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The jobs this payload asks to create as children (`fan_out`): for
+    /// each, the payload field that holds it, its type and its payload. The
+    /// registry validates each as a job of its own (known type, valid
+    /// payload, admin rule), so a bad child is refused at creation.
+    fn children<'a>(&self, _payload: &'a Self::Payload) -> Vec<(String, &'a str, &'a Value)> {
+        Vec::new()
+    }
+
     /// Does the work. Long work goes in steps: between steps, check
     /// [`JobContext::cancelled`] and [`JobContext::should_hand_off`], report
     /// [`JobContext::progress`], and save a checkpoint.
@@ -170,6 +186,8 @@ pub fn parse_payload<T: DeserializeOwned>(payload: &Value) -> Result<T, PayloadE
 trait ErasedHandler: Send + Sync {
     fn validate(&self, payload: &Value, workspace: WorkspaceId) -> Result<(), PayloadError>;
     fn admin_only(&self) -> bool;
+    /// [`JobHandler::children`] of a payload that parses: (field, type, payload).
+    fn children_of(&self, payload: &Value) -> Vec<(String, String, Value)>;
     async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError>;
 }
 
@@ -177,6 +195,16 @@ trait ErasedHandler: Send + Sync {
 impl<H: JobHandler> ErasedHandler for H {
     fn admin_only(&self) -> bool {
         H::ADMIN_ONLY
+    }
+
+    fn children_of(&self, payload: &Value) -> Vec<(String, String, Value)> {
+        match parse_payload::<H::Payload>(payload) {
+            Ok(typed) => JobHandler::children(self, &typed)
+                .into_iter()
+                .map(|(field, ty, p)| (field, ty.to_string(), p.clone()))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     fn validate(&self, payload: &Value, workspace: WorkspaceId) -> Result<(), PayloadError> {
@@ -245,6 +273,7 @@ impl Registry {
             .with(Webhook::default())
             .with(ContactImport)
             .with(BulkExport)
+            .with(FanOut)
     }
 
     /// The built-in types as configured for this deployment.
@@ -276,9 +305,23 @@ impl Registry {
         self.handlers.contains_key(job_type)
     }
 
-    /// Whether only admins may create jobs of `job_type`.
-    pub fn admin_only(&self, job_type: &str) -> bool {
-        self.handlers.get(job_type).is_some_and(|h| h.admin_only())
+    /// The admin-only type that creating a job of `job_type` with `payload`
+    /// would run, if any: the type itself, or the type of one of the
+    /// children it asks for (a member cannot reach `bulk_delete` through a
+    /// `fan_out`).
+    pub fn admin_only(&self, job_type: &str, payload: &Value) -> Option<String> {
+        let h = self.handlers.get(job_type)?;
+        if h.admin_only() {
+            return Some(job_type.to_string());
+        }
+        h.children_of(payload)
+            .into_iter()
+            .find(|(_, ty, _)| {
+                self.handlers
+                    .get(ty.as_str())
+                    .is_some_and(|c| c.admin_only())
+            })
+            .map(|(_, ty, _)| ty)
     }
 
     /// Validates a payload for a type; unknown types are an error too.
@@ -289,7 +332,34 @@ impl Registry {
         workspace: WorkspaceId,
     ) -> Result<(), PayloadError> {
         match self.handlers.get(job_type) {
-            Some(h) => h.validate(payload, workspace),
+            Some(h) => {
+                h.validate(payload, workspace)?;
+                for (field, ty, child) in h.children_of(payload) {
+                    let Some(c) = self.handlers.get(ty.as_str()) else {
+                        return Err(PayloadError::field(
+                            &format!("{field}.type"),
+                            format!(
+                                "unknown job type {ty:?}; known types: {}",
+                                self.types().collect::<Vec<_>>().join(", ")
+                            ),
+                        ));
+                    };
+                    if !c.children_of(&child).is_empty() {
+                        return Err(PayloadError::field(
+                            &format!("{field}.type"),
+                            format!("a child job cannot create children of its own ({ty})"),
+                        ));
+                    }
+                    c.validate(&child, workspace).map_err(|e| PayloadError {
+                        field: Some(match e.field {
+                            Some(f) => format!("{field}.payload.{f}"),
+                            None => format!("{field}.payload"),
+                        }),
+                        message: e.message,
+                    })?;
+                }
+                Ok(())
+            }
             None => Err(PayloadError::field(
                 "type",
                 format!(

@@ -218,6 +218,51 @@ pub async fn hand_off(
     .await
 }
 
+/// `running → waiting` until the job's children have finished (or, with
+/// `fail_fast`, one of them is dead): the checkpoint is saved and the
+/// attempt given back, as for a hand-off. When there is nothing left to
+/// wait for (the children finished before the parent got here) the job
+/// goes to `pending` instead, to run again at once; `cancelled` when a
+/// cancel was requested. The children's finishes update this same row, so
+/// none can slip between the look at the counts and the wait.
+pub async fn wait_for_children(
+    db: &impl GenericClient,
+    lease: &Lease,
+    fail_fast: bool,
+    checkpoint: &Value,
+    progress: Option<&Progress>,
+    now: DateTime<Utc>,
+) -> Result<Option<JobStatus>, DbError> {
+    let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
+    guarded(
+        db,
+        concat!(
+            "UPDATE jobs SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+               WHEN children_unfinished > 0 AND NOT ($4 AND children_dead > 0) THEN 'waiting' \
+               ELSE 'pending' END, \
+             finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN $7 ELSE finished_at END, \
+             wait_kind = CASE WHEN cancel_requested_at IS NULL AND children_unfinished > 0 \
+               AND NOT ($4 AND children_dead > 0) THEN 'children' END, \
+             wait_fail_fast = $4, attempts = attempts - ",
+            gave_back!(),
+            ", checkpoint = $5, progress = coalesce($6, progress), run_at = $7, \
+             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7",
+            held!(),
+            " RETURNING status"
+        ),
+        &[
+            &lease.job_id.0,
+            &lease.attempt,
+            &lease.worker_id,
+            &fail_fast,
+            &*storable_json(checkpoint),
+            &progress,
+            &now,
+        ],
+    )
+    .await
+}
+
 /// `running → dead`: a permanent error, or the last attempt failed.
 pub async fn bury(
     db: &impl GenericClient,

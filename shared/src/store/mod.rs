@@ -18,14 +18,18 @@ use crate::db::{storable_json, storable_text, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{Job, JobStatus, Progress, QueueName};
 
+mod children;
 mod create;
 mod lease;
 mod reads;
 mod slots;
 mod sweeps;
 
+pub use children::insert_children;
 pub use create::{mark_enqueued_on, MessageRows};
-pub use lease::{bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze};
+pub use lease::{
+    bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze, wait_for_children,
+};
 pub use reads::ListFilter;
 pub use slots::{lock_workspaces, prepare_group, refill, Claimed, ParkedWorkspace, Peeked, Refill};
 pub use sweeps::Rescued;
@@ -82,6 +86,9 @@ impl NewJob {
             lease_expires_at: None,
             enqueued_at: (status == JobStatus::Queued).then_some(now),
             cancel_requested_at: None,
+            parent_id: None,
+            wait: None,
+            child_index: None,
         }
     }
 

@@ -149,8 +149,9 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Cancels a job: one that has not started (`pending`, `queued`) is
-    /// `cancelled` at once; a `running` one gets `cancel_requested_at`, which
+    /// Cancels a job: one that has not started (`pending`, `queued`) or is
+    /// `waiting` is `cancelled` at once (and its unfinished children with it,
+    /// by V12's trigger); a `running` one gets `cancel_requested_at`, which
     /// its handler sees between steps. Returns the job as it now is, or
     /// `None` when no unfinished job of the workspace has that id.
     pub async fn request_cancel(
@@ -167,9 +168,9 @@ impl Store {
                        status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, \
                        finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $3 END, \
                        cancel_requested_at = coalesce(cancel_requested_at, $3), updated_at = $3, \
-                       parked_at = NULL \
+                       parked_at = NULL, wait_kind = NULL \
                      WHERE id = $1 AND workspace_id = $2 \
-                       AND status IN ('pending', 'queued', 'running') \
+                       AND status IN ('pending', 'queued', 'running', 'waiting') \
                      RETURNING ",
                     job_columns!()
                 ),
@@ -180,27 +181,40 @@ impl Store {
     }
 
     /// `dead|cancelled → pending` for a manual re-run: attempts, errors,
-    /// result, progress and checkpoint start afresh. `None` when no such
-    /// finished-but-failed job exists in the workspace.
+    /// result, progress and checkpoint start afresh, and so do its dead or
+    /// cancelled children (a parent re-run finds them to wait for again).
+    /// `None` when no such finished-but-failed job exists in the workspace.
     pub async fn manual_retry(
         &self,
         workspace: WorkspaceId,
         id: JobId,
         now: DateTime<Utc>,
     ) -> Result<Option<Job>, DbError> {
+        /// The columns a re-run starts afresh, due at `$3`.
+        macro_rules! afresh {
+            () => {
+                "status = 'pending', attempts = 0, run_at = $3, \
+                 error_message = NULL, error_kind = NULL, result = NULL, progress = NULL, \
+                 checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
+                 finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
+                 heartbeat_at = NULL, lease_expires_at = NULL, parked_at = NULL, \
+                 wait_kind = NULL, updated_at = $3"
+            };
+        }
         let db = Conn::get(&self.pool).await?;
         let row = db
             .query_opt(
                 concat!(
-                    "UPDATE jobs SET status = 'pending', attempts = 0, run_at = $3, \
-                       error_message = NULL, error_kind = NULL, result = NULL, progress = NULL, \
-                       checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
-                       finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
-                       heartbeat_at = NULL, lease_expires_at = NULL, parked_at = NULL, \
-                       updated_at = $3 \
-                     WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
+                    "WITH parent AS (UPDATE jobs SET ",
+                    afresh!(),
+                    " WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
                      RETURNING ",
-                    job_columns!()
+                    job_columns!(),
+                    "), children AS (UPDATE jobs SET ",
+                    afresh!(),
+                    " WHERE parent_id IN (SELECT id FROM parent) \
+                       AND status IN ('dead', 'cancelled')) \
+                     SELECT * FROM parent"
                 ),
                 &[&id.0, &workspace.0, &now],
             )

@@ -26,6 +26,7 @@ ALTER TABLE jobs
     ADD COLUMN wait_kind           text CHECK (wait_kind IN ('children', 'time', 'token')),
     ADD COLUMN wait_until          timestamptz,
     ADD COLUMN wait_fail_fast      boolean NOT NULL DEFAULT false,
+    ADD COLUMN wait_token          text,
     ADD CONSTRAINT jobs_child_has_index CHECK ((parent_id IS NULL) = (child_index IS NULL));
 
 -- A parent's children in order, and the key that makes creating them idempotent.
@@ -157,3 +158,39 @@ CREATE TRIGGER jobs_cancel_children AFTER UPDATE OF status ON jobs
                        AND OLD.status NOT IN ('completed', 'cancelled', 'dead')
                        AND NEW.children_unfinished > 0)
     EXECUTE FUNCTION jobs_cancel_children();
+
+-- Time and token waits: the scheduler finds the waits it must end (a time wait too
+-- long for a queue's delay, a token past its timeout) by this index, which holds only
+-- waiting rows (`wait_kind` is NULL otherwise, and the worker's usual updates do not
+-- change it, so they stay HOT).
+CREATE INDEX jobs_waits ON jobs (wait_until) WHERE wait_kind IS NOT NULL;
+
+-- Wait tokens (human in the loop): a job creates one (unguessable, scoped to its
+-- workspace), waits, and `POST …/tokens/{token}/complete` (once) or its timeout
+-- ends the wait. Created once per job and name, so a re-run finds its token again.
+CREATE TABLE wait_tokens (
+    token        text PRIMARY KEY,
+    workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
+    job_id       uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    name         text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
+    created_at   timestamptz NOT NULL,
+    timeout_at   timestamptz NOT NULL,
+    completed_at timestamptz,
+    data         jsonb,
+    timed_out_at timestamptz,
+    UNIQUE (job_id, name)
+);
+CREATE INDEX wait_tokens_open ON wait_tokens (timeout_at)
+    WHERE completed_at IS NULL AND timed_out_at IS NULL;
+
+-- Output streams: chunks a running job appends (AI output, per-item results), read
+-- from a cursor (`id`) by `GET …/jobs/{id}/stream` as server-sent events. An append
+-- notifies `offload_jobs` (V10) only when someone watches the job.
+CREATE TABLE job_stream (
+    id           bigserial PRIMARY KEY,
+    job_id       uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    workspace_id uuid NOT NULL,
+    data         jsonb NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX job_stream_job ON job_stream (job_id, id);

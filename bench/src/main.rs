@@ -26,6 +26,7 @@ use serde_json::json;
 
 mod coldstart;
 mod sustained;
+mod workflows;
 
 #[derive(Parser, Clone)]
 #[command(about = "Offload's benchmark")]
@@ -53,7 +54,8 @@ struct Args {
     out: String,
     /// Figures to measure (comma-separated): tiers, drain, latency, cost, api, enqueue, sqs,
     /// import, neighbour, backlog, sustained (the last three are long: not in the default set),
-    /// coldstart (after `cargo build --release --bins`), stats (1 000 000 retained jobs).
+    /// coldstart (after `cargo build --release --bins`), stats (1 000 000 retained jobs),
+    /// workflows (fan-out overhead and wait-token latency).
     #[arg(
         long,
         default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import",
@@ -67,6 +69,15 @@ struct Args {
         value_delimiter = ','
     )]
     tiers: Vec<Tier>,
+    /// Children of the parent in the workflows figure.
+    #[arg(long, default_value_t = 10_000)]
+    fan_out_children: usize,
+    /// Tiers for the fan-out figure (comma-separated).
+    #[arg(long, default_value = "unlimited,enterprise", value_delimiter = ',')]
+    fan_out_tiers: Vec<Tier>,
+    /// Wait tokens completed one after another for the token figure.
+    #[arg(long, default_value_t = 200)]
+    token_waits: usize,
     /// Retained jobs of the one workspace in the stats figure.
     #[arg(long, default_value_t = 1_000_000)]
     stats_jobs: i64,
@@ -1360,6 +1371,14 @@ async fn main() -> anyhow::Result<()> {
         report("neighbour_start_p50", p50, "ms");
         report("neighbour_start_p99", p99, "ms");
         report("neighbour_busy_drain", busy, "jobs/s");
+    }
+    if want("workflows") {
+        eprintln!(
+            "workflows: a parent with {} no-op children from its start to its completion, \
+             against the same jobs alone ({} runs per tier); then {} wait tokens completed",
+            args.fan_out_children, args.repeat, args.token_waits
+        );
+        workflows::run(&args, &server, &mut report).await?;
     }
     if want("drain") {
         eprintln!(

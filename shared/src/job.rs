@@ -210,7 +210,7 @@ macro_rules! job_columns {
          run_at, progress, result, error_message, error_kind, tags, created_at, started_at, \
          finished_at, updated_at, created_by, idempotency_key, checkpoint, worker_id, \
          lease_expires_at, enqueued_at, cancel_requested_at, parent_id, child_index, wait_kind, \
-         wait_until"
+         wait_until, wait_token"
     };
 }
 
@@ -319,7 +319,7 @@ impl Job {
             (JobStatus::Waiting, Some(kind)) => Some(Wait {
                 kind,
                 until: row.try_get("wait_until")?,
-                token: None,
+                token: row.try_get("wait_token")?,
             }),
             _ => None,
         };

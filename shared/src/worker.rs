@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::config::WorkerConfig;
 use crate::db::{self, DbError};
 use crate::enqueue;
-use crate::handlers::{JobContext, JobError, Outcome, Registry};
+use crate::handlers::{JobContext, JobError, Outcome, Registry, WaitOn};
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::{Job, JobMessage, JobStatus, Progress, QueueName};
 use crate::queue::{OutgoingMessage, Queue, QueueError, MAX_DELAY, MAX_VISIBILITY};
@@ -735,14 +735,29 @@ impl Invocation<'_> {
                     handed_off.push(fresh);
                     "handed_off"
                 }
-                (Action::WaitForChildren { .. }, Written::Now(JobStatus::Pending)) => {
-                    // Its children had all finished already: it runs again now.
+                (Action::Wait { .. }, Written::Now(JobStatus::Pending)) => {
+                    // The wait was over before it began (its children had
+                    // finished, its token was completed): it runs again now.
                     let mut fresh = held.job.clone();
                     fresh.run_at = now;
                     handed_off.push(fresh);
                     "handed_off"
                 }
-                (Action::WaitForChildren { .. }, _) => "waiting",
+                (
+                    Action::Wait {
+                        on: WaitOn::Until(until),
+                        ..
+                    },
+                    Written::Now(JobStatus::Waiting),
+                ) => {
+                    // A delayed message resumes it when it is due within a
+                    // queue's delay; a later one the scheduler sends then.
+                    let mut resumed = held.job.clone();
+                    resumed.run_at = *until;
+                    handed_off.push(resumed);
+                    "waiting"
+                }
+                (Action::Wait { .. }, _) => "waiting",
                 (Action::Snooze(delay), _) => {
                     later.push(ComeBack::of(&held, *delay));
                     "snoozed"
@@ -975,26 +990,31 @@ async fn write_group(
                 }
                 st
             }
-            Action::WaitForChildren {
-                checkpoint,
-                fail_fast,
-            } => {
-                let st = store::wait_for_children(
-                    &tx,
-                    lease,
-                    *fail_fast,
-                    checkpoint,
-                    ran.progress.as_ref(),
-                    now,
-                )
-                .await?;
+            Action::Wait { checkpoint, on } => {
+                let p = ran.progress.as_ref();
+                let st = match on {
+                    WaitOn::Children { fail_fast } => {
+                        store::wait_for_children(&tx, lease, *fail_fast, checkpoint, p, now).await?
+                    }
+                    WaitOn::Until(until) => {
+                        store::wait_until(&tx, lease, *until, checkpoint, p, now).await?
+                    }
+                    WaitOn::Token(token) => {
+                        store::wait_for_token(&tx, lease, token, checkpoint, p, now).await?
+                    }
+                };
+                let what = match on {
+                    WaitOn::Children { .. } => "its children".to_string(),
+                    WaitOn::Until(t) => t.to_rfc3339(),
+                    WaitOn::Token(_) => "its wait token".to_string(),
+                };
                 match st {
                     Some(JobStatus::Cancelled) => logs.push(line(
                         "info",
-                        "cancel requested: stopped instead of waiting for its children".into(),
+                        format!("cancel requested: stopped instead of waiting for {what}"),
                     )),
                     Some(JobStatus::Waiting) => {
-                        logs.push(line("info", "waiting for its children".into()))
+                        logs.push(line("info", format!("waiting for {what}")))
                     }
                     _ => {}
                 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use offload::clock::Clock;
 use offload::config::WorkerConfig;
 use offload::event_source::EventSource;
@@ -549,4 +549,416 @@ async fn a_member_cannot_reach_an_admin_only_type_through_a_fan_out() {
         .await
         .unwrap();
     problem(resp, 403, "bulk_delete").await;
+}
+
+/// Waits `secs` once, then completes with the clock's time when it woke.
+struct Nap {
+    secs: u64,
+}
+
+#[async_trait]
+impl JobHandler for Nap {
+    type Payload = Value;
+    const TYPE: &'static str = "nap";
+    async fn run(&self, _: Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        if ctx.checkpoint::<Value>().is_none() {
+            return Ok(ctx.wait_for(&json!({ "napped": true }), Duration::from_secs(self.secs)));
+        }
+        Ok(Outcome::Completed(Some(
+            json!({ "attempt": ctx.attempt() }),
+        )))
+    }
+}
+
+#[tokio::test]
+async fn a_twenty_minute_wait_holds_no_invocation_and_resumes_on_time() {
+    let db = TestDb::new().await;
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let job = db.insert(&[new_job(ws, "nap", json!({}))]).await.remove(0);
+    // Microseconds, as PostgreSQL keeps times.
+    let t0 = (Utc::now() + chrono::Duration::seconds(1)).trunc_subsecs(6);
+    let clock = Clock::manual(t0);
+    let worker = offload::worker::Worker::new(
+        db.store.clone(),
+        q.clone(),
+        Arc::new(Registry::builtin().with(Nap { secs: 20 * 60 })),
+        quick(),
+        clock.clone(),
+        "test-worker",
+        db.storage(),
+    );
+    let source = event_source(q.clone(), worker);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    drain_once(&source).await;
+
+    let due = t0 + chrono::Duration::minutes(20);
+    let waiting = db.job(job.id).await;
+    assert_eq!(waiting.status, JobStatus::Waiting);
+    assert_eq!(waiting.wait.as_ref().unwrap().until, Some(due));
+    assert_eq!(waiting.lease_expires_at, None, "no worker holds it");
+    let depth = q.depth(QueueName::Default).await.unwrap();
+    assert_eq!(
+        (depth.visible, depth.in_flight, depth.delayed),
+        (0, 0, 0),
+        "beyond a queue's 15-minute delay no message carries it yet"
+    );
+
+    let scheduler = Scheduler {
+        store: db.store.clone(),
+        queue: q.clone(),
+        clock: clock.clone(),
+        config: SchedulerConfig::default(),
+    };
+    clock.advance(chrono::Duration::minutes(4));
+    assert_eq!(scheduler.run_once().await.waits_released, 0, "not yet");
+    clock.advance(chrono::Duration::minutes(2));
+    let report = scheduler.run_once().await;
+    assert_eq!(report.waits_released, 1, "{report:?}");
+    clock.advance(chrono::Duration::minutes(1));
+    assert_eq!(scheduler.run_once().await.sent, 1);
+    let depth = q.depth(QueueName::Default).await.unwrap();
+    assert_eq!(depth.delayed, 1, "sent with the delay left, 13 minutes");
+    assert_eq!(db.job(job.id).await.run_at, due);
+
+    // Thirteen minutes pass: the delayed message comes due.
+    clock.advance(chrono::Duration::minutes(13) + chrono::Duration::seconds(1));
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute("UPDATE queue_messages SET vt = now()", &[])
+        .await
+        .unwrap();
+    source.drain().await;
+    let done = db.job(job.id).await;
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(
+        done.result,
+        Some(json!({ "attempt": 1 })),
+        "the wait spent no attempt"
+    );
+    assert!(done.finished_at.unwrap() >= due);
+}
+
+/// A short wait ends by its delayed message alone, on `q`.
+async fn short_wait_resumes(db: &TestDb, q: Arc<dyn Queue>) {
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let source = event_source(
+        q.clone(),
+        db.worker_with(
+            q.clone(),
+            quick(),
+            Registry::builtin().with(Nap { secs: 1 }),
+        ),
+    );
+    let job = db.insert(&[new_job(ws, "nap", json!({}))]).await.remove(0);
+    enqueue(db, &*q, std::slice::from_ref(&job)).await;
+    drain_once(&source).await;
+    assert_eq!(db.job(job.id).await.status, JobStatus::Waiting);
+    let started = std::time::Instant::now();
+    let done = run_until_finished(db, &source, job.id, Duration::from_secs(30)).await;
+    assert_eq!(done.status, JobStatus::Completed);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_short_wait_resumes_by_its_delayed_message_on_postgres() {
+    let db = TestDb::new().await;
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    short_wait_resumes(&db, q).await;
+}
+
+#[tokio::test]
+async fn a_short_wait_resumes_by_its_delayed_message_on_sqs() {
+    let db = TestDb::new().await;
+    let q: Arc<dyn Queue> = Arc::new(sqs_queue(5).await);
+    short_wait_resumes(&db, q).await;
+}
+
+/// An `approval` created through the API waits for its token, which is
+/// completed once (a second completion is a 409) and not at all from
+/// another workspace (404); the job then completes with the data.
+async fn approval_completes_once(app: TestApp) {
+    let resp = app
+        .create_job(
+            json!({ "type": "approval", "payload": { "name": "campaign 7", "timeout_s": 3600 } }),
+        )
+        .await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let source = event_source(
+        app.queue.clone(),
+        app.db.worker_with(app.queue.clone(), quick(), registry()),
+    );
+    drain_once(&source).await;
+    let waiting = app.get_json(&format!("/jobs/{id}")).await;
+    assert_eq!(waiting["status"], "waiting", "{waiting}");
+    assert_eq!(waiting["wait"]["kind"], "token");
+    let token = waiting["wait"]["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("wt_") && token.len() == 67, "{token}");
+
+    // Another workspace's member cannot see or complete it.
+    let (other_ws, other_user) = app.db.workspace(Tier::Standard).await;
+    let resp = app
+        .client
+        .post(format!(
+            "{}/api/workspaces/{other_ws}/tokens/{token}/complete",
+            app.base
+        ))
+        .bearer_auth(offload::testing::token(other_user))
+        .json(&json!({ "data": { "approved": false } }))
+        .send()
+        .await
+        .unwrap();
+    problem(resp, 404, "token").await;
+
+    let bad = app
+        .req("POST", &format!("/tokens/{token}/complete"))
+        .json(&json!({ "approved": true }))
+        .send()
+        .await
+        .unwrap();
+    problem(bad, 422, "approved").await;
+
+    let first = app
+        .req("POST", &format!("/tokens/{token}/complete"))
+        .json(&json!({ "data": { "approved": true, "by": "ana" } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let body: Value = first.json().await.unwrap();
+    assert_eq!(body["job_id"], id.as_str());
+    let again = app
+        .req("POST", &format!("/tokens/{token}/complete"))
+        .json(&json!({ "data": { "approved": false } }))
+        .send()
+        .await
+        .unwrap();
+    problem(again, 409, "completed already").await;
+
+    let done = run_until_finished(
+        &app.db,
+        &source,
+        id.parse().unwrap(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    assert_eq!(
+        done.result,
+        Some(json!({ "data": { "approved": true, "by": "ana" } }))
+    );
+}
+
+#[tokio::test]
+async fn an_approval_token_completed_twice_acts_once_on_postgres() {
+    approval_completes_once(TestApp::spawn().await).await;
+}
+
+#[tokio::test]
+async fn an_approval_token_completed_twice_acts_once_on_sqs() {
+    let db = TestDb::new().await;
+    let q: Arc<dyn Queue> = Arc::new(sqs_queue(5).await);
+    approval_completes_once(TestApp::spawn_with(db, q).await).await;
+}
+
+#[tokio::test]
+async fn an_approval_that_times_out_ends_dead_and_its_token_refuses_completion() {
+    let app = TestApp::spawn().await;
+    let resp = app
+        .create_job(json!({ "type": "approval", "payload": { "name": "refund", "timeout_s": 60 } }))
+        .await;
+    let id: JobId = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let source = event_source(
+        app.queue.clone(),
+        app.db.worker_with(app.queue.clone(), quick(), registry()),
+    );
+    drain_once(&source).await;
+    let token = app.db.job(id).await.wait.unwrap().token.unwrap();
+    let clock = Clock::manual(Utc::now() + chrono::Duration::seconds(61));
+    let scheduler = Scheduler {
+        store: app.db.store.clone(),
+        queue: app.queue.clone(),
+        clock,
+        config: SchedulerConfig::default(),
+    };
+    assert_eq!(scheduler.run_once().await.tokens_expired, 1);
+    let dead = app.db.job(id).await;
+    assert_eq!(dead.status, JobStatus::Dead);
+    assert!(
+        dead.error_message
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{dead:?}"
+    );
+    let late = app
+        .req("POST", &format!("/tokens/{token}/complete"))
+        .json(&json!({ "data": null }))
+        .send()
+        .await
+        .unwrap();
+    problem(late, 409, "timed out").await;
+    for (payload, field) in [
+        (json!({ "name": "x", "timeout_s": 0 }), "payload.timeout_s"),
+        (
+            json!({ "name": "x", "timeout_s": 2_592_001 }),
+            "payload.timeout_s",
+        ),
+        (json!({ "name": "", "timeout_s": 10 }), "payload.name"),
+    ] {
+        let resp = app
+            .create_job(json!({ "type": "approval", "payload": payload }))
+            .await;
+        problem(resp, 422, field).await;
+    }
+}
+
+/// Appends `n` chunks `{"i": i}`, a few milliseconds apart, then completes.
+struct Talker {
+    n: usize,
+}
+
+#[async_trait]
+impl JobHandler for Talker {
+    type Payload = Value;
+    const TYPE: &'static str = "talker";
+    async fn run(&self, _: Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        for i in 0..self.n {
+            ctx.stream(&json!({ "i": i })).await?;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        Ok(Outcome::Completed(None))
+    }
+}
+
+/// Server-sent events as (event, id, data), read from `resp` until `stop`
+/// says so (after the event it is given) or the response ends.
+async fn read_events(
+    mut resp: reqwest::Response,
+    mut stop: impl FnMut(&(String, Option<String>, String)) -> bool,
+) -> Vec<(String, Option<String>, String)> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    while let Ok(Some(bytes)) = resp.chunk().await {
+        buf.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut event, mut id, mut data) = ("message".to_string(), None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
+                }
+            }
+            if data.is_empty() && id.is_none() {
+                continue; // a comment, a keep-alive or the retry field
+            }
+            let e = (event, id, data);
+            let done = stop(&e);
+            out.push(e);
+            if done {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_stream_read_again_from_its_last_event_misses_nothing_and_repeats_nothing() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let app = TestApp::spawn_with(db, q.clone()).await;
+    let workers = offload::testing::Workers::start(
+        &app.db,
+        q.clone(),
+        app.db.worker_with(
+            q.clone(),
+            quick(),
+            Registry::builtin().with(Talker { n: 60 }),
+        ),
+    );
+    let job = app
+        .db
+        .insert(&[new_job(app.workspace, "talker", json!({}))])
+        .await
+        .remove(0);
+    enqueue(&app.db, &*q, std::slice::from_ref(&job)).await;
+    let path = format!("/jobs/{}/stream", job.id);
+
+    // The first reader leaves after 20 chunks, while the job still talks.
+    let first = app.req("GET", &path).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    let mut n = 0;
+    let part1 = read_events(first, |_| {
+        n += 1;
+        n == 20
+    })
+    .await;
+    let last = part1.last().unwrap().1.clone().unwrap();
+    // It comes back with the last id it saw, as EventSource does.
+    let again = app
+        .req("GET", &path)
+        .header("Last-Event-ID", &last)
+        .send()
+        .await
+        .unwrap();
+    let part2 = read_events(again, |e| e.0 == "end").await;
+    workers.stop().await;
+
+    let chunks: Vec<i64> = part1
+        .iter()
+        .chain(part2.iter())
+        .filter(|e| e.0 == "chunk")
+        .map(|e| {
+            serde_json::from_str::<Value>(&e.2).unwrap()["i"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        chunks,
+        (0..60).collect::<Vec<i64>>(),
+        "each chunk once, in order"
+    );
+    let end = part2.last().unwrap();
+    assert_eq!(
+        (end.0.as_str(), end.2.as_str()),
+        ("end", r#"{"status":"completed"}"#)
+    );
+
+    // After the end, from a cursor: the rest, then the end at once.
+    let ids: Vec<String> = part1
+        .iter()
+        .chain(part2.iter())
+        .filter_map(|e| e.1.clone())
+        .collect();
+    let tail = app
+        .req("GET", &format!("{path}?cursor={}", ids[49]))
+        .send()
+        .await
+        .unwrap();
+    let rest = read_events(tail, |e| e.0 == "end").await;
+    assert_eq!(rest.len(), 11, "chunks 50 to 59 and the end: {rest:?}");
+    let bad = app
+        .req("GET", &path)
+        .header("Last-Event-ID", "soon")
+        .send()
+        .await
+        .unwrap();
+    problem(bad, 400, "Last-Event-ID").await;
 }

@@ -9,6 +9,8 @@ pub mod jobs;
 mod limits;
 mod schedules;
 mod stats;
+mod stream;
+pub mod tokens;
 mod uploads;
 pub mod watch;
 
@@ -149,6 +151,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::retry))
         .routes(routes!(jobs::logs))
         .routes(routes!(jobs::children))
+        .routes(routes!(tokens::complete))
+        .routes(routes!(stream::stream))
         .routes(routes!(jobs::file))
         .routes(routes!(stats::stats))
         .routes(routes!(api_keys::create, api_keys::list))

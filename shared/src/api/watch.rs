@@ -30,6 +30,38 @@ pub struct Watch {
     listening: Arc<std::sync::atomic::AtomicBool>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
     waiting: Mutex<HashMap<WorkspaceId, usize>>,
+    feeds: Mutex<HashMap<JobId, std::sync::Weak<Feed>>>,
+}
+
+/// What a job's feed passes to the stream readers of this process.
+#[derive(Clone, Debug)]
+pub enum FeedItem {
+    /// Chunks appended since the feed's last read, in order.
+    Chunks(Arc<Vec<(i64, serde_json::Value)>>),
+    /// The job finished (its stream is complete).
+    Ended(crate::job::JobStatus),
+}
+
+/// One job's stream, read from the database once per change for every
+/// reader of it in this process (1 000 browsers following one job cost the
+/// database what one does). Ends with its last reader.
+pub struct Feed {
+    tx: broadcast::Sender<FeedItem>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Feed {
+    pub fn subscribe(&self) -> broadcast::Receiver<FeedItem> {
+        self.tx.subscribe()
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
 }
 
 impl Drop for Watch {
@@ -69,7 +101,33 @@ impl Watch {
             listening: Arc::default(),
             listener: Mutex::new(None),
             waiting: Mutex::default(),
+            feeds: Mutex::default(),
         })
+    }
+
+    /// The feed of `job`'s stream in this process, started by its first
+    /// reader, with a receiver subscribed before anything is sent.
+    pub fn feed(
+        self: &Arc<Self>,
+        store: &Store,
+        workspace: WorkspaceId,
+        job: JobId,
+    ) -> (Arc<Feed>, broadcast::Receiver<FeedItem>) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        feeds.retain(|_, f| f.strong_count() > 0);
+        if let Some(f) = feeds.get(&job).and_then(std::sync::Weak::upgrade) {
+            let rx = f.subscribe();
+            return (f, rx);
+        }
+        let (tx, rx) = broadcast::channel(1024);
+        let feed = Arc::new(Feed {
+            tx: tx.clone(),
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(run_feed(self.clone(), store.clone(), workspace, job, tx));
+        *feed.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        feeds.insert(job, Arc::downgrade(&feed));
+        (feed, rx)
     }
 
     /// Registers a request waiting up to `until` for `job` to change.
@@ -128,6 +186,93 @@ impl Watch {
             }
         }));
     }
+}
+
+/// Reads what `job` appends while anyone reads it: after each change it is
+/// told of (its own watch registration, one per feed), or every second
+/// when the workspace's watches are all taken or the listener is down.
+async fn run_feed(
+    watch: Arc<Watch>,
+    store: Store,
+    workspace: WorkspaceId,
+    job: JobId,
+    tx: broadcast::Sender<FeedItem>,
+) {
+    let mut cursor = match last_chunk(&store, job).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, job_id = %job, "stream feed cannot start");
+            return;
+        }
+    };
+    loop {
+        let round = tokio::time::Instant::now() + Duration::from_secs(55);
+        let mut waiter = match watch
+            .wait_for(&store, workspace, job, Duration::from_secs(60))
+            .await
+        {
+            Ok(Ok(w)) => Some(w),
+            Ok(Err(Full)) | Err(_) => None,
+        };
+        loop {
+            match feed_once(&store, job, &mut cursor, &tx).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, job_id = %job, "stream feed read failed"),
+            }
+            if tx.receiver_count() == 0 {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= round {
+                break;
+            }
+            match waiter.as_mut() {
+                Some(w) => {
+                    w.changed(round).await;
+                }
+                None => tokio::time::sleep(FALLBACK_POLL).await,
+            }
+        }
+    }
+}
+
+/// Sends what was appended after `cursor`, and the end when the job is
+/// finished; `true` once it has ended.
+async fn feed_once(
+    store: &Store,
+    job: JobId,
+    cursor: &mut i64,
+    tx: &broadcast::Sender<FeedItem>,
+) -> Result<bool, DbError> {
+    let status = store.get_any(job).await?.map(|j| j.status);
+    loop {
+        let page = store.stream_after(job, *cursor, 1000).await?;
+        let Some(last) = page.last().map(|c| c.0) else {
+            break;
+        };
+        *cursor = last;
+        let _ = tx.send(FeedItem::Chunks(Arc::new(page)));
+    }
+    match status {
+        Some(s) if s.is_terminal() => {
+            let _ = tx.send(FeedItem::Ended(s));
+            Ok(true)
+        }
+        None => Ok(true),
+        Some(_) => Ok(false),
+    }
+}
+
+async fn last_chunk(store: &Store, job: JobId) -> Result<i64, DbError> {
+    let db = db::Conn::get(store.pool()).await?;
+    let row = db
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM job_stream WHERE job_id = $1",
+            &[&job.0],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 async fn listen_once(

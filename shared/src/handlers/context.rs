@@ -12,12 +12,13 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
-use super::{JobError, Outcome};
+use super::{JobError, Outcome, WaitOn};
 use crate::clock::Clock;
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::{Job, Progress, QueueName};
 use crate::queue::Queue;
 use crate::ratelimit;
+pub use crate::store::TokenState;
 use crate::store::{Lease, LogLine, Store};
 
 /// Progress is written at most this often; the last value is always kept
@@ -277,7 +278,67 @@ impl JobContext {
     /// worker is held meanwhile.
     pub fn wait_for_children<T: Serialize>(&mut self, checkpoint: &T, fail_fast: bool) -> Outcome {
         self.checkpoint = serde_json::to_value(checkpoint).ok();
-        Outcome::WaitForChildren { fail_fast }
+        Outcome::Wait(WaitOn::Children { fail_fast })
+    }
+
+    /// Suspends the job for `duration` (then runs it again from
+    /// `checkpoint`). No worker is held meanwhile.
+    pub fn wait_for<T: Serialize>(&mut self, checkpoint: &T, duration: Duration) -> Outcome {
+        let until = self.clock.now() + chrono::Duration::from_std(duration).unwrap_or_default();
+        self.wait_until(checkpoint, until)
+    }
+
+    /// Suspends the job until `until` (then runs it again from
+    /// `checkpoint`). No worker is held meanwhile: a queue's delayed message
+    /// resumes it when `until` is within 15 minutes, the scheduler's when
+    /// it is further.
+    pub fn wait_until<T: Serialize>(
+        &mut self,
+        checkpoint: &T,
+        until: chrono::DateTime<chrono::Utc>,
+    ) -> Outcome {
+        self.checkpoint = serde_json::to_value(checkpoint).ok();
+        Outcome::Wait(WaitOn::Until(until))
+    }
+
+    /// This job's wait token named `name`, created the first time (timing
+    /// out `timeout` from then): a re-run gets the same token. Whoever holds
+    /// it completes it with `POST /api/workspaces/{ws}/tokens/{token}/complete`.
+    pub async fn create_token(&self, name: &str, timeout: Duration) -> Result<String, JobError> {
+        let now = self.clock.now();
+        let timeout_at = now + chrono::Duration::from_std(timeout).unwrap_or_default();
+        Ok(self
+            .store
+            .token_for(self.workspace_id, self.lease.job_id, name, timeout_at, now)
+            .await?)
+    }
+
+    /// Whether this job's `token` is still open, completed (with the data it
+    /// was completed with) or timed out.
+    pub async fn token_state(&self, token: &str) -> Result<TokenState, JobError> {
+        Ok(self
+            .store
+            .token_state(self.lease.job_id, token, self.clock.now())
+            .await?)
+    }
+
+    /// Suspends the job until `token` is completed (then runs it again from
+    /// `checkpoint`, where [`JobContext::token_state`] gives the data) or
+    /// times out (the job is then `dead`). No worker is held meanwhile.
+    pub fn wait_for_token<T: Serialize>(&mut self, checkpoint: &T, token: &str) -> Outcome {
+        self.checkpoint = serde_json::to_value(checkpoint).ok();
+        Outcome::Wait(WaitOn::Token(token.to_string()))
+    }
+
+    /// Appends `chunk` to the job's output stream (AI output, per-item
+    /// results), which `GET …/jobs/{id}/stream` serves as server-sent events
+    /// as it grows. Returns the chunk's cursor. A job run again after a
+    /// crash appends after what its earlier run appended.
+    pub async fn stream(&self, chunk: &Value) -> Result<i64, JobError> {
+        self.store
+            .append_stream(&self.lease, self.workspace_id, chunk, self.clock.now())
+            .await?
+            .ok_or(JobError::LeaseLost)
     }
 
     /// Reports progress. Writes are throttled; the latest value is written

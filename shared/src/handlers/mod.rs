@@ -7,6 +7,7 @@
 //! are rejected there, before anything reaches a queue), and the worker hands
 //! the handler the same typed value.
 
+mod approval;
 mod bulk_export;
 mod bulk_tag;
 mod contact_import;
@@ -27,10 +28,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use thiserror::Error;
 
+pub use approval::{Approval, ApprovalPayload};
 pub use bulk_export::BulkExport;
 pub use bulk_tag::{BulkDelete, BulkTag};
 pub use contact_import::ContactImport;
-pub use context::{ChildJob, JobContext};
+pub use context::{ChildJob, JobContext, TokenState};
 pub use fan_out::{FanOut, FanOutPayload};
 pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
@@ -55,12 +57,25 @@ pub enum Outcome {
     /// Not now (a rate limit is empty): try again after the delay. Does not
     /// use an attempt.
     Snooze(Duration),
-    /// Suspend (`waiting`, no worker held) until every child created with
-    /// [`JobContext::create_children`] has finished, then run again from
-    /// the checkpoint saved by [`JobContext::wait_for_children`]. With
-    /// `fail_fast`, a dead child ends the wait at once. Does not use an
-    /// attempt.
-    WaitForChildren { fail_fast: bool },
+    /// Suspend (`waiting`, no worker held) until the wait is over, then run
+    /// again from the checkpoint saved with it (see
+    /// [`JobContext::wait_for_children`], [`JobContext::wait_until`],
+    /// [`JobContext::wait_for_token`]). Does not use an attempt.
+    Wait(WaitOn),
+}
+
+/// What a waiting job waits for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WaitOn {
+    /// Every child created with [`JobContext::create_children`] to finish;
+    /// with `fail_fast`, a dead child ends the wait at once.
+    Children { fail_fast: bool },
+    /// This time (a queue's delayed message up to 15 minutes ahead, the
+    /// scheduler beyond).
+    Until(chrono::DateTime<chrono::Utc>),
+    /// This wait token (from [`JobContext::create_token`]) to be completed
+    /// or to time out.
+    Token(String),
 }
 
 /// How a run failed.
@@ -274,6 +289,7 @@ impl Registry {
             .with(ContactImport)
             .with(BulkExport)
             .with(FanOut)
+            .with(Approval)
     }
 
     /// The built-in types as configured for this deployment.

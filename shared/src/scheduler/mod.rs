@@ -83,6 +83,11 @@ pub struct Report {
     pub released: u64,
     /// Queued jobs long past due whose message was lost, sent again.
     pub resent: u64,
+    /// Time waits (`wait_until`) handed to the outbox: due within a queue's
+    /// delay but carried by no message (longer waits, lost messages).
+    pub waits_released: u64,
+    /// Jobs ended `dead` because their wait token timed out.
+    pub tokens_expired: u64,
     /// How long the oldest due job still waiting to start (pending,
     /// queued or parked) has been due, in seconds; 0 when none waits. The
     /// alarm on it catches a backlog the queues' own ages cannot see (jobs
@@ -107,6 +112,22 @@ impl Scheduler {
         match recurring::run(self).await {
             Ok(n) => report.scheduled = n,
             Err(e) => report.errors.push(format!("recurring: {e}")),
+        }
+        let now = self.clock.now();
+        let horizon = chrono::Duration::from_std(crate::queue::MAX_DELAY).unwrap_or_default();
+        let lost = chrono::Duration::from_std(self.config.outbox_grace).unwrap_or_default()
+            + chrono::Duration::minutes(1);
+        match self
+            .store
+            .release_time_waits(now, horizon, lost, self.config.batch_limit)
+            .await
+        {
+            Ok(n) => report.waits_released = n,
+            Err(e) => report.errors.push(format!("time waits: {e}")),
+        }
+        match self.store.expire_tokens(now, self.config.batch_limit).await {
+            Ok(n) => report.tokens_expired = n,
+            Err(e) => report.errors.push(format!("wait tokens: {e}")),
         }
         match outbox::resend_lost(self).await {
             Ok(n) => report.resent = n,
@@ -141,6 +162,8 @@ impl Scheduler {
                 pruned = report.pruned,
                 released = report.released,
                 resent = report.resent,
+                waits_released = report.waits_released,
+                tokens_expired = report.tokens_expired,
                 oldest_waiting_secs = report.oldest_waiting_secs,
                 "scheduler run"
             );

@@ -263,6 +263,108 @@ pub async fn wait_for_children(
     .await
 }
 
+/// `running → waiting` until `until`, with the checkpoint saved and the
+/// attempt given back; `run_at` is `until`, so the delayed message (or the
+/// scheduler's, for waits beyond a queue's delay) finds it due then.
+/// `cancelled` when a cancel was requested.
+pub async fn wait_until(
+    db: &impl GenericClient,
+    lease: &Lease,
+    until: DateTime<Utc>,
+    checkpoint: &Value,
+    progress: Option<&Progress>,
+    now: DateTime<Utc>,
+) -> Result<Option<JobStatus>, DbError> {
+    let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
+    guarded(
+        db,
+        concat!(
+            "UPDATE jobs SET ",
+            unless_cancelled!("'waiting'", "$7"),
+            ", wait_kind = CASE WHEN cancel_requested_at IS NULL THEN 'time' END, \
+             wait_until = CASE WHEN cancel_requested_at IS NULL THEN $4::timestamptz END, \
+             attempts = attempts - ",
+            gave_back!(),
+            ", checkpoint = $5, progress = coalesce($6, progress), run_at = $4, \
+             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7",
+            held!(),
+            " RETURNING status"
+        ),
+        &[
+            &lease.job_id.0,
+            &lease.attempt,
+            &lease.worker_id,
+            &until,
+            &*storable_json(checkpoint),
+            &progress,
+            &now,
+        ],
+    )
+    .await
+}
+
+/// `running → waiting` for the job's wait token `token` until it is
+/// completed or times out; `pending` at once when it already was (the
+/// completion came while the job was still running), `cancelled` on a
+/// cancel request. The token's row is locked first, as its completion
+/// locks it, so a completion is never missed between the look and the
+/// wait.
+pub async fn wait_for_token(
+    db: &impl GenericClient,
+    lease: &Lease,
+    token: &str,
+    checkpoint: &Value,
+    progress: Option<&Progress>,
+    now: DateTime<Utc>,
+) -> Result<Option<JobStatus>, DbError> {
+    let row = db
+        .query_opt(
+            "SELECT timeout_at, completed_at IS NOT NULL OR timed_out_at IS NOT NULL \
+               OR timeout_at <= $3 \
+             FROM wait_tokens WHERE token = $1 AND job_id = $2 FOR UPDATE",
+            &[&token, &lease.job_id.0, &now],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Err(DbError::Inconsistent(format!(
+            "job {} waits for a token it did not create",
+            lease.job_id
+        )));
+    };
+    let (timeout_at, over): (DateTime<Utc>, bool) = (row.get(0), row.get(1));
+    let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
+    guarded(
+        db,
+        concat!(
+            "UPDATE jobs SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
+               WHEN $4 THEN 'pending' ELSE 'waiting' END, \
+             finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN $9 ELSE finished_at END, \
+             wait_kind = CASE WHEN cancel_requested_at IS NULL AND NOT $4 THEN 'token' END, \
+             wait_until = CASE WHEN cancel_requested_at IS NULL AND NOT $4 THEN $5::timestamptz END, \
+             wait_token = CASE WHEN cancel_requested_at IS NULL AND NOT $4 THEN $6 END, \
+             attempts = attempts - ",
+            gave_back!(),
+            ", checkpoint = $7, progress = coalesce($8, progress), \
+             run_at = CASE WHEN $4 THEN $9 ELSE $5::timestamptz END, enqueued_at = NULL, \
+             lease_expires_at = NULL, updated_at = $9",
+            held!(),
+            " RETURNING status"
+        ),
+        &[
+            &lease.job_id.0,
+            &lease.attempt,
+            &lease.worker_id,
+            &over,
+            &timeout_at,
+            &token,
+            &*storable_json(checkpoint),
+            &progress,
+            &now,
+        ],
+    )
+    .await
+}
+
 /// `running → dead`: a permanent error, or the last attempt failed.
 pub async fn bury(
     db: &impl GenericClient,

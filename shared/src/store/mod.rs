@@ -23,16 +23,20 @@ mod create;
 mod lease;
 mod reads;
 mod slots;
+mod stream;
 mod sweeps;
+mod waits;
 
 pub use children::insert_children;
 pub use create::{mark_enqueued_on, MessageRows};
 pub use lease::{
     bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze, wait_for_children,
+    wait_for_token, wait_until,
 };
 pub use reads::ListFilter;
 pub use slots::{lock_workspaces, prepare_group, refill, Claimed, ParkedWorkspace, Peeked, Refill};
 pub use sweeps::Rescued;
+pub use waits::{Completion, TokenState};
 
 /// A job to insert, already validated.
 #[derive(Clone, Debug)]

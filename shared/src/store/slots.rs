@@ -39,14 +39,15 @@ pub struct Peeked {
     pub lease_expires_at: Option<DateTime<Utc>>,
 }
 
-/// A job is claimable when it is waiting and due, or `running` under a lease
-/// that expired with attempts left (its worker died; a redelivered message
-/// takes it over before the scheduler does). A job with a cancel request is
-/// never started: the worker ends it instead.
+/// A job is claimable when it is waiting to start and due (a time wait
+/// whose time has come included: its delayed message is what resumes it),
+/// or `running` under a lease that expired with attempts left (its worker
+/// died; a redelivered message takes it over before the scheduler does). A
+/// job with a cancel request is never started: the worker ends it instead.
 macro_rules! claimable {
     () => {
         "run_at <= $3 AND cancel_requested_at IS NULL \
-         AND (status IN ('pending', 'queued') \
+         AND (status IN ('pending', 'queued') OR (status = 'waiting' AND wait_kind = 'time') \
               OR (status = 'running' AND lease_expires_at < $3 AND attempts < max_attempts))"
     };
 }
@@ -57,7 +58,7 @@ macro_rules! start_attempt {
     () => {
         "status = 'running', attempts = attempts + 1, worker_id = $2, \
          started_at = coalesce(started_at, $3), heartbeat_at = $3, lease_expires_at = $4, \
-         parked_at = NULL, updated_at = $3"
+         parked_at = NULL, wait_kind = NULL, wait_until = NULL, updated_at = $3"
     };
 }
 
@@ -106,7 +107,7 @@ const CLAIM_OR_PARK: &str = concat!(
        SELECT id AS did, (lmax IS NULL OR rn + coalesce(running, 0) <= lmax) AS run \
        FROM ranked \
        WHERE lmax IS NULL OR rn + coalesce(running, 0) <= lmax \
-          OR status IN ('pending', 'queued')) \
+          OR status IN ('pending', 'queued', 'waiting')) \
      UPDATE jobs SET \
        status = CASE WHEN d.run THEN 'running' ELSE 'queued' END, \
        attempts = CASE WHEN d.run THEN attempts + 1 ELSE attempts END, \
@@ -116,7 +117,7 @@ const CLAIM_OR_PARK: &str = concat!(
        lease_expires_at = CASE WHEN d.run THEN $4 ELSE lease_expires_at END, \
        parked_at = CASE WHEN d.run THEN NULL ELSE coalesce(parked_at, $3) END, \
        enqueued_at = CASE WHEN d.run THEN enqueued_at END, \
-       updated_at = $3 \
+       wait_kind = NULL, wait_until = NULL, updated_at = $3 \
      FROM decided d WHERE jobs.id = d.did \
      RETURNING d.run, ",
     job_columns!()
@@ -427,7 +428,10 @@ impl Store {
         let ids: Vec<_> = ids.iter().map(|i| i.0).collect();
         let rows = db
             .query(
-                "SELECT id, status, run_at, cancel_requested_at IS NOT NULL, lease_expires_at \
+                // A time wait is delivered by its delayed message like a
+                // queued job: judged as one (due: back shortly; early: later).
+                "SELECT id, CASE WHEN status = 'waiting' AND wait_kind = 'time' THEN 'queued' \
+                   ELSE status END, run_at, cancel_requested_at IS NOT NULL, lease_expires_at \
                  FROM jobs WHERE id = ANY($1)",
                 &[&ids],
             )

@@ -8,7 +8,7 @@ use rand::Rng;
 use serde_json::Value;
 
 use crate::config::WorkerConfig;
-use crate::handlers::{JobError, Outcome};
+use crate::handlers::{JobError, Outcome, WaitOn};
 use crate::job::ErrorKind;
 use crate::queue::MAX_VISIBILITY;
 
@@ -21,9 +21,9 @@ pub enum Action {
     Cancel(Option<Value>),
     /// Back to `pending` with this checkpoint and a fresh message.
     HandOff(Value),
-    /// `waiting` for its children with this checkpoint (or `pending` at
-    /// once when none is left to wait for).
-    WaitForChildren { checkpoint: Value, fail_fast: bool },
+    /// `waiting` with this checkpoint (or `pending` at once when the wait
+    /// is already over).
+    Wait { checkpoint: Value, on: WaitOn },
     /// Not run (a rate limit was empty, the database had no connection to
     /// give): back after the delay, attempt given back.
     Snooze(Duration),
@@ -125,9 +125,9 @@ pub fn decide(
             comes_back(Action::HandOff(checkpoint.cloned().unwrap_or(Value::Null)))
         }
         Ok(Outcome::Snooze(delay)) => comes_back(Action::Snooze(*delay)),
-        Ok(Outcome::WaitForChildren { fail_fast }) => comes_back(Action::WaitForChildren {
+        Ok(Outcome::Wait(on)) => comes_back(Action::Wait {
             checkpoint: checkpoint.cloned().unwrap_or(Value::Null),
-            fail_fast: *fail_fast,
+            on: on.clone(),
         }),
         Err(JobError::Busy(_)) => comes_back(Action::Snooze(delay)),
         Err(JobError::LeaseLost) => Action::Drop,
@@ -236,9 +236,9 @@ mod tests {
             (Ok(Outcome::HandOff), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
             (Ok(Outcome::Snooze(s(9))), facts(1, false, None), s(4), Action::Snooze(s(9))),
             (Ok(Outcome::Snooze(s(9))), facts(1, true, None), s(4), Action::Cancel(None)),
-            (Ok(Outcome::WaitForChildren { fail_fast: true }), facts(1, false, Some(1)), s(4),
-                Action::WaitForChildren { checkpoint: cp.clone(), fail_fast: true }),
-            (Ok(Outcome::WaitForChildren { fail_fast: false }), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
+            (Ok(Outcome::Wait(WaitOn::Children { fail_fast: true })), facts(1, false, Some(1)), s(4),
+                Action::Wait { checkpoint: cp.clone(), on: WaitOn::Children { fail_fast: true } }),
+            (Ok(Outcome::Wait(WaitOn::Token("t".into()))), facts(1, true, Some(1)), s(4), Action::Cancel(None)),
             // No connection came free: the job was not run, even on its last attempt.
             (Err(JobError::Busy("pool".into())), facts(3, false, Some(1)), s(4), Action::Snooze(s(4))),
             (Err(JobError::Busy("pool".into())), facts(1, true, Some(1)), s(4), Action::Cancel(None)),

@@ -7,12 +7,18 @@
 -- `waiting → pending` in the same transaction, and the finishing worker (or the
 -- scheduler's outbox, if that send is lost) sends it a message.
 --
--- The counters are kept by row triggers whose WHEN clause only matches children, so
--- jobs without a parent pay nothing. The counter is a column of the parent's own row:
--- the parent's `running → waiting` and a child's finish both update that row, so
--- whichever comes second sees the other's write (no child can finish unseen between
--- the parent's look and its wait). No index involves `status`: the worker's updates
--- stay HOT.
+-- The counts live in `job_children`, one row per parent, not on the parent's job row:
+-- an update of a jobs row fires the jobs table's statement triggers (the workspace
+-- counts, the watchers), and with the counts on the parent every group of finished
+-- children paid for that and queued on the parent's row (10 000 children drained in
+-- 5 s instead of 0.4). They are moved once per statement: the statement trigger that
+-- counts a workspace's inserted jobs (V3, V6) adds a parent's new children, and the one that keeps the workspaces' counts (V2, V7) subtracts what
+-- each statement finished, per parent, then wakes the parents whose wait is over in a
+-- second statement. A parent's `running → waiting` locks its counts row first and
+-- decides on what it reads there; a child's finish locks the same row before the
+-- wake looks at the parent: whichever comes second sees the other's commit, so no
+-- child can finish unseen between the parent's look and its wait. No index involves
+-- `status`: the worker's updates stay HOT.
 
 ALTER TABLE jobs DROP CONSTRAINT jobs_status_check;
 ALTER TABLE jobs ADD CONSTRAINT jobs_status_check
@@ -21,8 +27,6 @@ ALTER TABLE jobs ADD CONSTRAINT jobs_status_check
 ALTER TABLE jobs
     ADD COLUMN parent_id           uuid,
     ADD COLUMN child_index         integer CHECK (child_index >= 0),
-    ADD COLUMN children_unfinished integer NOT NULL DEFAULT 0,
-    ADD COLUMN children_dead       integer NOT NULL DEFAULT 0,
     ADD COLUMN wait_kind           text CHECK (wait_kind IN ('children', 'time', 'token')),
     ADD COLUMN wait_until          timestamptz,
     ADD COLUMN wait_fail_fast      boolean NOT NULL DEFAULT false,
@@ -32,50 +36,26 @@ ALTER TABLE jobs
 -- A parent's children in order, and the key that makes creating them idempotent.
 CREATE UNIQUE INDEX jobs_children ON jobs (parent_id, child_index) WHERE parent_id IS NOT NULL;
 
-CREATE FUNCTION jobs_child_added() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE jobs SET children_unfinished = children_unfinished + 1 WHERE id = NEW.parent_id;
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER jobs_child_added AFTER INSERT ON jobs
-    FOR EACH ROW WHEN (NEW.parent_id IS NOT NULL
-                       AND NEW.status IN ('pending', 'queued', 'running', 'waiting'))
-    EXECUTE FUNCTION jobs_child_added();
-
--- A child finished (+1 finished) or came back by a manual retry (-1); the parent
--- wakes when the wait it chose is over.
-CREATE FUNCTION jobs_child_moved() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    finished integer := CASE WHEN NEW.status IN ('completed', 'cancelled', 'dead') THEN 1 ELSE -1 END;
-    dead integer := (NEW.status = 'dead')::int - (OLD.status = 'dead')::int;
-    wake boolean;
-BEGIN
-    UPDATE jobs SET
-        children_unfinished = greatest(children_unfinished - finished, 0),
-        children_dead = greatest(children_dead + dead, 0)
-    WHERE id = NEW.parent_id
-    RETURNING status = 'waiting' AND wait_kind = 'children'
-              AND (children_unfinished = 0 OR (wait_fail_fast AND children_dead > 0))
-    INTO wake;
-    IF wake THEN
-        UPDATE jobs SET status = 'pending', wait_kind = NULL, wait_fail_fast = false,
-            run_at = now(), enqueued_at = NULL, updated_at = now()
-        WHERE id = NEW.parent_id;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE TRIGGER jobs_child_moved AFTER UPDATE OF status ON jobs
-    FOR EACH ROW WHEN (NEW.parent_id IS NOT NULL
-                       AND (OLD.status IN ('completed', 'cancelled', 'dead'))
-                           IS DISTINCT FROM (NEW.status IN ('completed', 'cancelled', 'dead')))
-    EXECUTE FUNCTION jobs_child_moved();
+-- Without foreign keys: a key checked per row was half of a batch insert's cost
+-- (V6), and a cascading one would add a check per pruned job for each of these
+-- tables; the jobs_count_deleted trigger deletes their rows with their jobs, once
+-- per statement.
+CREATE TABLE job_children (
+    parent_id  uuid PRIMARY KEY,
+    unfinished integer NOT NULL DEFAULT 0,
+    dead       integer NOT NULL DEFAULT 0
+);
 
 -- A waiting job is unfinished: it counts against the workspace's `max_unfinished`.
+-- And the parents of the children a statement finished (or a retry brought back)
+-- have their counts moved by what the statement did, once per parent; a parent
+-- whose wait is over (none left, or a dead one when it fails fast) goes
+-- `waiting → pending`.
 CREATE OR REPLACE FUNCTION jobs_count_running() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    woken_ids uuid[];
+    left_counts integer[];
+    dead_counts integer[];
 BEGIN
     UPDATE workspaces w SET
         running = greatest(w.running + d.running, 0),
@@ -91,6 +71,41 @@ BEGIN
         GROUP BY n.workspace_id
     ) d
     WHERE w.id = d.ws AND (d.running <> 0 OR d.unfinished <> 0);
+    -- After the workspace row, as every statement that touches both takes them
+    -- (an insert's count, a parent's wait): the same order, no deadlock.
+    IF EXISTS (SELECT 1 FROM changed_new WHERE parent_id IS NOT NULL) THEN
+        WITH moved AS (
+            UPDATE job_children c SET
+                unfinished = greatest(c.unfinished - d.fin, 0),
+                dead = greatest(c.dead + d.dead, 0)
+            FROM (
+                SELECT n.parent_id AS pid,
+                       sum(CASE WHEN n.status IN ('completed', 'cancelled', 'dead') THEN 1 ELSE -1 END)::int AS fin,
+                       sum((n.status = 'dead')::int - (o.status = 'dead')::int)::int AS dead
+                FROM changed_new n JOIN changed_old o ON o.id = n.id
+                WHERE n.parent_id IS NOT NULL
+                  AND (o.status IN ('completed', 'cancelled', 'dead'))
+                      IS DISTINCT FROM (n.status IN ('completed', 'cancelled', 'dead'))
+                GROUP BY n.parent_id
+            ) d
+            WHERE c.parent_id = d.pid
+            RETURNING c.parent_id, c.unfinished, c.dead
+        )
+        SELECT array_agg(parent_id), array_agg(unfinished), array_agg(dead)
+        INTO woken_ids, left_counts, dead_counts FROM moved
+        WHERE unfinished = 0 OR dead > 0;
+        -- A statement of its own, so it sees a wait committed while the
+        -- update above waited for the counts' lock; and only for parents
+        -- that may be done, since even an update of no row fires the jobs
+        -- table's statement triggers.
+        IF woken_ids IS NOT NULL THEN
+            UPDATE jobs p SET status = 'pending', wait_kind = NULL, run_at = now(),
+                enqueued_at = NULL, updated_at = now()
+            FROM unnest(woken_ids, left_counts, dead_counts) AS m(pid, un, dd)
+            WHERE p.id = m.pid AND p.status = 'waiting' AND p.wait_kind = 'children'
+              AND (m.un = 0 OR (p.wait_fail_fast AND m.dd > 0));
+        END IF;
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -143,6 +158,9 @@ $$;
 -- a cancel request does. Their own children follow by the same trigger.
 CREATE FUNCTION jobs_cancel_children() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NOT EXISTS (SELECT 1 FROM job_children WHERE parent_id = NEW.id AND unfinished > 0) THEN
+        RETURN NULL;
+    END IF;
     UPDATE jobs SET
         status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
         finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
@@ -155,8 +173,7 @@ $$;
 
 CREATE TRIGGER jobs_cancel_children AFTER UPDATE OF status ON jobs
     FOR EACH ROW WHEN (NEW.status IN ('cancelled', 'dead')
-                       AND OLD.status NOT IN ('completed', 'cancelled', 'dead')
-                       AND NEW.children_unfinished > 0)
+                       AND OLD.status NOT IN ('completed', 'cancelled', 'dead'))
     EXECUTE FUNCTION jobs_cancel_children();
 
 -- Time and token waits: the scheduler finds the waits it must end (a time wait too
@@ -171,7 +188,7 @@ CREATE INDEX jobs_waits ON jobs (wait_until) WHERE wait_kind IS NOT NULL;
 CREATE TABLE wait_tokens (
     token        text PRIMARY KEY,
     workspace_id uuid NOT NULL REFERENCES workspaces (id) ON DELETE CASCADE,
-    job_id       uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    job_id       uuid NOT NULL,
     name         text NOT NULL CHECK (length(name) BETWEEN 1 AND 200),
     created_at   timestamptz NOT NULL,
     timeout_at   timestamptz NOT NULL,
@@ -188,9 +205,59 @@ CREATE INDEX wait_tokens_open ON wait_tokens (timeout_at)
 -- notifies `offload_jobs` (V10) only when someone watches the job.
 CREATE TABLE job_stream (
     id           bigserial PRIMARY KEY,
-    job_id       uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    job_id       uuid NOT NULL,
     workspace_id uuid NOT NULL,
     data         jsonb NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX job_stream_job ON job_stream (job_id, id);
+
+-- Children counted as they are inserted (created with their messages, as any job),
+-- in the trigger that already counts the workspace's inserted jobs once per statement.
+CREATE OR REPLACE FUNCTION jobs_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    missing uuid;
+BEGIN
+    WITH d AS (
+        SELECT workspace_id AS ws,
+               count(*) FILTER (WHERE status IN ('pending', 'queued', 'running')) AS n
+        FROM inserted GROUP BY workspace_id
+    ), u AS (
+        UPDATE workspaces w SET unfinished = w.unfinished + d.n
+        FROM d WHERE w.id = d.ws
+        RETURNING w.id
+    )
+    SELECT d.ws INTO missing FROM d WHERE d.ws NOT IN (SELECT id FROM u) LIMIT 1;
+    IF missing IS NOT NULL THEN
+        RAISE EXCEPTION 'workspace % does not exist', missing
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF EXISTS (SELECT 1 FROM inserted WHERE parent_id IS NOT NULL) THEN
+        INSERT INTO job_children AS c (parent_id, unfinished)
+        SELECT parent_id, count(*)::int FROM inserted
+        WHERE parent_id IS NOT NULL AND status IN ('pending', 'queued', 'running', 'waiting')
+        GROUP BY parent_id ORDER BY parent_id
+        ON CONFLICT (parent_id) DO UPDATE SET unfinished = c.unfinished + EXCLUDED.unfinished;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- What belongs to deleted jobs (pruned, deleted by the API, or with their
+-- workspace) goes with them: their children's counts, wait tokens and streams.
+CREATE OR REPLACE FUNCTION jobs_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE workspaces w SET
+        unfinished = greatest(w.unfinished - d.unfinished, 0),
+        running = greatest(w.running - d.running, 0)
+    FROM (SELECT workspace_id AS ws,
+                 count(*) FILTER (WHERE status IN ('pending', 'queued', 'running', 'waiting')) AS unfinished,
+                 count(*) FILTER (WHERE status = 'running') AS running
+          FROM deleted GROUP BY workspace_id) d
+    WHERE w.id = d.ws AND (d.unfinished <> 0 OR d.running <> 0);
+    DELETE FROM job_children WHERE parent_id IN (SELECT id FROM deleted);
+    DELETE FROM wait_tokens WHERE job_id IN (SELECT id FROM deleted);
+    DELETE FROM job_stream WHERE job_id IN (SELECT id FROM deleted);
+    RETURN NULL;
+END
+$$;

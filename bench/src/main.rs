@@ -78,6 +78,12 @@ struct Args {
     /// Wait tokens completed one after another for the token figure.
     #[arg(long, default_value_t = 200)]
     token_waits: usize,
+    /// Concurrent readers of one job's stream.
+    #[arg(long, default_value_t = 1000)]
+    stream_readers: usize,
+    /// Chunks the streamed job appends (10 ms apart).
+    #[arg(long, default_value_t = 200)]
+    stream_chunks: usize,
     /// Retained jobs of the one workspace in the stats figure.
     #[arg(long, default_value_t = 1_000_000)]
     stats_jobs: i64,

@@ -84,6 +84,7 @@ impl Schedule {
             run_at: now,
             idempotency_key: Some(format!("schedule:{}:{}", self.id, due.timestamp())),
             tags: self.tags.clone(),
+            parent: None,
         }
     }
 }

@@ -282,7 +282,7 @@ async fn a_parent_with_100_children_survives_a_crash_and_gets_the_same_children(
     assert_eq!(children, 100, "the second run created no second set");
     let counters = db
         .scalar_i64(&format!(
-            "SELECT (children_unfinished + children_dead)::int8 FROM jobs WHERE id = '{}'",
+            "SELECT (unfinished + dead)::int8 FROM job_children WHERE parent_id = '{}'",
             parent.id
         ))
         .await;
@@ -415,7 +415,7 @@ async fn a_retried_dead_parent_retries_its_dead_children() {
     assert_eq!((kid.status, kid.attempts), (JobStatus::Pending, 0));
     let unfinished = db
         .scalar_i64(&format!(
-            "SELECT children_unfinished::int8 FROM jobs WHERE id = '{}'",
+            "SELECT unfinished::int8 FROM job_children WHERE parent_id = '{}'",
             parent.id
         ))
         .await;

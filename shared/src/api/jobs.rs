@@ -211,6 +211,7 @@ fn validate(
         run_at,
         idempotency_key,
         tags: body.tags,
+        parent: None,
     })
 }
 

@@ -24,6 +24,9 @@ use crate::store::{Lease, LogLine, Store};
 /// Progress is written at most this often; the last value is always kept
 /// and written when the job finishes.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How long creating children may spend sending their messages before it
+/// leaves the rest to the outbox.
+const CHILDREN_SEND_BUDGET: Duration = Duration::from_secs(10);
 /// The cancel flag is re-read from the database at most this often (the
 /// heartbeat and progress writes refresh it too).
 const CANCEL_CHECK_EVERY: Duration = Duration::from_millis(250);
@@ -107,6 +110,16 @@ impl JobContext {
             storage,
             queue,
         }
+    }
+
+    /// A connection from the pool (none free in time: [`JobError::Busy`]).
+    async fn conn(&self) -> Result<deadpool_postgres::Object, JobError> {
+        Ok(self
+            .store
+            .pool()
+            .get()
+            .await
+            .map_err(crate::db::DbError::from)?)
     }
 
     /// Object storage for the files the job reads and writes.
@@ -219,53 +232,72 @@ impl JobContext {
     }
 
     /// Creates children of this job, the i-th with index `first + i` among
-    /// them, and sends their messages. Creating a child whose index exists
-    /// creates nothing: a run repeated after a crash gets the same children,
-    /// never a second set. Children created before but never sent (the
-    /// crash came between) are sent now. Returns how many were new.
+    /// them, as the API creates a batch (with the Postgres queue, rows and
+    /// messages in one statement; with SQS, the rows, then the messages,
+    /// the outbox sending what a crash between the two left; in a workspace
+    /// with a concurrency limit, parked beyond its free slots). A child whose
+    /// index exists is not created again: a run repeated after a crash gets
+    /// the same children, never a second set. Returns how many were new.
     pub async fn create_children(
         &mut self,
         first: i32,
         children: &[ChildJob],
     ) -> Result<u64, JobError> {
         let now = self.clock.now();
+        let parent = self.lease.job_id;
         let rows: Vec<crate::store::NewJob> = children
             .iter()
-            .map(|c| crate::store::NewJob {
-                queue: c.queue,
-                priority: c.priority,
-                max_attempts: c.max_attempts,
-                tags: c.tags.clone(),
-                run_at: now,
-                ..crate::store::NewJob::new(self.workspace_id, &c.job_type, c.payload.clone())
+            .enumerate()
+            .map(|(i, c)| {
+                crate::store::NewJob {
+                    queue: c.queue,
+                    priority: c.priority,
+                    max_attempts: c.max_attempts,
+                    tags: c.tags.clone(),
+                    run_at: now,
+                    ..crate::store::NewJob::new(self.workspace_id, &c.job_type, c.payload.clone())
+                }
+                .child_of(parent, first + i as i32)
             })
             .collect();
-        let db = self
-            .store
-            .pool()
-            .get()
-            .await
-            .map_err(crate::db::DbError::from)?;
-        let new = crate::store::insert_children(&db, self.lease.job_id, first, &rows, now).await?;
-        drop(db);
-        loop {
-            let unsent = self.store.unsent_children(self.lease.job_id, 1000).await?;
-            if unsent.is_empty() {
-                break;
+        let mut db = self.conn().await?;
+        let limit = crate::workspace::LimitCache::default()
+            .max_running(self.store.pool(), &[self.workspace_id])
+            .await?;
+        // A workspace with a concurrency limit gets them parked, with
+        // messages for its free slots only, as a batch create does: a
+        // message each would only be parked again by the claims.
+        let (created, sent) = match limit.first() {
+            Some((ws, limit)) => {
+                crate::enqueue::create_parked(
+                    &self.store,
+                    &*self.queue,
+                    &mut db,
+                    &rows,
+                    *ws,
+                    *limit,
+                    now,
+                    CHILDREN_SEND_BUDGET,
+                )
+                .await?
             }
-            let refs: Vec<&Job> = unsent.iter().collect();
-            let sent = crate::enqueue::send_jobs(&self.store, &*self.queue, &refs, now).await?;
-            if let Some(e) = sent.error {
-                // They stay `pending`; the scheduler's outbox sends them.
-                tracing::warn!(error = %e, job_id = %self.lease.job_id,
-                    "children not sent; the outbox will send them");
-                break;
+            None => {
+                crate::enqueue::create_jobs(
+                    &self.store,
+                    &*self.queue,
+                    &db,
+                    &rows,
+                    now,
+                    CHILDREN_SEND_BUDGET,
+                )
+                .await?
             }
-            if sent.sent.len() < refs.len() {
-                break;
-            }
+        };
+        if let Some(e) = sent.error {
+            // Committed: they stay `pending` and the scheduler's outbox sends them.
+            tracing::warn!(error = %e, job_id = %parent, "children not sent; the outbox will send them");
         }
-        Ok(new)
+        Ok(created.iter().filter(|(_, new)| *new).count() as u64)
     }
 
     /// Up to `limit` of this job's children after index `after`, in order.
@@ -450,12 +482,7 @@ impl JobContext {
         capacity: f64,
         per_second: f64,
     ) -> Result<bool, JobError> {
-        let db = self
-            .store
-            .pool()
-            .get()
-            .await
-            .map_err(crate::db::DbError::from)?;
+        let db = self.conn().await?;
         Ok(ratelimit::take(&db, key, capacity, per_second, 1.0).await?)
     }
 }

@@ -40,22 +40,22 @@ pub struct MessageRows {
     pub delays_ms: Vec<f64>,
 }
 
-/// The insert of new jobs ($1..$13, one array per column), skipping those
+/// The insert of new jobs ($1..$15, one array per column), skipping those
 /// whose idempotency key exists.
 macro_rules! insert_jobs_sql {
     () => {
         "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
            payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
-           updated_at, enqueued_at) \
+           updated_at, enqueued_at, parent_id, child_index) \
          SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
            n.run_at, n.ikey, \
            CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
            $13::timestamptz, $13::timestamptz, \
-           CASE WHEN n.status = 'queued' THEN $13::timestamptz END \
+           CASE WHEN n.status = 'queued' THEN $13::timestamptz END, n.parent, n.idx \
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
            $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
-           $11::text[], $12::text[]) \
-           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags) \
+           $11::text[], $12::text[], $14::uuid[], $15::int4[]) \
+           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags, parent, idx) \
          ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
            DO NOTHING \
          RETURNING "
@@ -64,13 +64,13 @@ macro_rules! insert_jobs_sql {
 
 const INSERT_JOBS: &str = concat!(insert_jobs_sql!(), "id");
 
-/// [`INSERT_JOBS`] with the Postgres queue's messages ($14..$16) written by
+/// [`INSERT_JOBS`] with the Postgres queue's messages ($16..$18) written by
 /// the same statement. A message whose job loses an idempotency race names
 /// a job that does not exist; the worker acknowledges such messages.
 const INSERT_JOBS_WITH_MESSAGES: &str = concat!(
     "WITH msgs AS (INSERT INTO queue_messages (queue, body, vt) \
        SELECT m.q, m.b, now() + m.d * interval '1 millisecond' \
-       FROM unnest($14::text[], $15::text[], $16::float8[]) AS m(q, b, d)) ",
+       FROM unnest($16::text[], $17::text[], $18::float8[]) AS m(q, b, d)) ",
     insert_jobs_sql!(),
     "id"
 );
@@ -127,9 +127,12 @@ impl Store {
         // Postgres has no arrays of arrays of varying length, so each job's
         // tags travel as one string joined by the unit separator.
         let tags: Vec<String> = jobs.iter().map(|j| j.tags.join("\u{1f}")).collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 13] = [
+        let parents: Vec<Option<uuid::Uuid>> =
+            jobs.iter().map(|j| j.parent.map(|p| p.0 .0)).collect();
+        let indexes: Vec<Option<i32>> = jobs.iter().map(|j| j.parent.map(|p| p.1)).collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 15] = [
             &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes, &run_ats,
-            &keys, &tags, &now,
+            &keys, &tags, &now, &parents, &indexes,
         ];
         let rows = match messages {
             None => {

@@ -223,8 +223,7 @@ pub async fn hand_off(
 /// attempt given back, as for a hand-off. When there is nothing left to
 /// wait for (the children finished before the parent got here) the job
 /// goes to `pending` instead, to run again at once; `cancelled` when a
-/// cancel was requested. The children's finishes update this same row, so
-/// none can slip between the look at the counts and the wait.
+/// cancel was requested.
 pub async fn wait_for_children(
     db: &impl GenericClient,
     lease: &Lease,
@@ -234,15 +233,12 @@ pub async fn wait_for_children(
     now: DateTime<Utc>,
 ) -> Result<Option<JobStatus>, DbError> {
     let progress = progress.map(|p| serde_json::to_value(p).unwrap_or(Value::Null));
-    guarded(
+    let st = guarded(
         db,
         concat!(
-            "UPDATE jobs SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled' \
-               WHEN children_unfinished > 0 AND NOT ($4 AND children_dead > 0) THEN 'waiting' \
-               ELSE 'pending' END, \
-             finished_at = CASE WHEN cancel_requested_at IS NOT NULL THEN $7 ELSE finished_at END, \
-             wait_kind = CASE WHEN cancel_requested_at IS NULL AND children_unfinished > 0 \
-               AND NOT ($4 AND children_dead > 0) THEN 'children' END, \
+            "UPDATE jobs SET ",
+            unless_cancelled!("'waiting'", "$7"),
+            ", wait_kind = CASE WHEN cancel_requested_at IS NULL THEN 'children' END, \
              wait_fail_fast = $4, attempts = attempts - ",
             gave_back!(),
             ", checkpoint = $5, progress = coalesce($6, progress), run_at = $7, \
@@ -260,7 +256,31 @@ pub async fn wait_for_children(
             &now,
         ],
     )
-    .await
+    .await?;
+    if st != Some(JobStatus::Waiting) {
+        return Ok(st);
+    }
+    // Then the counts, locked as a finishing child's statement locks them
+    // (after the workspace row, which the update above took: the same order
+    // as theirs). A finish committed before this look is counted here; one
+    // committed after it finds the job waiting and wakes it (V12).
+    let counts = db
+        .query_opt(
+            "SELECT unfinished, dead FROM job_children WHERE parent_id = $1 FOR UPDATE",
+            &[&lease.job_id.0],
+        )
+        .await?;
+    let (unfinished, dead): (i32, i32) = counts.map_or((0, 0), |r| (r.get(0), r.get(1)));
+    if unfinished > 0 && !(fail_fast && dead > 0) {
+        return Ok(st);
+    }
+    db.execute(
+        "UPDATE jobs SET status = 'pending', wait_kind = NULL, updated_at = $2 \
+         WHERE id = $1 AND status = 'waiting'",
+        &[&lease.job_id.0, &now],
+    )
+    .await?;
+    Ok(Some(JobStatus::Pending))
 }
 
 /// `running → waiting` until `until`, with the checkpoint saved and the

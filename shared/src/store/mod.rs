@@ -27,7 +27,6 @@ mod stream;
 mod sweeps;
 mod waits;
 
-pub use children::insert_children;
 pub use create::{mark_enqueued_on, MessageRows};
 pub use lease::{
     bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze, wait_for_children,
@@ -52,6 +51,9 @@ pub struct NewJob {
     pub run_at: DateTime<Utc>,
     pub idempotency_key: Option<String>,
     pub tags: Vec<String>,
+    /// For a child job: its parent and its index among the parent's
+    /// children (see [`NewJob::child_of`]).
+    pub parent: Option<(JobId, i32)>,
 }
 
 impl NewJob {
@@ -90,9 +92,9 @@ impl NewJob {
             lease_expires_at: None,
             enqueued_at: (status == JobStatus::Queued).then_some(now),
             cancel_requested_at: None,
-            parent_id: None,
+            parent_id: self.parent.map(|p| p.0),
             wait: None,
-            child_index: None,
+            child_index: self.parent.map(|p| p.1),
         }
     }
 
@@ -111,7 +113,17 @@ impl NewJob {
             run_at: Utc::now(),
             idempotency_key: None,
             tags: Vec::new(),
+            parent: None,
         }
+    }
+
+    /// This job as child number `index` of `parent`. Its idempotency key
+    /// names the parent and the index, so creating the same child again (a
+    /// parent re-run after a crash) returns the one that exists.
+    pub fn child_of(mut self, parent: JobId, index: i32) -> Self {
+        self.idempotency_key = Some(format!("child:{parent}:{index}"));
+        self.parent = Some((parent, index));
+        self
     }
 }
 

@@ -76,3 +76,5 @@ cargo run -q -p offload-bench -- --only sustained --sustained-secs 10 --sustaine
   --sustained-retention-secs 2 --sustained-scheduler-secs 2 --sustained-sample-secs 1 \
   --out target/bench-smoke-sustained.json
 cargo run -q -p offload-bench -- --only stats --stats-jobs 2000 --out target/bench-smoke-stats.json
+cargo run -q -p offload-bench -- --only workflows --fan-out-children 200 --repeat 1 \
+  --stream-readers 20 --stream-chunks 20 --token-waits 10 --out target/bench-smoke-workflows.json

@@ -119,3 +119,80 @@ async fn killing_the_runner_mid_batch_loses_nothing_and_duplicates_nothing() {
         .await;
     eprintln!("{kills} kills; {interrupted} jobs needed more than one attempt");
 }
+
+#[tokio::test]
+async fn a_fan_out_of_100_completes_once_across_kills_of_the_runner() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let q: Arc<dyn offload::queue::Queue> = Arc::new(db.pg_queue(10));
+    // Children slow enough that kills land while the parent waits and while
+    // some of them run.
+    let children: Vec<_> = (0..100)
+        .map(|i| json!({"type": "sleep", "payload": {"ms": 150 + i % 3 * 50, "steps": 3}}))
+        .collect();
+    let parent = db
+        .insert(&[new_job(ws, "fan_out", json!({"jobs": children}))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&parent)).await;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut saw_waiting = false;
+    for _ in 0..4 {
+        let mut child = start(&db, port);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        saw_waiting |= db.job(parent.id).await.status == JobStatus::Waiting;
+        child.kill().unwrap(); // SIGKILL: no graceful shutdown
+        child.wait().unwrap();
+    }
+    let mut child = start(&db, port);
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let j = db.job(parent.id).await;
+        if j.status.is_terminal() {
+            break j;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the parent never finished: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    assert!(
+        saw_waiting,
+        "a kill came while the parent waited for its children"
+    );
+    assert_eq!(done.status, JobStatus::Completed, "{done:?}");
+    let result = done.result.unwrap();
+    assert_eq!(
+        (&result["completed"], &result["dead"], &result["cancelled"]),
+        (&json!(100), &json!(0), &json!(0)),
+        "{result}"
+    );
+    let results = result["results"].as_array().unwrap();
+    assert_eq!(results.len(), 100);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r,
+            &json!({"slept_ms": 150 + i % 3 * 50, "steps": 3}),
+            "child {i}'s result, in order"
+        );
+    }
+    assert_eq!(
+        db.scalar_i64(&format!(
+            "SELECT count(*) FROM jobs WHERE parent_id = '{}' AND status = 'completed'",
+            parent.id
+        ))
+        .await,
+        100,
+        "one set of children, all completed"
+    );
+    assert_eq!(db.scalar_i64("SELECT count(*) FROM jobs").await, 101);
+}

@@ -783,14 +783,14 @@ impl Invocation<'_> {
         // Parents whose last child (or, failing fast, a dead one) this group
         // finished were woken by the same commit: their messages go now (the
         // scheduler's outbox sends any this misses).
-        let finished_children: Vec<JobId> = finished
+        let parents: Vec<JobId> = finished
             .iter()
             .filter_map(|(parent, status)| status.is_terminal().then_some(*parent))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        if !finished_children.is_empty() {
-            match w.store.woken_parents(&finished_children).await {
+        if !parents.is_empty() {
+            match w.store.woken_parents(&parents).await {
                 Ok(parents) => handed_off.extend(parents),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read woken parents; the outbox will send them")

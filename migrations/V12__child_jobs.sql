@@ -1,8 +1,8 @@
 -- Child jobs and the `waiting` state. A job (a `fan_out`, or any handler) creates
--- children, each with its `parent_id` and its index among its siblings (unique, so a
--- parent re-run after a crash that creates its children again gets the same ones), and
--- waits for them without holding a worker: `running → waiting`. The parent row counts
--- its unfinished and its dead children; the statement that finishes the last child
+-- children, each with its `parent_id`, its index among its siblings (unique) and the
+-- idempotency key `child:{parent}:{index}`, so a parent re-run after a crash that
+-- creates its children again gets the same ones; and it waits for them without
+-- holding a worker: `running → waiting`. The statement that finishes the last child
 -- (or, when the parent asked to fail fast, a dead one) moves the parent
 -- `waiting → pending` in the same transaction, and the finishing worker (or the
 -- scheduler's outbox, if that send is lost) sends it a message.
@@ -11,14 +11,16 @@
 -- an update of a jobs row fires the jobs table's statement triggers (the workspace
 -- counts, the watchers), and with the counts on the parent every group of finished
 -- children paid for that and queued on the parent's row (10 000 children drained in
--- 5 s instead of 0.4). They are moved once per statement: the statement trigger that
--- counts a workspace's inserted jobs (V3, V6) adds a parent's new children, and the one that keeps the workspaces' counts (V2, V7) subtracts what
--- each statement finished, per parent, then wakes the parents whose wait is over in a
--- second statement. A parent's `running → waiting` locks its counts row first and
--- decides on what it reads there; a child's finish locks the same row before the
--- wake looks at the parent: whichever comes second sees the other's commit, so no
--- child can finish unseen between the parent's look and its wait. No index involves
--- `status`: the worker's updates stay HOT.
+-- 5 s instead of 0.4). They are moved once per statement: the trigger that counts a
+-- workspace's inserted jobs (V3, V6) adds a parent's new children, and the one that
+-- keeps the workspaces' counts (V2, V7) subtracts what each statement finished, per
+-- parent, then wakes the parents whose wait is over in a second statement. Every
+-- path takes the workspace row before the counts row (no deadlock). A parent's
+-- `running → waiting` writes the wait, then locks its counts row and reads it; a
+-- child's finish locks the same row before its wake looks at the parent: whichever
+-- comes second sees the other's commit, so no child can finish unseen between the
+-- parent's look and its wait. No index involves `status`: the worker's updates stay
+-- HOT.
 
 ALTER TABLE jobs DROP CONSTRAINT jobs_status_check;
 ALTER TABLE jobs ADD CONSTRAINT jobs_status_check

@@ -261,38 +261,22 @@ impl JobContext {
             })
             .collect();
         let mut db = self.conn().await?;
-        let limit = crate::workspace::LimitCache::default()
-            .max_running(self.store.pool(), &[self.workspace_id])
-            .await?;
         // A workspace with a concurrency limit gets them parked, with
-        // messages for its free slots only, as a batch create does: a
-        // message each would only be parked again by the claims.
-        let (created, sent) = match limit.first() {
-            Some((ws, limit)) => {
-                crate::enqueue::create_parked(
-                    &self.store,
-                    &*self.queue,
-                    &mut db,
-                    &rows,
-                    *ws,
-                    *limit,
-                    now,
-                    CHILDREN_SEND_BUDGET,
-                )
-                .await?
-            }
-            None => {
-                crate::enqueue::create_jobs(
-                    &self.store,
-                    &*self.queue,
-                    &db,
-                    &rows,
-                    now,
-                    CHILDREN_SEND_BUDGET,
-                )
-                .await?
-            }
-        };
+        // messages for its free slots only, as a batch create does.
+        let limit = crate::workspace::limits(&**db, self.workspace_id)
+            .await?
+            .max_running;
+        let (created, sent) = crate::enqueue::create_batch(
+            &self.store,
+            &*self.queue,
+            &mut db,
+            &rows,
+            self.workspace_id,
+            limit,
+            now,
+            CHILDREN_SEND_BUDGET,
+        )
+        .await?;
         if let Some(e) = sent.error {
             // Committed: they stay `pending` and the scheduler's outbox sends them.
             tracing::warn!(error = %e, job_id = %parent, "children not sent; the outbox will send them");

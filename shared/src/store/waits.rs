@@ -204,13 +204,14 @@ impl Store {
                    enqueued_at = NULL, updated_at = $4 \
                  WHERE id = ANY(ARRAY( \
                    SELECT id FROM jobs WHERE wait_kind = 'time' AND wait_until <= $1 \
-                     AND (wait_until > updated_at + $2::text::interval OR wait_until < $4::timestamptz - $3::text::interval) \
+                     AND (wait_until > updated_at + make_interval(secs => $2) \
+                          OR wait_until < $3) \
                    ORDER BY wait_until LIMIT $5 FOR UPDATE SKIP LOCKED)) \
                  AND status = 'waiting' AND wait_kind = 'time'",
                 &[
                     &(now + horizon),
-                    &pg_interval(horizon),
-                    &pg_interval(lost),
+                    &(horizon.num_milliseconds() as f64 / 1000.0),
+                    &(now - lost),
                     &now,
                     &limit,
                 ],
@@ -218,9 +219,4 @@ impl Store {
             .await?;
         Ok(n)
     }
-}
-
-/// A duration as a PostgreSQL interval literal's text (`"900 seconds"`).
-fn pg_interval(d: Duration) -> String {
-    format!("{} milliseconds", d.num_milliseconds())
 }

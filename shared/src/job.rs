@@ -22,8 +22,8 @@ pub enum JobStatus {
     Queued,
     /// A worker holds its lease.
     Running,
-    /// Suspended without a worker until what it waits for (its children)
-    /// is done; see [`Job::wait`].
+    /// Suspended without a worker until what it waits for (its children,
+    /// a time, a wait token) is done; see [`Job::wait`].
     Waiting,
     Completed,
     Cancelled,

@@ -729,15 +729,11 @@ impl Invocation<'_> {
                 (_, Written::Now(JobStatus::Cancelled)) => "cancelled",
                 (Action::Complete(_), _) => "completed",
                 (Action::Bury { .. }, _) => "dead",
-                (Action::HandOff(_), _) => {
-                    let mut fresh = held.job.clone();
-                    fresh.run_at = now;
-                    handed_off.push(fresh);
-                    "handed_off"
-                }
-                (Action::Wait { .. }, Written::Now(JobStatus::Pending)) => {
-                    // The wait was over before it began (its children had
-                    // finished, its token was completed): it runs again now.
+                // A wait that was over before it began (its children had
+                // finished, its token was completed) runs again now, as a
+                // hand-off does.
+                (Action::HandOff(_), _)
+                | (Action::Wait { .. }, Written::Now(JobStatus::Pending)) => {
                     let mut fresh = held.job.clone();
                     fresh.run_at = now;
                     handed_off.push(fresh);

@@ -223,8 +223,13 @@ impl JobContext {
 
     /// Stops here and continues in a fresh invocation from `checkpoint`.
     pub fn hand_off<T: Serialize>(&mut self, checkpoint: &T) -> Outcome {
+        self.resume_from(checkpoint, Outcome::HandOff)
+    }
+
+    /// `outcome`, with the run continuing later from `checkpoint`.
+    fn resume_from<T: Serialize>(&mut self, checkpoint: &T, outcome: Outcome) -> Outcome {
         self.checkpoint = serde_json::to_value(checkpoint).ok();
-        Outcome::HandOff
+        outcome
     }
 
     pub(crate) fn take_checkpoint(&mut self) -> Option<Value> {
@@ -293,8 +298,7 @@ impl JobContext {
     /// or one of them is dead), then runs it again from `checkpoint`. No
     /// worker is held meanwhile.
     pub fn wait_for_children<T: Serialize>(&mut self, checkpoint: &T, fail_fast: bool) -> Outcome {
-        self.checkpoint = serde_json::to_value(checkpoint).ok();
-        Outcome::Wait(WaitOn::Children { fail_fast })
+        self.resume_from(checkpoint, Outcome::Wait(WaitOn::Children { fail_fast }))
     }
 
     /// Suspends the job for `duration` (then runs it again from
@@ -313,8 +317,7 @@ impl JobContext {
         checkpoint: &T,
         until: chrono::DateTime<chrono::Utc>,
     ) -> Outcome {
-        self.checkpoint = serde_json::to_value(checkpoint).ok();
-        Outcome::Wait(WaitOn::Until(until))
+        self.resume_from(checkpoint, Outcome::Wait(WaitOn::Until(until)))
     }
 
     /// This job's wait token named `name`, created the first time (timing
@@ -342,8 +345,7 @@ impl JobContext {
     /// `checkpoint`, where [`JobContext::token_state`] gives the data) or
     /// times out (the job is then `dead`). No worker is held meanwhile.
     pub fn wait_for_token<T: Serialize>(&mut self, checkpoint: &T, token: &str) -> Outcome {
-        self.checkpoint = serde_json::to_value(checkpoint).ok();
-        Outcome::Wait(WaitOn::Token(token.to_string()))
+        self.resume_from(checkpoint, Outcome::Wait(WaitOn::Token(token.to_string())))
     }
 
     /// Appends `chunk` to the job's output stream (AI output, per-item

@@ -352,13 +352,7 @@ impl Registry {
                 h.validate(payload, workspace)?;
                 for (field, ty, child) in h.children_of(payload) {
                     let Some(c) = self.handlers.get(ty.as_str()) else {
-                        return Err(PayloadError::field(
-                            &format!("{field}.type"),
-                            format!(
-                                "unknown job type {ty:?}; known types: {}",
-                                self.types().collect::<Vec<_>>().join(", ")
-                            ),
-                        ));
+                        return Err(self.unknown_type(&format!("{field}.type"), &ty));
                     };
                     if !c.children_of(&child).is_empty() {
                         return Err(PayloadError::field(
@@ -376,14 +370,19 @@ impl Registry {
                 }
                 Ok(())
             }
-            None => Err(PayloadError::field(
-                "type",
-                format!(
-                    "unknown job type {job_type:?}; known types: {}",
-                    self.types().collect::<Vec<_>>().join(", ")
-                ),
-            )),
+            None => Err(self.unknown_type("type", job_type)),
         }
+    }
+
+    /// The error for a `type` this registry does not know, at `field`.
+    fn unknown_type(&self, field: &str, job_type: &str) -> PayloadError {
+        PayloadError::field(
+            field,
+            format!(
+                "unknown job type {job_type:?}; known types: {}",
+                self.types().collect::<Vec<_>>().join(", ")
+            ),
+        )
     }
 
     /// Runs a job's handler.

@@ -47,7 +47,7 @@ pub enum FeedItem {
 /// database what one does). Ends with its last reader.
 pub struct Feed {
     tx: broadcast::Sender<FeedItem>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Feed {
@@ -58,9 +58,7 @@ impl Feed {
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            t.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -120,12 +118,14 @@ impl Watch {
             return (f, rx);
         }
         let (tx, rx) = broadcast::channel(1024);
-        let feed = Arc::new(Feed {
-            tx: tx.clone(),
-            task: Mutex::new(None),
-        });
-        let task = tokio::spawn(run_feed(self.clone(), store.clone(), workspace, job, tx));
-        *feed.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        let task = tokio::spawn(run_feed(
+            self.clone(),
+            store.clone(),
+            workspace,
+            job,
+            tx.clone(),
+        ));
+        let feed = Arc::new(Feed { tx, task });
         feeds.insert(job, Arc::downgrade(&feed));
         (feed, rx)
     }

@@ -496,6 +496,7 @@ impl Invocation<'_> {
             w.clock.clone(),
             lease.clone(),
             job.workspace_id,
+            job.created_by,
             job.job_type.clone(),
             job.checkpoint.clone(),
             cancel.clone(),

@@ -469,6 +469,47 @@ async fn a_free_workspace_is_held_to_its_hourly_creation_limit() {
     );
 }
 
+/// A `fan_out` makes its children too: they count against the hourly
+/// creation limit when it is created, and belong to its creator.
+#[tokio::test]
+async fn a_fan_out_counts_its_children_against_the_creation_limit() {
+    let db = TestDb::new().await;
+    let q = Arc::new(db.pg_queue(5));
+    let app = TestApp::spawn_full(db, q, Tier::Free, ApiSettings::default()).await;
+    let children = |n: usize| -> Vec<Value> { (0..n).map(|_| json!({"type": "noop"})).collect() };
+    // 1 + 10 jobs is more than a free user's 10 an hour.
+    let p = problem(
+        app.create_job(json!({"type": "fan_out", "payload": {"jobs": children(10)}}))
+            .await,
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    assert!(p["detail"].as_str().unwrap().contains("11 jobs"), "{p}");
+    assert_eq!(app.db.scalar_i64("SELECT count(*) FROM jobs").await, 0);
+    // 1 + 9 is exactly the budget; after it, not even one more job.
+    let resp = app
+        .create_job(json!({"type": "fan_out", "payload": {"jobs": children(9)}}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    problem(
+        app.create_job(json!({"type": "noop"})).await,
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    let worker = app.db.worker(app.queue.clone(), WorkerConfig::default());
+    event_source(app.queue.clone(), worker).drain().await;
+    assert_eq!(
+        app.db
+            .scalar_i64(
+                "SELECT count(*) FROM jobs WHERE status = 'completed' \
+                 AND created_by = (SELECT created_by FROM jobs WHERE job_type = 'fan_out')"
+            )
+            .await,
+        10,
+        "the fan_out and its nine children, all created by its creator"
+    );
+}
+
 #[tokio::test]
 async fn unfinished_jobs_are_capped_per_workspace() {
     let db = TestDb::new().await;

@@ -303,7 +303,8 @@ pub async fn create(
             return same_request(existing, &new);
         }
     }
-    super::limits::admit(&db, &member, 1).await?;
+    let made = state.registry.jobs_made(&new.job_type, &new.payload);
+    super::limits::admit(&db, &member, made).await?;
     let (mut created, sent) = enqueue::create_jobs(
         &state.store,
         &*state.queue,
@@ -1031,7 +1032,11 @@ pub async fn create_batch(
         .collect();
     let mut any_new = false;
     if !missing.is_empty() {
-        super::limits::admit(&db, &member, missing.len()).await?;
+        let made = missing
+            .iter()
+            .map(|j| state.registry.jobs_made(&j.job_type, &j.payload))
+            .sum();
+        super::limits::admit(&db, &member, made).await?;
         // More due jobs than the workspace may run at once go in parked.
         let limit = crate::workspace::limits(&**db, member.workspace)
             .await?

@@ -1,7 +1,8 @@
 //! Creation limits (DESIGN.md "Tiers"): at most N unfinished jobs per
 //! workspace, and hourly creation budgets per user and per workspace, kept
 //! in Postgres token buckets shared by every API instance. A batch counts
-//! each job it makes; over a limit the answer is 429 with `Retry-After` and
+//! each job it makes, and a job each child its payload asks for (a
+//! `fan_out`'s); over a limit the answer is 429 with `Retry-After` and
 //! nothing is created.
 
 use axum::http::StatusCode;

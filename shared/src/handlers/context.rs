@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::{JobError, Outcome, WaitOn};
 use crate::clock::Clock;
-use crate::ids::{JobId, WorkspaceId};
+use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{Job, Progress, QueueName};
 use crate::queue::Queue;
 use crate::ratelimit;
@@ -37,6 +37,9 @@ pub struct JobContext {
     clock: Clock,
     lease: Lease,
     workspace_id: WorkspaceId,
+    /// Who created the job: its children are theirs too, and count against
+    /// their creation quota.
+    created_by: Option<UserId>,
     job_type: String,
     checkpoint: Option<Value>,
     progress: Option<Progress>,
@@ -84,6 +87,7 @@ impl JobContext {
         clock: Clock,
         lease: Lease,
         workspace_id: WorkspaceId,
+        created_by: Option<UserId>,
         job_type: String,
         checkpoint: Option<Value>,
         cancel: Arc<AtomicBool>,
@@ -97,6 +101,7 @@ impl JobContext {
             clock,
             lease,
             workspace_id,
+            created_by,
             job_type,
             checkpoint,
             progress: None,
@@ -260,6 +265,7 @@ impl JobContext {
                     max_attempts: c.max_attempts,
                     tags: c.tags.clone(),
                     run_at: now,
+                    created_by: self.created_by,
                     ..crate::store::NewJob::new(self.workspace_id, &c.job_type, c.payload.clone())
                 }
                 .child_of(parent, first + i as i32)

@@ -340,6 +340,16 @@ impl Registry {
             .map(|(_, ty, _)| ty)
     }
 
+    /// How many jobs creating one of `job_type` with `payload` makes: the
+    /// job and the children it asks for (a `fan_out` of 1 000 is 1 001
+    /// against the creation limits).
+    pub fn jobs_made(&self, job_type: &str, payload: &Value) -> usize {
+        1 + self
+            .handlers
+            .get(job_type)
+            .map_or(0, |h| h.children_of(payload).len())
+    }
+
     /// Validates a payload for a type; unknown types are an error too.
     pub fn validate(
         &self,

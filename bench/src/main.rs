@@ -503,10 +503,19 @@ fn source(q: Arc<dyn Queue>, w: Arc<Worker>, batch: usize, wait: Duration) -> Ev
 
 /// Peak resident memory of this process since the last reset, in MiB.
 fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+/// The process's resident set now, in MiB.
+fn rss_mib() -> f64 {
+    proc_status_mib("VmRSS:")
+}
+
+fn proc_status_mib(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(field)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|kb| kb.parse::<f64>().ok())
@@ -1050,9 +1059,20 @@ async fn run_job(
     Ok((secs, done))
 }
 
+/// What one import run measured.
+struct ImportRun {
+    import: f64,
+    export: f64,
+    rss: f64,
+    xlsx: f64,
+    xlsx_rss: f64,
+}
+
 /// A contact import of `rows` CSV rows from storage, then an export of the
-/// same contacts: (import rows/s, export rows/s, peak RSS MiB).
-async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64)> {
+/// same contacts as CSV, then as `.xlsx`: rows per second of each, the
+/// peak RSS (MiB) of the first two, and how far the workbook export raised
+/// the resident set above what the process held when it started.
+async fn import_once(args: &Args, server: &str) -> anyhow::Result<ImportRun> {
     let db = BenchDb::new(server, "import").await?;
     let dir = std::env::temp_dir().join(format!("offload-bench-files-{}", std::process::id()));
     let storage = offload::storage::Storage::local(&dir)?;
@@ -1098,17 +1118,38 @@ async fn import_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64
         args.import_rows
     );
     let import_rate = args.import_rows as f64 / secs;
-    let (secs, job) = run_job(&db, q, w, "bulk_export", json!({})).await?;
-    let exported = job
-        .result
-        .as_ref()
-        .and_then(|r| r["rows"].as_u64())
-        .unwrap_or(0) as usize;
-    anyhow::ensure!(exported == args.import_rows, "exported {exported}");
+    let export = |format: &'static str| {
+        let (q, w) = (q.clone(), w.clone());
+        let db = &db;
+        async move {
+            let (secs, job) = run_job(db, q, w, "bulk_export", json!({ "format": format })).await?;
+            let exported = job
+                .result
+                .as_ref()
+                .and_then(|r| r["rows"].as_u64())
+                .unwrap_or(0) as usize;
+            anyhow::ensure!(
+                exported == args.import_rows,
+                "exported {exported} as {format}"
+            );
+            anyhow::Ok(args.import_rows as f64 / secs)
+        }
+    };
+    let export_rate = export("csv").await?;
     let rss = peak_rss_mib();
+    reset_peak_rss();
+    let before = rss_mib();
+    let xlsx = export("xlsx").await?;
+    let xlsx_rss = peak_rss_mib() - before;
     let _ = std::fs::remove_dir_all(&dir);
     db.drop_db().await?;
-    Ok((import_rate, args.import_rows as f64 / secs, rss))
+    Ok(ImportRun {
+        import: import_rate,
+        export: export_rate,
+        rss,
+        xlsx,
+        xlsx_rss,
+    })
 }
 
 /// Runs a create-latency measurement `repeat` times; the p50s and p99s of
@@ -1469,20 +1510,26 @@ async fn main() -> anyhow::Result<()> {
     }
     if want("import") {
         eprintln!(
-            "import: contact_import of {} CSV rows from storage, then bulk_export of them, {} runs",
+            "import: contact_import of {} CSV rows from storage, then bulk_export of them \
+             as CSV and as .xlsx, {} runs",
             args.import_rows, args.repeat
         );
-        let (mut imp, mut exp, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+        let mut runs = Vec::new();
         for _ in 0..args.repeat {
-            let (a, b, m) = import_once(&args, &server).await?;
-            eprintln!("  import {a:.0} rows/s, export {b:.0} rows/s, peak RSS {m:.1} MiB");
-            imp.push(a);
-            exp.push(b);
-            rss.push(m);
+            let r = import_once(&args, &server).await?;
+            eprintln!(
+                "  import {:.0} rows/s, export {:.0} rows/s, peak RSS {:.1} MiB; \
+                 xlsx {:.0} rows/s, RSS rise {:.1} MiB",
+                r.import, r.export, r.rss, r.xlsx, r.xlsx_rss
+            );
+            runs.push(r);
         }
-        report("contact_import", imp, "rows/s");
-        report("bulk_export", exp, "rows/s");
-        report("import_export_peak_rss", rss, "MiB");
+        let of = |f: fn(&ImportRun) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        report("contact_import", of(|r| r.import), "rows/s");
+        report("bulk_export", of(|r| r.export), "rows/s");
+        report("import_export_peak_rss", of(|r| r.rss), "MiB");
+        report("bulk_export_xlsx", of(|r| r.xlsx), "rows/s");
+        report("bulk_export_xlsx_rss_rise", of(|r| r.xlsx_rss), "MiB");
     }
     if want("sqs") {
         match args

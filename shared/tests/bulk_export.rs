@@ -1,5 +1,5 @@
 //! `bulk_export` into a storage folder and into S3 (moto's server): the
-//! rows matching the filters, the chosen fields, CSV or JSON lines, across
+//! rows matching the filters, the chosen fields, CSV, JSON lines or .xlsx, across
 //! hand-offs, downloaded through the API's files route.
 
 use std::sync::Arc;
@@ -158,6 +158,149 @@ async fn an_export_can_be_json_lines_and_can_be_empty() {
     assert!(read_all(&storage, r["key"].as_str().unwrap())
         .await
         .starts_with("id,email,"));
+}
+
+/// A workbook's sheet names and the rows of all its sheets, in order.
+async fn read_xlsx(storage: &Storage, key: &str) -> (Vec<String>, Vec<Vec<calamine::Data>>) {
+    use calamine::Reader;
+    let mut s = storage.get_stream(key).await.unwrap();
+    let mut bytes = Vec::new();
+    while let Some(c) = s.next().await {
+        bytes.extend_from_slice(&c.unwrap());
+    }
+    let mut book: calamine::Xlsx<_> =
+        calamine::open_workbook_from_rs(std::io::Cursor::new(bytes)).expect("a valid .xlsx");
+    let names = book.sheet_names();
+    let mut rows = Vec::new();
+    for n in &names {
+        let range = book.worksheet_range(n).unwrap();
+        rows.extend(range.rows().map(|r| r.to_vec()));
+    }
+    (names, rows)
+}
+
+#[tokio::test]
+async fn an_export_to_xlsx_holds_every_row_once_with_typed_cells_across_hand_offs() {
+    use calamine::Data;
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    seed(&db, ws, 25_000).await;
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE contacts SET first_name = '=HYPERLINK(\"http://evil\")', \
+               estimated_value = 1234.5 WHERE email = 'p4@acme.io'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let storage = db.storage();
+    let config = WorkerConfig {
+        handoff_margin: Duration::from_secs(1),
+        ..WorkerConfig::default()
+    };
+    let fields = [
+        "email",
+        "first_name",
+        "score",
+        "estimated_value",
+        "created_at",
+    ];
+    let j = run(
+        &db,
+        ws,
+        storage.clone(),
+        json!({"format": "xlsx", "filters": {"stage": "customer"}, "fields": fields}),
+        config,
+        Duration::from_millis(1001),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    let r = j.result.unwrap();
+    assert_eq!(r["rows"], 12_500);
+    assert_eq!(r["files"], json!(["contacts.xlsx"]));
+    assert!(
+        db.scalar_i64("SELECT count(*) FROM job_logs WHERE message LIKE 'handed off%'")
+            .await
+            >= 1
+    );
+    let (sheets, rows) = read_xlsx(&storage, r["key"].as_str().unwrap()).await;
+    assert_eq!(sheets, ["Contacts"]);
+    let header: Vec<String> = rows[0].iter().map(|c| c.to_string()).collect();
+    assert_eq!(header, fields);
+    let data = &rows[1..];
+    assert_eq!(data.len(), 12_500, "one row per matching contact");
+    let emails: std::collections::HashSet<String> = data.iter().map(|r| r[0].to_string()).collect();
+    let want: std::collections::HashSet<String> = (1..=25_000)
+        .filter(|i| i % 2 == 0)
+        .map(|i| format!("p{i}@acme.io"))
+        .collect();
+    assert_eq!(emails, want, "each customer exactly once");
+    let row = |email: &str| data.iter().find(|r| r[0] == email).unwrap();
+    assert_eq!(row("p2@acme.io")[1], Data::String("P, \"2\"".into()));
+    assert_eq!(
+        row("p2@acme.io")[2],
+        Data::Float(2.0),
+        "a score is a number"
+    );
+    assert_eq!(row("p2@acme.io")[3], Data::Empty, "null is an empty cell");
+    let p4 = row("p4@acme.io");
+    assert_eq!(
+        p4[1],
+        Data::String("=HYPERLINK(\"http://evil\")".into()),
+        "text that looks like a formula stays text"
+    );
+    assert_eq!(p4[3], Data::Float(1234.5));
+    let Data::DateTime(t) = &p4[4] else {
+        panic!("created_at is a date and time: {:?}", p4[4])
+    };
+    let age = chrono::Utc::now().naive_utc() - t.as_datetime().unwrap();
+    assert!(age.num_minutes().abs() < 60, "created_at {t:?}");
+}
+
+#[tokio::test]
+async fn an_xlsx_export_goes_to_s3_in_parts_and_an_empty_one_keeps_its_header() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    seed(&db, ws, 40).await;
+    let storage = s3_bucket().await;
+    let j = run(
+        &db,
+        ws,
+        storage.clone(),
+        json!({"format": "xlsx", "fields": ["email", "stage"]}),
+        WorkerConfig::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    let r = j.result.unwrap();
+    let (_, rows) = read_xlsx(&storage, r["key"].as_str().unwrap()).await;
+    assert_eq!(rows.len(), 41);
+    assert_eq!(
+        rows.iter()
+            .skip(1)
+            .filter(|r| r[1] == "customer")
+            .count(),
+        20
+    );
+    let j = run(
+        &db,
+        ws,
+        storage.clone(),
+        json!({"format": "xlsx", "filters": {"tag": "nobody"}}),
+        WorkerConfig::default(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let r = j.result.unwrap();
+    assert_eq!(r["rows"], 0);
+    let (sheets, rows) = read_xlsx(&storage, r["key"].as_str().unwrap()).await;
+    assert_eq!(sheets, ["Contacts"]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0][0].to_string(), "id");
 }
 
 /// The API over `storage`, and a finished export of 40 contacts made by a

@@ -893,6 +893,7 @@ pub async fn file(
             let content_type = match name.rsplit_once('.').map(|(_, ext)| ext) {
                 Some("csv") => "text/csv; charset=utf-8",
                 Some("jsonl") => "application/x-ndjson",
+                Some("xlsx") => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
                 Some("json") => "application/json",
                 _ => "application/octet-stream",
             };

@@ -25,8 +25,10 @@ use crate::store::{NewJob, Store};
 use crate::worker::Worker;
 use crate::workspace::{self, Role, Tier};
 
+mod fake_provider;
 mod lambda_runtime;
 mod tls_server;
+pub use fake_provider::{Failures, FakeProvider};
 pub use lambda_runtime::{Invoked, LambdaRuntime};
 pub use tls_server::TlsServer;
 

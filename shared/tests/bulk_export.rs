@@ -280,10 +280,7 @@ async fn an_xlsx_export_goes_to_s3_in_parts_and_an_empty_one_keeps_its_header() 
     let (_, rows) = read_xlsx(&storage, r["key"].as_str().unwrap()).await;
     assert_eq!(rows.len(), 41);
     assert_eq!(
-        rows.iter()
-            .skip(1)
-            .filter(|r| r[1] == "customer")
-            .count(),
+        rows.iter().skip(1).filter(|r| r[1] == "customer").count(),
         20
     );
     let j = run(

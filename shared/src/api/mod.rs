@@ -7,6 +7,7 @@ mod error;
 mod extract;
 pub mod jobs;
 mod limits;
+pub mod providers;
 mod schedules;
 mod stats;
 mod stream;
@@ -131,6 +132,7 @@ impl utoipa::Modify for Doc {
     (name = "schedules", description = "Recurring jobs"),
     (name = "stats", description = "Queue depth, throughput, failure rate, latency"),
     (name = "api-keys", description = "Workspace API keys for servers (admins)"),
+    (name = "enrichment", description = "The data providers enrichment jobs call (admins)"),
     (name = "uploads", description = "Short-lived URLs to send files (CSV imports) to"),
     (name = "health", description = "Liveness"),
 ))]
@@ -157,6 +159,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(stats::stats))
         .routes(routes!(api_keys::create, api_keys::list))
         .routes(routes!(api_keys::revoke))
+        .routes(routes!(providers::list))
+        .routes(routes!(providers::put, providers::delete))
         .routes(routes!(uploads::create))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(

@@ -181,6 +181,11 @@ impl JobContext {
         Ok(())
     }
 
+    /// The time now, by the worker's clock (injected in tests).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
     pub fn job_id(&self) -> JobId {
         self.lease.job_id
     }

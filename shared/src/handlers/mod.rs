@@ -12,6 +12,7 @@ mod bulk_export;
 mod bulk_tag;
 mod contact_import;
 mod context;
+mod enrich;
 mod fan_out;
 mod lead_scoring;
 mod noop;
@@ -33,6 +34,10 @@ pub use bulk_export::BulkExport;
 pub use bulk_tag::{BulkDelete, BulkTag};
 pub use contact_import::ContactImport;
 pub use context::{ChildJob, JobContext, TokenState};
+pub use enrich::{
+    EnrichAccount, EnrichAccountPayload, EnrichContact, EnrichContactPayload, Entity, HttpProvider,
+    Provider, ProviderConfig, ProviderError,
+};
 pub use fan_out::{FanOut, FanOutPayload};
 pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
@@ -290,12 +295,20 @@ impl Registry {
             .with(BulkExport)
             .with(FanOut)
             .with(Approval)
+            .with(EnrichContact::default())
+            .with(EnrichAccount::default())
     }
 
     /// The built-in types as configured for this deployment.
     pub fn for_config(config: &crate::config::Config) -> Self {
         Registry::builtin()
             .with(Webhook {
+                allow_private: config.webhook_allow_private,
+            })
+            .with(EnrichContact {
+                allow_private: config.webhook_allow_private,
+            })
+            .with(EnrichAccount {
                 allow_private: config.webhook_allow_private,
             })
             .with(BulkTag {

@@ -25,6 +25,7 @@ use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
 mod coldstart;
+mod enrich;
 mod sustained;
 mod workflows;
 
@@ -58,7 +59,7 @@ struct Args {
     /// workflows (fan-out overhead and wait-token latency).
     #[arg(
         long,
-        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import",
+        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich",
         value_delimiter = ','
     )]
     only: Vec<String>,
@@ -93,6 +94,9 @@ struct Args {
     /// Seconds the 50 quiet workspaces create jobs in the neighbour figure.
     #[arg(long, default_value_t = 20)]
     neighbour_secs: u64,
+    /// Contacts of the enrichment figure's job.
+    #[arg(long, default_value_t = 1000)]
+    enrich_contacts: usize,
     /// Rows for the contact import and export figures.
     #[arg(long, default_value_t = 100_000)]
     import_rows: usize,
@@ -1507,6 +1511,13 @@ async fn main() -> anyhow::Result<()> {
         report("enqueue_single", single, "jobs/s");
         report("enqueue_batch", batch, "jobs/s");
         report("enqueue_batch_1000_p50", batch_ms, "ms");
+    }
+    if want("enrich") {
+        eprintln!(
+            "enrich: one enrich_contact job of {} contacts against a provider on loopback, {} runs",
+            args.enrich_contacts, args.repeat
+        );
+        enrich::run(&args, &server, &mut report).await?;
     }
     if want("import") {
         eprintln!(

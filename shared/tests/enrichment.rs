@@ -460,14 +460,22 @@ async fn admins_configure_providers_through_the_api_and_the_key_is_never_shown()
     assert_eq!(config.field_map["title"], "person.title");
 
     for (bad, field) in [
-        (json!({"field_map": {"email": "person.email"}}), "field_map.email"),
-        (json!({"field_map": {"title": "person..title"}}), "field_map.title"),
+        (
+            json!({"field_map": {"email": "person.email"}}),
+            "field_map.email",
+        ),
+        (
+            json!({"field_map": {"title": "person..title"}}),
+            "field_map.title",
+        ),
         (json!({"base_url": "ftp://example.com"}), "base_url"),
         (json!({"api_key": ""}), "api_key"),
         (json!({"calls_per_hour": 0}), "calls_per_hour"),
     ] {
         let mut b = body.clone();
-        b.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        b.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
         let p = problem(
             app.req("PUT", path).json(&b).send().await.unwrap(),
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -491,7 +499,10 @@ async fn admins_configure_providers_through_the_api_and_the_key_is_never_shown()
         .unwrap();
     problem(
         app.client
-            .put(format!("{}/api/workspaces/{}{path}", app.base, app.workspace))
+            .put(format!(
+                "{}/api/workspaces/{}{path}",
+                app.base, app.workspace
+            ))
             .bearer_auth(token(member))
             .json(&body)
             .send()

@@ -444,6 +444,27 @@ impl JobContext {
         !first && self.time_left() < self.handoff_margin
     }
 
+    /// Writes one line to the job's log inside the caller's transaction, so
+    /// it is there exactly when the step it tells of is.
+    pub async fn log_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        level: &'static str,
+        message: impl Into<String>,
+        metadata: Option<Value>,
+    ) -> Result<(), JobError> {
+        let line = LogLine {
+            job_id: self.lease.job_id,
+            workspace_id: self.workspace_id,
+            attempt: self.lease.attempt,
+            level,
+            message: message.into(),
+            metadata,
+        };
+        crate::store::append_logs(tx, std::slice::from_ref(&line), self.clock.now()).await?;
+        Ok(())
+    }
+
     /// Writes one line to the job's log (`job_logs`), which support reads.
     pub async fn log(
         &self,

@@ -644,8 +644,8 @@ fn result(cur: &Cursor) -> Value {
     })
 }
 
-/// Writes one record's new values, its snapshot and the checkpoint past it
-/// in one transaction, then its log line.
+/// Writes one record's new values, its snapshot, its log line and the
+/// checkpoint past it in one transaction.
 async fn write(
     ctx: &mut JobContext,
     entity: Entity,
@@ -739,6 +739,30 @@ async fn write(
     }
     cur.next += 1;
     if fresh > 0 {
+        let mut line = if changed > 0 {
+            let names: Vec<&str> = after
+                .as_object()
+                .map(|m| m.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            format!(
+                "{} {id}: {} set {}",
+                entity.name(),
+                config.name,
+                names.join(", ")
+            )
+        } else {
+            format!("{} {id}: {} had nothing new", entity.name(), config.name)
+        };
+        if !skipped.is_empty() {
+            line.push_str(&format!("; left out {}", skipped.join("; ")));
+        }
+        ctx.log_in(
+            &tx,
+            "info",
+            line,
+            Some(json!({ "entity_id": id, "changed": after })),
+        )
+        .await?;
         ctx.save_checkpoint_in(&tx, &*cur).await?;
         tx.commit().await.map_err(DbError::from)?;
     } else {
@@ -748,33 +772,6 @@ async fn write(
         drop(db);
         ctx.save_checkpoint(&*cur).await?;
     }
-    let mut line = if changed > 0 {
-        let names: Vec<&String> = after
-            .as_object()
-            .map(|m| m.keys().collect())
-            .unwrap_or_default();
-        format!(
-            "{} {id}: {} set {}",
-            entity.name(),
-            config.name,
-            names
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    } else {
-        format!("{} {id}: {} had nothing new", entity.name(), config.name)
-    };
-    if !skipped.is_empty() {
-        line.push_str(&format!("; left out {}", skipped.join("; ")));
-    }
-    ctx.log(
-        "info",
-        line,
-        Some(json!({ "entity_id": id, "changed": after })),
-    )
-    .await?;
     Ok(done)
 }
 

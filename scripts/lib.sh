@@ -57,10 +57,10 @@ ensure_python_tools() {
     say "creating $venv"
     python3 -m venv "$venv" || die "python3 with venv is needed (apt-get install python3-venv)"
   fi
-  if ! "$venv/bin/python" -c 'import moto.server, cfnlint, flask_cors, schemathesis' 2>/dev/null; then
-    say "installing moto[server], cfn-lint and schemathesis from PyPI"
+  if ! "$venv/bin/python" -c 'import moto.server, cfnlint, flask_cors, schemathesis, aiosmtpd' 2>/dev/null; then
+    say "installing moto[server], cfn-lint, schemathesis and aiosmtpd from PyPI"
     "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'cfn-lint>=1,<2' \
-      'schemathesis>=4,<5'
+      'schemathesis>=4,<5' 'aiosmtpd>=1.4,<2'
   fi
   export PATH="$venv/bin:$PATH"
 }
@@ -102,6 +102,20 @@ start_moto() {
     sleep 0.5
   done
   die "moto's server did not start; see $LOCAL/moto.log"
+}
+
+# The SMTP sink of `offload dev` on 127.0.0.1:1025 (OFFLOAD_EMAIL_TRANSPORT's default), unless
+# something already listens there: each message is a JSON line in $LOCAL/mail.jsonl.
+start_mail_sink() {
+  MAIL_PID=""
+  if python3 -c "import socket; socket.create_connection(('127.0.0.1', 1025), 0.5)" 2>/dev/null; then
+    say "something already listens on 127.0.0.1:1025; e-mail goes there"
+    return
+  fi
+  "$LOCAL/venv/bin/python" "$ROOT/scripts/smtp_sink.py" --port 1025 --out "$LOCAL/mail.jsonl" \
+    >"$LOCAL/mail-sink.log" 2>&1 &
+  MAIL_PID=$!
+  say "e-mail: SMTP sink on 127.0.0.1:1025, messages in $LOCAL/mail.jsonl"
 }
 
 # Installs the web packages (npm ci, from package-lock.json) and builds the TypeScript client

@@ -25,6 +25,7 @@ use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
 mod coldstart;
+mod email;
 mod enrich;
 mod sustained;
 mod workflows;
@@ -59,7 +60,7 @@ struct Args {
     /// workflows (fan-out overhead and wait-token latency).
     #[arg(
         long,
-        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich",
+        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich,email",
         value_delimiter = ','
     )]
     only: Vec<String>,
@@ -1518,6 +1519,13 @@ async fn main() -> anyhow::Result<()> {
             args.enrich_contacts, args.repeat
         );
         enrich::run(&args, &server, &mut report).await?;
+    }
+    if want("email") {
+        eprintln!(
+            "email: one send_email_batch job of 1000 contacts into an SMTP sink (aiosmtpd), {} runs",
+            args.repeat
+        );
+        email::run(&args, &server, &mut report).await?;
     }
     if want("import") {
         eprintln!(

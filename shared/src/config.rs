@@ -178,6 +178,14 @@ pub struct Config {
     /// Let `webhook` jobs call loopback and private addresses
     /// (`OFFLOAD_WEBHOOK_ALLOW_PRIVATE`; off: no server-side request forgery).
     pub webhook_allow_private: bool,
+    /// Where `send_email_batch` sends: an SMTP URL, or `ses`
+    /// (`OFFLOAD_EMAIL_TRANSPORT`).
+    pub email_transport: String,
+    /// The e-mail provider's sends per second (`OFFLOAD_EMAIL_RATE`).
+    pub email_rate: f64,
+    /// Days a new sending domain takes to reach that rate
+    /// (`OFFLOAD_EMAIL_WARMUP_DAYS`; 0: no warm-up).
+    pub email_warmup_days: u32,
 }
 
 impl Config {
@@ -446,6 +454,19 @@ impl Config {
             webhook_allow_private: var("OFFLOAD_WEBHOOK_ALLOW_PRIVATE")
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),
+            email_transport: {
+                let t = var("OFFLOAD_EMAIL_TRANSPORT")
+                    .unwrap_or_else(|| crate::handlers::SEND_EMAIL_DEFAULT_TRANSPORT.into());
+                if t != "ses" {
+                    crate::email::SmtpMailer::new(&t).map_err(|e| ConfigError {
+                        variable: "OFFLOAD_EMAIL_TRANSPORT",
+                        reason: format!("{e} (an smtp:// or smtps:// URL, or ses)"),
+                    })?;
+                }
+                t
+            },
+            email_rate: num(&var, "OFFLOAD_EMAIL_RATE", 50, 1..=100_000)? as f64,
+            email_warmup_days: num(&var, "OFFLOAD_EMAIL_WARMUP_DAYS", 7, 0..=60)? as u32,
         })
     }
 }

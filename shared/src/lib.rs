@@ -17,6 +17,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod email;
 pub mod enqueue;
 pub mod event_source;
 pub mod handlers;

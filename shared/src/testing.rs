@@ -27,9 +27,11 @@ use crate::workspace::{self, Role, Tier};
 
 mod fake_provider;
 mod lambda_runtime;
+mod smtp_sink;
 mod tls_server;
 pub use fake_provider::{Failures, FakeProvider};
 pub use lambda_runtime::{Invoked, LambdaRuntime};
+pub use smtp_sink::SmtpSink;
 pub use tls_server::TlsServer;
 
 /// A free TCP port on loopback (for a server a test starts).

@@ -16,6 +16,7 @@ mod enrich;
 mod fan_out;
 mod lead_scoring;
 mod noop;
+mod send_email_batch;
 mod sequence_subscription;
 mod sleep;
 mod webhook;
@@ -41,6 +42,9 @@ pub use enrich::{
 pub use fan_out::{FanOut, FanOutPayload};
 pub use lead_scoring::{score as lead_score, Lead, LeadScoring};
 pub use noop::Noop;
+pub use send_email_batch::{
+    SendEmailBatch, SendEmailBatchPayload, DEFAULT_TRANSPORT as SEND_EMAIL_DEFAULT_TRANSPORT,
+};
 pub use sequence_subscription::SequenceSubscription;
 pub use sleep::{Sleep, SleepPayload};
 pub use webhook::{is_internal, Webhook};
@@ -297,6 +301,7 @@ impl Registry {
             .with(Approval)
             .with(EnrichContact::default())
             .with(EnrichAccount::default())
+            .with(SendEmailBatch::local())
     }
 
     /// The built-in types as configured for this deployment.
@@ -310,6 +315,12 @@ impl Registry {
             })
             .with(EnrichAccount {
                 allow_private: config.webhook_allow_private,
+            })
+            .with(SendEmailBatch {
+                mailer: crate::email::from_config(&config.email_transport, &config.aws_region)
+                    .expect("OFFLOAD_EMAIL_TRANSPORT was checked when the configuration was read"),
+                rate: config.email_rate,
+                warmup_days: config.email_warmup_days,
             })
             .with(BulkTag {
                 max_contacts: config.max_bulk_contacts,

@@ -46,23 +46,41 @@ pub trait Mailer: Send + Sync {
 /// a relay on a private network); `smtps://` and `smtp://…?tls=required`
 /// are lettre's TLS forms, with `user:password@` when the relay wants them.
 pub struct SmtpMailer {
-    transport: lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
     url: String,
+    /// Made on first use: lettre's connection pool starts a task, which
+    /// needs the runtime (the configuration is read before there is one).
+    transport: tokio::sync::OnceCell<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>>,
 }
 
 /// How long one SMTP exchange may take.
 const SMTP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl SmtpMailer {
+    /// Checks `url` now; connects on the first send.
     pub fn new(url: &str) -> Result<SmtpMailer, String> {
-        let transport = lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
-            .map_err(|e| format!("OFFLOAD_EMAIL_TRANSPORT {url:?}: {e}"))?
+        Self::builder(url)?;
+        Ok(SmtpMailer {
+            url: url.to_string(),
+            transport: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    fn builder(url: &str) -> Result<lettre::transport::smtp::AsyncSmtpTransportBuilder, String> {
+        lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
+            .map_err(|e| format!("OFFLOAD_EMAIL_TRANSPORT {url:?}: {e}"))
+    }
+
+    fn transport(&self) -> Result<&lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, SendError> {
+        if let Some(t) = self.transport.get() {
+            return Ok(t);
+        }
+        let built = Self::builder(&self.url)
+            .map_err(SendError::Rejected)?
             .timeout(Some(SMTP_TIMEOUT))
             .build();
-        Ok(SmtpMailer {
-            transport,
-            url: url.to_string(),
-        })
+        // Two first sends at once: one of the two transports is kept.
+        let _ = self.transport.set(built);
+        Ok(self.transport.get().expect("set above"))
     }
 }
 
@@ -104,7 +122,7 @@ impl Mailer for SmtpMailer {
             .header(ContentType::TEXT_HTML)
             .body(email.html.clone())
             .map_err(|e| SendError::Rejected(format!("cannot build the message: {e}")))?;
-        match self.transport.send(message).await {
+        match self.transport()?.send(message).await {
             Ok(_) => Ok(email.message_id.clone()),
             // "Bad sequence of commands": the connection was left part way
             // through a message (a send dropped when its task was), so

@@ -827,19 +827,7 @@ impl JobHandler for EnrichContact {
     const TYPE: &'static str = "enrich_contact";
 
     fn validate(&self, p: &EnrichContactPayload) -> Result<(), PayloadError> {
-        if p.contact_ids.is_empty() || p.contact_ids.len() > MAX_CONTACTS {
-            return Err(PayloadError::field(
-                "contact_ids",
-                format!("1 to {MAX_CONTACTS} contact ids"),
-            ));
-        }
-        let mut seen = std::collections::HashSet::new();
-        if let Some(i) = p.contact_ids.iter().position(|id| !seen.insert(*id)) {
-            return Err(PayloadError::field(
-                &format!("contact_ids[{i}]"),
-                "appears twice",
-            ));
-        }
+        super::check_contact_ids(&p.contact_ids, MAX_CONTACTS)?;
         check_fields(Entity::Contact, &p.enrich_fields)?;
         check_provider(&p.provider)
     }

@@ -150,6 +150,24 @@ impl PayloadError {
     }
 }
 
+/// `contact_ids` of a payload: 1 to `max` ids, none twice.
+pub(crate) fn check_contact_ids(ids: &[uuid::Uuid], max: usize) -> Result<(), PayloadError> {
+    if ids.is_empty() || ids.len() > max {
+        return Err(PayloadError::field(
+            "contact_ids",
+            format!("1 to {max} contact ids"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    match ids.iter().position(|id| !seen.insert(*id)) {
+        Some(i) => Err(PayloadError::field(
+            &format!("contact_ids[{i}]"),
+            "appears twice",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A job type. Implement it for a new kind of background work and register
 /// it in [`Registry`]; see README "Adding a job type".
 #[async_trait]

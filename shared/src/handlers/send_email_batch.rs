@@ -177,19 +177,7 @@ impl JobHandler for SendEmailBatch {
     const TYPE: &'static str = "send_email_batch";
 
     fn validate(&self, p: &SendEmailBatchPayload) -> Result<(), PayloadError> {
-        if p.contact_ids.is_empty() || p.contact_ids.len() > MAX_CONTACTS {
-            return Err(PayloadError::field(
-                "contact_ids",
-                format!("1 to {MAX_CONTACTS} contact ids"),
-            ));
-        }
-        let mut seen = std::collections::HashSet::new();
-        if let Some(i) = p.contact_ids.iter().position(|id| !seen.insert(*id)) {
-            return Err(PayloadError::field(
-                &format!("contact_ids[{i}]"),
-                "appears twice",
-            ));
-        }
+        super::check_contact_ids(&p.contact_ids, MAX_CONTACTS)?;
         if !(1..=1000).contains(&p.batch_size) {
             return Err(PayloadError::field("batch_size", "from 1 to 1000"));
         }

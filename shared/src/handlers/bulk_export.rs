@@ -260,7 +260,8 @@ mod xlsx {
         let path = file.path().to_path_buf();
         let columns: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
         // Two chunks in flight at most: one being written, one read ahead.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(1);
+        // The send waits without blocking the runtime's thread.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
         let writer = tokio::task::spawn_blocking(move || build(&columns, rx, &path));
         for key in sources {
             let chunk: Vec<Bytes> = storage
@@ -269,7 +270,7 @@ mod xlsx {
                 .try_collect()
                 .await
                 .map_err(|e| StorageError::Failed(e.to_string()))?;
-            if tx.send(Bytes::from(chunk.concat())).is_err() {
+            if tx.send(Bytes::from(chunk.concat())).await.is_err() {
                 break; // the writer stopped; its error is below
             }
         }
@@ -293,7 +294,7 @@ mod xlsx {
     /// saved at `path`.
     fn build(
         fields: &[String],
-        chunks: std::sync::mpsc::Receiver<Bytes>,
+        mut chunks: tokio::sync::mpsc::Receiver<Bytes>,
         path: &std::path::Path,
     ) -> Result<(), JobError> {
         let mut book = Workbook::new();
@@ -303,7 +304,7 @@ mod xlsx {
         let mut sheets = 0usize;
         let mut row = SHEET_ROWS; // start a sheet at the first row
         let mut any = false;
-        for chunk in chunks.iter() {
+        while let Some(chunk) = chunks.blocking_recv() {
             for line in chunk.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 let obj: Map<String, Value> = serde_json::from_slice(line)
                     .map_err(|e| JobError::Retryable(format!("an export chunk is damaged: {e}")))?;

@@ -15,7 +15,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{Ids, JsonBody, Member};
 use super::AppState;
 use crate::db::DbError;
-use crate::handlers::Entity;
+use crate::handlers::{http_url, valid_provider_name, Entity};
 use crate::ids::WorkspaceId;
 
 /// The path of one provider.
@@ -94,23 +94,12 @@ fn view(r: &tokio_postgres::Row) -> ProviderView {
 const COLUMNS: &str = "name, base_url, api_key, field_map, calls_per_hour, updated_at";
 
 fn check(name: &str, p: &PutProvider) -> Result<(), ApiError> {
-    if !((1..=40).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'))
-    {
+    if !valid_provider_name(name) {
         return Err(ApiError::invalid("name", "1 to 40 of a-z, 0-9, _ and -"));
     }
-    let url = reqwest::Url::parse(&p.base_url)
-        .map_err(|e| ApiError::invalid("base_url", format!("not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https")
-        || url.host_str().is_none()
-        || p.base_url.len() > 2048
-    {
-        return Err(ApiError::invalid(
-            "base_url",
-            "an http or https URL with a host, at most 2048 characters",
-        ));
+    http_url(&p.base_url).map_err(|e| ApiError::invalid("base_url", e))?;
+    if p.base_url.len() > 2048 {
+        return Err(ApiError::invalid("base_url", "at most 2048 characters"));
     }
     if p.api_key.is_empty() || p.api_key.len() > 1000 || p.api_key.chars().any(char::is_control) {
         return Err(ApiError::invalid(

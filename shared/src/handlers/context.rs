@@ -444,6 +444,21 @@ impl JobContext {
         !first && self.time_left() < self.handoff_margin
     }
 
+    /// A line of this job's log, also traced (so it reaches the function's
+    /// own logs).
+    fn log_line(&self, level: &'static str, message: String, metadata: Option<Value>) -> LogLine {
+        tracing::info!(job_id = %self.lease.job_id, workspace_id = %self.workspace_id,
+            attempt = self.lease.attempt, job_type = %self.job_type, level, "{message}");
+        LogLine {
+            job_id: self.lease.job_id,
+            workspace_id: self.workspace_id,
+            attempt: self.lease.attempt,
+            level,
+            message,
+            metadata,
+        }
+    }
+
     /// Writes one line to the job's log inside the caller's transaction, so
     /// it is there exactly when the step it tells of is.
     pub async fn log_in(
@@ -453,14 +468,7 @@ impl JobContext {
         message: impl Into<String>,
         metadata: Option<Value>,
     ) -> Result<(), JobError> {
-        let line = LogLine {
-            job_id: self.lease.job_id,
-            workspace_id: self.workspace_id,
-            attempt: self.lease.attempt,
-            level,
-            message: message.into(),
-            metadata,
-        };
+        let line = self.log_line(level, message.into(), metadata);
         crate::store::append_logs(tx, std::slice::from_ref(&line), self.clock.now()).await?;
         Ok(())
     }
@@ -472,23 +480,24 @@ impl JobContext {
         message: impl Into<String>,
         metadata: Option<Value>,
     ) -> Result<(), JobError> {
-        let message = message.into();
-        tracing::info!(job_id = %self.lease.job_id, workspace_id = %self.workspace_id,
-            attempt = self.lease.attempt, job_type = %self.job_type, level, "{message}");
-        self.store
-            .append_logs(
-                &[LogLine {
-                    job_id: self.lease.job_id,
-                    workspace_id: self.workspace_id,
-                    attempt: self.lease.attempt,
-                    level,
-                    message,
-                    metadata,
-                }],
-                self.clock.now(),
-            )
-            .await?;
+        let line = self.log_line(level, message.into(), metadata);
+        self.store.append_logs(&[line], self.clock.now()).await?;
         Ok(())
+    }
+
+    /// Takes one token from the bucket `key`, as [`Self::take_token`] does;
+    /// when it is empty, how long until one is back (to sleep or snooze).
+    pub async fn take_token_or_wait(
+        &self,
+        key: &str,
+        capacity: f64,
+        per_second: f64,
+    ) -> Result<Option<Duration>, JobError> {
+        let db = self.conn().await?;
+        if ratelimit::take(&db, key, capacity, per_second, 1.0).await? {
+            return Ok(None);
+        }
+        Ok(Some(ratelimit::wait_for(&db, key, 1.0).await?))
     }
 
     /// Takes one token from the bucket `key` (created full with `capacity`

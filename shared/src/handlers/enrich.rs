@@ -12,7 +12,6 @@
 //! about one record is counted as that record's failure and the job goes on.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::{is_internal, JobContext, JobError, JobHandler, Outcome, PayloadError};
+use super::webhook::{http_url, pinned_client};
+use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
 use crate::db::DbError;
 use crate::job::Progress;
-use crate::ratelimit;
 
 /// Most contacts one `enrich_contact` job enriches.
 pub const MAX_CONTACTS: usize = 1000;
@@ -111,6 +110,15 @@ impl Entity {
         match self {
             Entity::Contact => ("email", "people/enrich"),
             Entity::Account => ("domain", "companies/enrich"),
+        }
+    }
+
+    /// The record's key column (see [`Entity::key`]), if it is in the
+    /// workspace.
+    fn select_key(self) -> &'static str {
+        match self {
+            Entity::Contact => "SELECT email FROM contacts WHERE id = $1 AND workspace_id = $2",
+            Entity::Account => "SELECT domain FROM accounts WHERE id = $1 AND workspace_id = $2",
         }
     }
 
@@ -237,46 +245,23 @@ impl HttpProvider {
     /// addresses (no DNS rebinding); internal addresses are refused unless
     /// `allow_private`.
     pub async fn connect(config: &ProviderConfig, allow_private: bool) -> Result<Self, JobError> {
-        let mut base = reqwest::Url::parse(&config.base_url).map_err(|e| {
+        let mut base = http_url(&config.base_url).map_err(|e| {
             JobError::Permanent(format!(
-                "provider {}: base_url {:?} is not a URL: {e}",
+                "provider {}: base_url {:?}: {e}",
                 config.name, config.base_url
             ))
         })?;
-        if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
-            return Err(JobError::Permanent(format!(
-                "provider {}: base_url must be an http or https URL with a host",
-                config.name
-            )));
-        }
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let host = base.host_str().unwrap_or_default().to_string();
-        let port = base.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|e| JobError::Retryable(format!("cannot resolve {host}: {e}")))?
-            .collect();
-        if addrs.is_empty() {
-            return Err(JobError::Retryable(format!("{host} has no address")));
-        }
-        if !allow_private {
-            if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
-                return Err(JobError::Permanent(format!(
-                    "refused: provider {} ({host}) resolves to {}, an internal address",
-                    config.name,
-                    a.ip()
-                )));
-            }
-        }
-        let client = reqwest::Client::builder()
-            .resolve_to_addrs(&host, &addrs)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(CALL_TIMEOUT)
-            .user_agent("Offload-Enrich/1")
-            .build()
-            .map_err(|e| JobError::Retryable(format!("http client: {e}")))?;
+        let client = pinned_client(
+            &base,
+            allow_private,
+            CALL_TIMEOUT,
+            "Offload-Enrich/1",
+            "enrichment providers",
+        )
+        .await?;
         Ok(HttpProvider {
             client,
             base,
@@ -489,13 +474,10 @@ async fn enrich(
         let key = {
             let db = ctx.db().get().await.map_err(DbError::from)?;
             let (col, _) = entity.key();
-            let sql = match entity {
-                Entity::Contact => "SELECT email FROM contacts WHERE id = $1 AND workspace_id = $2",
-                Entity::Account => {
-                    "SELECT domain FROM accounts WHERE id = $1 AND workspace_id = $2"
-                }
-            };
-            let stmt = db.prepare_cached(sql).await.map_err(DbError::from)?;
+            let stmt = db
+                .prepare_cached(entity.select_key())
+                .await
+                .map_err(DbError::from)?;
             db.query_opt(&stmt, &[&id, &ws])
                 .await
                 .map_err(DbError::from)?
@@ -521,11 +503,10 @@ async fn enrich(
                 Done::Failed
             }
             Some(Ok(key)) => {
-                if !ctx.take_token(&bucket, per_hour, per_hour / 3600.0).await? {
-                    let wait = {
-                        let db = ctx.db().get().await.map_err(DbError::from)?;
-                        ratelimit::wait_for(&db, &bucket, 1.0).await?
-                    };
+                if let Some(wait) = ctx
+                    .take_token_or_wait(&bucket, per_hour, per_hour / 3600.0)
+                    .await?
+                {
                     ctx.save_checkpoint(&cur).await?;
                     ctx.log(
                         "info",
@@ -789,12 +770,16 @@ fn check_fields(entity: Entity, fields: &[String]) -> Result<(), PayloadError> {
     Ok(())
 }
 
-fn check_provider(name: &str) -> Result<(), PayloadError> {
-    let ok = (1..=40).contains(&name.len())
+/// A provider's name: 1 to 40 of a-z, 0-9, `_` and `-`.
+pub(crate) fn valid_provider_name(name: &str) -> bool {
+    (1..=40).contains(&name.len())
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-    if ok {
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn check_provider(name: &str) -> Result<(), PayloadError> {
+    if valid_provider_name(name) {
         Ok(())
     } else {
         Err(PayloadError::field(

@@ -35,6 +35,7 @@ pub use bulk_export::BulkExport;
 pub use bulk_tag::{BulkDelete, BulkTag};
 pub use contact_import::ContactImport;
 pub use context::{ChildJob, JobContext, TokenState};
+pub(crate) use enrich::valid_provider_name;
 pub use enrich::{
     EnrichAccount, EnrichAccountPayload, EnrichContact, EnrichContactPayload, Entity, HttpProvider,
     Provider, ProviderConfig, ProviderError,
@@ -47,6 +48,7 @@ pub use send_email_batch::{
 };
 pub use sequence_subscription::SequenceSubscription;
 pub use sleep::{Sleep, SleepPayload};
+pub(crate) use webhook::http_url;
 pub use webhook::{is_internal, Webhook};
 
 use crate::db::DbError;

@@ -31,7 +31,6 @@ use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
 use crate::db::DbError;
 use crate::email::{warmup_rate, Email, Mailer, SendError};
 use crate::job::Progress;
-use crate::ratelimit;
 
 /// Most contacts one job sends to.
 pub const MAX_CONTACTS: usize = 1000;
@@ -410,14 +409,7 @@ async fn load(ctx: &JobContext, ws: Uuid, ids: &[Uuid]) -> Result<Vec<Contact>, 
 /// wait to snooze for when it is long.
 async fn pace(ctx: &JobContext, buckets: &[(String, f64)]) -> Result<Option<Duration>, JobError> {
     for (key, rate) in buckets {
-        loop {
-            if ctx.take_token(key, rate.max(1.0), *rate).await? {
-                break;
-            }
-            let wait = {
-                let db = ctx.db().get().await.map_err(DbError::from)?;
-                ratelimit::wait_for(&db, key, 1.0).await?
-            };
+        while let Some(wait) = ctx.take_token_or_wait(key, rate.max(1.0), *rate).await? {
             if wait > SLEEP_AT_MOST {
                 return Ok(Some(wait));
             }
@@ -483,7 +475,6 @@ async fn deliver(
                 Delivered::Failed(row.get::<_, Option<String>>(2).unwrap_or_default())
             }
             ("unknown", true) => Delivered::Unknown,
-            ("unknown", false) => Delivered::Before("unknown".into()),
             (s, _) => Delivered::Before(s.to_string()),
         });
     }

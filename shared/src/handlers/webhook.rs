@@ -80,20 +80,59 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
+/// `s` as an http or https URL with a host; otherwise what is wrong with it.
+pub(crate) fn http_url(s: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("an http or https URL with a host".into());
+    }
+    Ok(url)
+}
+
+/// A client for `url`'s host that connects only to the addresses resolved
+/// and checked here (no DNS rebinding) and follows no redirects. Addresses
+/// in internal ranges are refused unless `allow_private`; `who` names the
+/// callers in that refusal.
+pub(crate) async fn pinned_client(
+    url: &reqwest::Url,
+    allow_private: bool,
+    timeout: Duration,
+    user_agent: &str,
+    who: &str,
+) -> Result<reqwest::Client, JobError> {
+    let host = url.host_str().unwrap_or_default();
+    let port = url.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
+        Ok(a) => a.collect(),
+        Err(e) => return Err(JobError::Retryable(format!("cannot resolve {host}: {e}"))),
+    };
+    if addrs.is_empty() {
+        return Err(JobError::Retryable(format!("{host} has no address")));
+    }
+    if !allow_private {
+        if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
+            return Err(JobError::Permanent(format!(
+                "refused: {host} resolves to {}, an internal address; {who} may only call public addresses",
+                a.ip()
+            )));
+        }
+    }
+    reqwest::Client::builder()
+        .resolve_to_addrs(host, &addrs)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .user_agent(user_agent)
+        .build()
+        .map_err(|e| JobError::Retryable(format!("http client: {e}")))
+}
+
 #[async_trait]
 impl JobHandler for Webhook {
     type Payload = WebhookPayload;
     const TYPE: &'static str = "webhook";
 
     fn validate(&self, p: &WebhookPayload) -> Result<(), PayloadError> {
-        let url = reqwest::Url::parse(&p.url)
-            .map_err(|e| PayloadError::field("url", format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(PayloadError::field(
-                "url",
-                "an http or https URL with a host",
-            ));
-        }
+        http_url(&p.url).map_err(|e| PayloadError::field("url", e))?;
         if p.url.len() > 2048 {
             return Err(PayloadError::field("url", "at most 2048 characters"));
         }
@@ -120,25 +159,16 @@ impl JobHandler for Webhook {
     }
 
     async fn run(&self, p: WebhookPayload, ctx: &mut JobContext) -> Result<Outcome, JobError> {
-        let url = reqwest::Url::parse(&p.url)
-            .map_err(|e| JobError::Permanent(format!("bad url: {e}")))?;
+        let url = http_url(&p.url).map_err(|e| JobError::Permanent(format!("bad url: {e}")))?;
         let host = url.host_str().unwrap_or_default().to_string();
-        let port = url.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-            Ok(a) => a.collect(),
-            Err(e) => return Err(JobError::Retryable(format!("cannot resolve {host}: {e}"))),
-        };
-        if addrs.is_empty() {
-            return Err(JobError::Retryable(format!("{host} has no address")));
-        }
-        if !self.allow_private {
-            if let Some(a) = addrs.iter().find(|a| is_internal(a.ip())) {
-                return Err(JobError::Permanent(format!(
-                    "refused: {host} resolves to {}, an internal address; webhooks may only call public addresses",
-                    a.ip()
-                )));
-            }
-        }
+        let client = pinned_client(
+            &url,
+            self.allow_private,
+            Duration::from_millis(p.timeout_ms),
+            "Offload-Webhook/1",
+            "webhooks",
+        )
+        .await?;
         if !ctx
             .take_token(
                 &format!("webhook:{}:{host}", ctx.workspace_id()),
@@ -149,13 +179,6 @@ impl JobHandler for Webhook {
         {
             return Ok(Outcome::Snooze(ratelimit::wait_for_token(PER_HOST_PER_SEC)));
         }
-        let client = reqwest::Client::builder()
-            .resolve_to_addrs(&host, &addrs)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_millis(p.timeout_ms))
-            .user_agent("Offload-Webhook/1")
-            .build()
-            .map_err(|e| JobError::Retryable(format!("http client: {e}")))?;
         // Every attempt of a job carries the same key, so a receiver can drop
         // the repeat that at-least-once delivery allows (a worker that dies
         // after the call and before recording it calls again).

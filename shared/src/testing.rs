@@ -25,10 +25,12 @@ use crate::store::{NewJob, Store};
 use crate::worker::Worker;
 use crate::workspace::{self, Role, Tier};
 
+mod fake_crm;
 mod fake_provider;
 mod lambda_runtime;
 mod smtp_sink;
 mod tls_server;
+pub use fake_crm::FakeCrm;
 pub use fake_provider::{Failures, FakeProvider};
 pub use lambda_runtime::{Invoked, LambdaRuntime};
 pub use smtp_sink::SmtpSink;

@@ -2,6 +2,7 @@
 //! runs through `lambda_http` and the local runner serves directly.
 
 mod api_keys;
+pub mod crm;
 pub mod dashboard;
 mod error;
 mod extract;
@@ -133,6 +134,7 @@ impl utoipa::Modify for Doc {
     (name = "stats", description = "Queue depth, throughput, failure rate, latency"),
     (name = "api-keys", description = "Workspace API keys for servers (admins)"),
     (name = "enrichment", description = "The data providers enrichment jobs call (admins)"),
+    (name = "crm", description = "The CRMs sync_crm keeps in sync (admins), and the conflicts it parks for review"),
     (name = "uploads", description = "Short-lived URLs to send files (CSV imports) to"),
     (name = "health", description = "Liveness"),
 ))]
@@ -161,6 +163,10 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(api_keys::revoke))
         .routes(routes!(providers::list))
         .routes(routes!(providers::put, providers::delete))
+        .routes(routes!(crm::list))
+        .routes(routes!(crm::put, crm::delete))
+        .routes(routes!(crm::conflicts))
+        .routes(routes!(crm::resolve))
         .routes(routes!(uploads::create))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(

@@ -71,20 +71,17 @@ pub struct ProviderList {
     pub providers: Vec<ProviderView>,
 }
 
+/// A secret's last four characters, to tell secrets apart.
+pub(super) fn key_tail(key: &str) -> String {
+    let n = key.chars().count();
+    key.chars().skip(n.saturating_sub(4)).collect()
+}
+
 fn view(r: &tokio_postgres::Row) -> ProviderView {
-    let key: String = r.get(2);
-    let tail: String = key
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
     ProviderView {
         name: r.get(0),
         base_url: r.get(1),
-        api_key_ends: tail,
+        api_key_ends: key_tail(r.get(2)),
         field_map: serde_json::from_value(r.get(3)).unwrap_or_default(),
         calls_per_hour: r.get(4),
         updated_at: r.get(5),

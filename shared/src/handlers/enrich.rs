@@ -30,7 +30,7 @@ pub const MAX_CONTACTS: usize = 1000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pauses before calling again after a 5xx, 408 or timeout; then the job
 /// retries with backoff.
-const UNAVAILABLE_PAUSES: [Duration; 3] = [
+pub(super) const UNAVAILABLE_PAUSES: [Duration; 3] = [
     Duration::from_millis(200),
     Duration::from_millis(800),
     Duration::from_millis(3200),
@@ -38,7 +38,7 @@ const UNAVAILABLE_PAUSES: [Duration; 3] = [
 /// The snooze after a 429 without a usable `Retry-After`.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Most of a provider's answer read.
-const MAX_ANSWER: usize = 256 * 1024;
+const MAX_ANSWER: usize = 4 * 1024 * 1024;
 
 /// What a field holds, for checking a provider's value before it is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,65 +278,80 @@ impl Provider for HttpProvider {
             .base
             .join(path)
             .map_err(|e| ProviderError::Refused(format!("bad provider URL: {e}")))?;
-        let host = url.host_str().unwrap_or_default().to_string();
-        let resp = self
+        let req = self
             .client
             .post(url)
             .bearer_auth(&self.api_key)
-            .json(&json!({ field: key }))
-            .send()
-            .await
-            .map_err(|e| {
-                ProviderError::Unavailable(if e.is_timeout() {
-                    format!("{host} did not answer within {} s", CALL_TIMEOUT.as_secs())
-                } else {
-                    format!("cannot reach {host}: {e}")
-                })
-            })?;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.clamp(1, 900)));
-        let mut body = Vec::new();
-        let mut resp = resp;
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ProviderError::Unavailable(format!("{host}: answer cut short: {e}")))?
-        {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err(ProviderError::Rejected(format!(
-                    "{host} answered more than {} KiB",
-                    MAX_ANSWER / 1024
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        let said = || {
-            let text = String::from_utf8_lossy(&body);
-            format!(
-                "{host} answered {status}: {}",
-                text.chars().take(200).collect::<String>()
-            )
-        };
-        match status.as_u16() {
-            200..=299 => match serde_json::from_slice::<Value>(&body) {
-                Ok(v @ Value::Object(_)) => Ok(Some(v)),
-                _ => Err(ProviderError::Rejected(format!(
-                    "{host} answered {status} without a JSON object"
-                ))),
-            },
-            404 => Ok(None),
-            429 => Err(ProviderError::RateLimited(
-                retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            .json(&json!({ field: key }));
+        match call(req, CALL_TIMEOUT).await? {
+            Some(v @ Value::Object(_)) => Ok(Some(v)),
+            Some(_) => Err(ProviderError::Rejected(
+                "the provider answered without a JSON object".into(),
             )),
-            401 | 403 => Err(ProviderError::Refused(said())),
-            408 | 500..=599 => Err(ProviderError::Unavailable(said())),
-            _ => Err(ProviderError::Rejected(said())),
+            None => Ok(None),
         }
+    }
+}
+
+/// Sends a provider's request and reads its JSON answer: `None` for a 404;
+/// 429 is [`ProviderError::RateLimited`] (for its `Retry-After`), 401 and
+/// 403 [`ProviderError::Refused`], 408, 5xx, timeouts and lost connections
+/// [`ProviderError::Unavailable`], another 4xx or an answer that is not
+/// JSON [`ProviderError::Rejected`], each saying what the provider said.
+pub(crate) async fn call(
+    req: reqwest::RequestBuilder,
+    timeout: Duration,
+) -> Result<Option<Value>, ProviderError> {
+    let (client, req) = req.build_split();
+    let req = req.map_err(|e| ProviderError::Rejected(format!("bad request: {e}")))?;
+    let host = req.url().host_str().unwrap_or_default().to_string();
+    let resp = client.execute(req).await.map_err(|e| {
+        ProviderError::Unavailable(if e.is_timeout() {
+            format!("{host} did not answer within {} s", timeout.as_secs())
+        } else {
+            format!("cannot reach {host}: {e}")
+        })
+    })?;
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.clamp(1, 900)));
+    let mut body = Vec::new();
+    let mut resp = resp;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ProviderError::Unavailable(format!("{host}: answer cut short: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(ProviderError::Rejected(format!(
+                "{host} answered more than {} KiB",
+                MAX_ANSWER / 1024
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let said = || {
+        let text = String::from_utf8_lossy(&body);
+        format!(
+            "{host} answered {status}: {}",
+            text.chars().take(300).collect::<String>()
+        )
+    };
+    match status.as_u16() {
+        200..=299 => serde_json::from_slice::<Value>(&body)
+            .map(Some)
+            .map_err(|_| ProviderError::Rejected(format!("{host} answered {status} without JSON"))),
+        404 => Ok(None),
+        429 => Err(ProviderError::RateLimited(
+            retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+        )),
+        401 | 403 => Err(ProviderError::Refused(said())),
+        408 | 500..=599 => Err(ProviderError::Unavailable(said())),
+        _ => Err(ProviderError::Rejected(said())),
     }
 }
 

@@ -19,6 +19,7 @@ mod noop;
 mod send_email_batch;
 mod sequence_subscription;
 mod sleep;
+mod sync_crm;
 mod webhook;
 
 use std::collections::BTreeMap;
@@ -48,6 +49,10 @@ pub use send_email_batch::{
 };
 pub use sequence_subscription::SequenceSubscription;
 pub use sleep::{Sleep, SleepPayload};
+pub use sync_crm::{
+    resolve_conflict, Crm, CrmConfig, CrmEntity, HubSpot, Keep, Props, Remote, Resolved, SyncCrm,
+    SyncCrmPayload, HUBSPOT_API, ID_PROPERTY,
+};
 pub(crate) use webhook::http_url;
 pub use webhook::{is_internal, Webhook};
 
@@ -322,6 +327,7 @@ impl Registry {
             .with(EnrichContact::default())
             .with(EnrichAccount::default())
             .with(SendEmailBatch::local())
+            .with(SyncCrm::default())
     }
 
     /// The built-in types as configured for this deployment.
@@ -334,6 +340,9 @@ impl Registry {
                 allow_private: config.webhook_allow_private,
             })
             .with(EnrichAccount {
+                allow_private: config.webhook_allow_private,
+            })
+            .with(SyncCrm {
                 allow_private: config.webhook_allow_private,
             })
             .with(SendEmailBatch {

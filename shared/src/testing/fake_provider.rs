@@ -91,19 +91,26 @@ impl FakeProvider {
 
 /// The failure this call is chosen for, if any; or a 401 for a wrong key.
 fn refuse(fake: &Fake, headers: &HeaderMap) -> Option<Response> {
-    let n = fake.seen.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    refuse_call(&fake.seen.calls, &fake.api_key, fake.failures, headers)
+}
+
+/// Counts a call to a fake server and answers it with the failure it is
+/// chosen for, if any; or a 401 when it lacks `Bearer {key}`.
+pub(super) fn refuse_call(
+    calls: &AtomicU64,
+    key: &str,
+    failures: Failures,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if auth != format!("Bearer {}", fake.api_key) {
+    if auth != format!("Bearer {key}") {
         return Some((StatusCode::UNAUTHORIZED, "bad api key").into_response());
     }
-    if fake
-        .failures
-        .too_many_every
-        .is_some_and(|k| n.is_multiple_of(k))
-    {
+    if failures.too_many_every.is_some_and(|k| n.is_multiple_of(k)) {
         return Some(
             (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -113,8 +120,7 @@ fn refuse(fake: &Fake, headers: &HeaderMap) -> Option<Response> {
                 .into_response(),
         );
     }
-    if fake
-        .failures
+    if failures
         .unavailable_every
         .is_some_and(|k| n.is_multiple_of(k))
     {

@@ -70,7 +70,7 @@ OFFLOAD_BIN="$ROOT/target/debug/offload" scripts/fuzz-api.sh --max-examples 15
 
 say "benchmark smoke run (tiny sizes; the real figures: cargo run --release -p offload-bench)"
 cargo run -q -p offload-bench -- --jobs 500 --repeat 1 --latency-jobs 20 --latency-rate 100 \
-  --api-secs 1 --api-rate 100 --batches 2 --sqs-jobs 50 --import-rows 2000 --enrich-contacts 100 \
+  --api-secs 1 --api-rate 100 --batches 2 --sqs-jobs 50 --import-rows 2000 --enrich-contacts 100 --crm-records 200 \
   --out target/bench-smoke.json
 cargo run -q -p offload-bench -- --only sustained --sustained-secs 10 --sustained-rate 200 \
   --sustained-retention-secs 2 --sustained-scheduler-secs 2 --sustained-sample-secs 1 \

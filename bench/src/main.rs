@@ -25,6 +25,7 @@ use offload_bench::{drop_database, fresh_database, percentile, with_db};
 use serde_json::json;
 
 mod coldstart;
+mod crm;
 mod email;
 mod enrich;
 mod sustained;
@@ -60,7 +61,7 @@ struct Args {
     /// workflows (fan-out overhead and wait-token latency).
     #[arg(
         long,
-        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich,email",
+        default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich,email,crm",
         value_delimiter = ','
     )]
     only: Vec<String>,
@@ -95,6 +96,9 @@ struct Args {
     /// Seconds the 50 quiet workspaces create jobs in the neighbour figure.
     #[arg(long, default_value_t = 20)]
     neighbour_secs: u64,
+    /// Records on each side for the CRM sync figures.
+    #[arg(long, default_value_t = 10_000)]
+    crm_records: usize,
     /// Contacts of the enrichment figure's job.
     #[arg(long, default_value_t = 1000)]
     enrich_contacts: usize,
@@ -1519,6 +1523,13 @@ async fn main() -> anyhow::Result<()> {
             args.enrich_contacts, args.repeat
         );
         enrich::run(&args, &server, &mut report).await?;
+    }
+    if want("crm") {
+        eprintln!(
+            "crm: sync_crm of {} + {} contacts with a HubSpot-shaped CRM on loopback, {} runs",
+            args.crm_records, args.crm_records, args.repeat
+        );
+        crm::run(&args, &server, &mut report).await?;
     }
     if want("email") {
         eprintln!(

@@ -637,3 +637,138 @@ async fn a_refused_token_or_an_unknown_crm_ends_the_job() {
         assert_eq!(e.field.as_deref(), Some(field), "{payload}: {e:?}");
     }
 }
+
+#[tokio::test]
+async fn admins_configure_crms_and_members_review_parked_conflicts_through_the_api() {
+    use offload::ids::UserId;
+    use offload::testing::{expect_problem as problem, token, TestApp};
+    use offload::workspace::{self, Role};
+    use reqwest::StatusCode;
+
+    let app = TestApp::spawn().await;
+    let fake = FakeCrm::start(Failures::default()).await;
+    let path = "/crm-providers/hub";
+    let body = json!({"base_url": fake.base_url, "access_token": fake.token, "batch_size": 50});
+    let resp = app.req("PUT", path).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let saved: Value = resp.json().await.unwrap();
+    assert_eq!(
+        saved["access_token_ends"],
+        fake.token[fake.token.len() - 4..]
+    );
+    assert_eq!(saved["requests_per_10s"], 100, "HubSpot's limit by default");
+    assert_eq!(saved["kind"], "hubspot");
+    let listed = app.get_json("/crm-providers").await;
+    assert_eq!(listed["providers"][0]["batch_size"], 50);
+    assert!(!listed.to_string().contains(&fake.token), "{listed}");
+    for (bad, field) in [
+        (json!({"batch_size": 101}), "batch_size"),
+        (json!({"requests_per_10s": 0}), "requests_per_10s"),
+        (json!({"base_url": "ftp://x"}), "base_url"),
+        (json!({"access_token": ""}), "access_token"),
+    ] {
+        let mut b = body.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let p = problem(
+            app.req("PUT", path).json(&b).send().await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+        assert_eq!(p["field"], field, "{p}");
+    }
+    let member = UserId::new();
+    let conn = app.db.pool.get().await.unwrap();
+    workspace::add_member(&**conn, app.workspace, member, Role::Member)
+        .await
+        .unwrap();
+    drop(conn);
+    let as_member = |method: reqwest::Method, p: &str| {
+        app.client
+            .request(
+                method,
+                format!("{}/api/workspaces/{}{p}", app.base, app.workspace),
+            )
+            .bearer_auth(token(member))
+    };
+    problem(
+        as_member(reqwest::Method::PUT, path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    // The same person on both sides, different before any sync: parked.
+    let ws = app.workspace;
+    contact(&app.db, ws, "pat@x.io", "Pat").await;
+    let theirs = fake.create(
+        "contacts",
+        json!({"email": "pat@x.io", "firstname": "Patricia", "jobtitle": "CFO"}),
+    );
+    let j = sync(&app.db, ws, both("manual_review")).await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    let listed: Value = as_member(reqwest::Method::GET, "/crm-conflicts")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let c = &listed["conflicts"][0];
+    assert_eq!(c["remote_id"], theirs.as_str(), "{listed}");
+    assert_eq!(c["local"]["firstname"], "Pat");
+    assert_eq!(c["remote"]["firstname"], "Patricia");
+    assert_eq!(c["status"], "open");
+    let resolve = format!("/crm-conflicts/{}/resolve", c["id"]);
+    problem(
+        as_member(reqwest::Method::POST, &resolve)
+            .json(&json!({"keep": "both"}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    let resp = as_member(reqwest::Method::POST, &resolve)
+        .json(&json!({"keep": "remote"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let done: Value = resp.json().await.unwrap();
+    assert_eq!(done["status"], "kept_remote");
+    assert_eq!(
+        local(&app.db, ws, "pat@x.io").await.0.as_deref(),
+        Some("Patricia")
+    );
+    problem(
+        as_member(reqwest::Method::POST, &resolve)
+            .json(&json!({"keep": "local"}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    let open = app.get_json("/crm-conflicts").await;
+    assert_eq!(open["conflicts"], json!([]));
+    let all = app.get_json("/crm-conflicts?status=all").await;
+    assert_eq!(all["conflicts"].as_array().unwrap().len(), 1);
+    problem(
+        app.req("GET", "/crm-conflicts?status=closed")
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    // Linked now: the next sync finds nothing to do for it.
+    let j = sync(&app.db, ws, both("manual_review")).await;
+    let r = j.result.unwrap();
+    assert_eq!(r["manual_review_total"], 0, "{r}");
+    assert_eq!(fake.writes("contacts")[&theirs], 0, "{r}");
+}

@@ -52,10 +52,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// A wait for the request rate up to this long is slept; a longer one
 /// snoozes the job.
 const LONGEST_SLEEP: Duration = Duration::from_secs(3);
-/// The push scan starts this long before the cursor, so a record whose
-/// transaction stamped `updated_at` before the last page but committed
-/// after it is still seen (its link tells whether it needs pushing).
-const PUSH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// Each scan starts this long before its cursor, so what became visible
+/// late is still seen: a record of ours whose transaction stamped
+/// `updated_at` before the last page but committed after it, and a record
+/// the CRM's search had not indexed yet (HubSpot's lags by seconds). Links
+/// tell which of the records seen again have changed.
+const OVERLAP: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Conflicts listed one by one in the result (all are counted).
 const LISTED_CONFLICTS: usize = 100;
 /// The CRM property holding our id, by which pushes create records.
@@ -1056,8 +1058,8 @@ async fn starts(
     let (pulled, pushed): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) =
         row.map_or((None, None), |r| (r.get(0), r.get(1)));
     Ok((
-        pulled.unwrap_or(epoch),
-        (pushed.map_or(epoch, |t| t - PUSH_OVERLAP), Uuid::nil()),
+        pulled.map_or(epoch, |t| t - OVERLAP),
+        (pushed.map_or(epoch, |t| t - OVERLAP), Uuid::nil()),
     ))
 }
 

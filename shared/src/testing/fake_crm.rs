@@ -27,24 +27,68 @@ struct Record {
     writes: u32,
 }
 
+/// The properties records are found by (one record per value).
+const INDEXED: [&str; 2] = ["email", "offload_id"];
+
 #[derive(Default)]
 struct Store {
     /// Object type → id → record.
     objects: HashMap<String, BTreeMap<u64, Record>>,
+    /// (object type, property, value) → id, for the [`INDEXED`] properties.
+    index: HashMap<(String, String, String), u64>,
     next_id: u64,
     last_ms: i64,
 }
 
 impl Store {
-    /// A modification time after every earlier one (HubSpot's are in
-    /// milliseconds; here no two writes share one).
+    /// A modification time, never before an earlier one; in milliseconds
+    /// as HubSpot's, so writes in the same millisecond share one.
     fn tick(&mut self) -> i64 {
-        self.last_ms = Utc::now().timestamp_millis().max(self.last_ms + 1);
+        self.last_ms = Utc::now().timestamp_millis().max(self.last_ms);
         self.last_ms
     }
 
     fn records(&mut self, object: &str) -> &mut BTreeMap<u64, Record> {
         self.objects.entry(object.to_string()).or_default()
+    }
+
+    /// The record whose indexed `prop` holds `value`.
+    fn find(&self, object: &str, prop: &str, value: &str) -> Option<u64> {
+        self.index
+            .get(&(object.to_string(), prop.to_string(), value.to_string()))
+            .copied()
+    }
+
+    /// Sets properties of record `id` (created if new) at `ms`.
+    fn write(&mut self, object: &str, id: u64, props: Map<String, Value>, ms: i64, by_sync: bool) {
+        let r = self.records(object).entry(id).or_insert(Record {
+            properties: Map::new(),
+            updated_ms: ms,
+            writes: 0,
+        });
+        let mut moved = Vec::new();
+        for (k, v) in props {
+            if INDEXED.contains(&k.as_str()) {
+                moved.push((k.clone(), r.properties.get(&k).cloned(), v.clone()));
+            }
+            r.properties.insert(k, v);
+        }
+        r.updated_ms = ms;
+        if by_sync {
+            r.writes += 1;
+        }
+        for (k, old, new) in moved {
+            if let Some(old) = old.as_ref().and_then(Value::as_str) {
+                let key = (object.to_string(), k.clone(), old.to_string());
+                if self.index.get(&key) == Some(&id) {
+                    self.index.remove(&key);
+                }
+            }
+            if let Some(new) = new.as_str().filter(|v| !v.is_empty()) {
+                self.index
+                    .insert((object.to_string(), k, new.to_string()), id);
+            }
+        }
     }
 }
 
@@ -160,13 +204,12 @@ impl FakeCrm {
         let ms = s.tick();
         s.next_id += 1;
         let id = s.next_id;
-        s.records(object).insert(
+        s.write(
+            object,
             id,
-            Record {
-                properties: properties.as_object().cloned().unwrap_or_default(),
-                updated_ms: ms,
-                writes: 0,
-            },
+            properties.as_object().cloned().unwrap_or_default(),
+            ms,
+            false,
         );
         id.to_string()
     }
@@ -178,14 +221,15 @@ impl FakeCrm {
             Some(t) => t.timestamp_millis(),
             None => s.tick(),
         };
-        let r = s
-            .records(object)
-            .get_mut(&id.parse().unwrap())
-            .expect("no such record");
-        for (k, v) in properties.as_object().cloned().unwrap_or_default() {
-            r.properties.insert(k, v);
-        }
-        r.updated_ms = ms;
+        let id: u64 = id.parse().unwrap();
+        assert!(s.records(object).contains_key(&id), "no such record");
+        s.write(
+            object,
+            id,
+            properties.as_object().cloned().unwrap_or_default(),
+            ms,
+            false,
+        );
     }
 
     /// A record's properties and modification time.
@@ -339,11 +383,7 @@ async fn batch(
             continue;
         }
         let target = target(&mut s, &object, &op, i);
-        let holder = s
-            .records(&object)
-            .iter()
-            .find(|(_, r)| r.properties.get("email").and_then(Value::as_str) == Some(email))
-            .map(|(id, _)| *id);
+        let holder = s.find(&object, "email", email);
         if let Some(h) = holder.filter(|h| Some(*h) != target) {
             return error(
                 StatusCode::CONFLICT,
@@ -361,13 +401,12 @@ async fn batch(
                 s.next_id += 1;
                 let id = s.next_id;
                 let key = i["idProperty"].as_str().unwrap_or_default().to_string();
-                s.records(&object).insert(
+                s.write(
+                    &object,
                     id,
-                    Record {
-                        properties: Map::from_iter([(key, i["id"].clone())]),
-                        updated_ms: 0,
-                        writes: 0,
-                    },
+                    Map::from_iter([(key, i["id"].clone())]),
+                    0,
+                    false,
                 );
                 id
             }
@@ -381,13 +420,8 @@ async fn batch(
             _ => unreachable!("checked above"),
         };
         let ms = s.tick();
-        let r = s.records(&object).get_mut(&id).unwrap();
-        for (k, v) in props {
-            r.properties.insert(k, v);
-        }
-        r.updated_ms = ms;
-        r.writes += 1;
-        let r = r.clone();
+        s.write(&object, id, props, ms, true);
+        let r = s.records(&object)[&id].clone();
         results.push(view(&object, id, &r, None));
     }
     drop(s);
@@ -403,22 +437,15 @@ async fn batch(
     Json(json!({"status": "COMPLETE", "results": results})).into_response()
 }
 
-/// The record an update (by id) or upsert (by its `idProperty`) input
-/// writes, if it exists.
+/// The record an update (by id) or upsert (by its `idProperty`, one of
+/// [`INDEXED`]) input writes, if it exists.
 fn target(s: &mut Store, object: &str, op: &str, input: &Value) -> Option<u64> {
-    let records = s.records(object);
     match op {
         "update" => input["id"]
             .as_str()
             .and_then(|v| v.parse::<u64>().ok())
-            .filter(|id| records.contains_key(id)),
-        "upsert" => {
-            let key = input["idProperty"].as_str()?;
-            records
-                .iter()
-                .find(|(_, r)| r.properties.get(key) == Some(&input["id"]))
-                .map(|(id, _)| *id)
-        }
+            .filter(|id| s.records(object).contains_key(id)),
+        "upsert" => s.find(object, input["idProperty"].as_str()?, input["id"].as_str()?),
         _ => None,
     }
 }

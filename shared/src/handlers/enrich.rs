@@ -245,17 +245,9 @@ impl HttpProvider {
     /// addresses (no DNS rebinding); internal addresses are refused unless
     /// `allow_private`.
     pub async fn connect(config: &ProviderConfig, allow_private: bool) -> Result<Self, JobError> {
-        let mut base = http_url(&config.base_url).map_err(|e| {
-            JobError::Permanent(format!(
-                "provider {}: base_url {:?}: {e}",
-                config.name, config.base_url
-            ))
-        })?;
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        let client = pinned_client(
-            &base,
+        let (client, base) = base_client(
+            &format!("provider {}", config.name),
+            &config.base_url,
             allow_private,
             CALL_TIMEOUT,
             "Offload-Enrich/1",
@@ -268,6 +260,26 @@ impl HttpProvider {
             api_key: config.api_key.clone(),
         })
     }
+}
+
+/// A client pinned to the checked addresses of `base_url`'s host (see
+/// [`pinned_client`]), and the URL as a base paths join onto (ending in
+/// `/`); a URL that is not http(s) is a permanent error naming `what`.
+pub(crate) async fn base_client(
+    what: &str,
+    base_url: &str,
+    allow_private: bool,
+    timeout: Duration,
+    user_agent: &str,
+    who: &str,
+) -> Result<(reqwest::Client, reqwest::Url), JobError> {
+    let mut base = http_url(base_url)
+        .map_err(|e| JobError::Permanent(format!("{what}: base_url {base_url:?}: {e}")))?;
+    if !base.path().ends_with('/') {
+        base.set_path(&format!("{}/", base.path()));
+    }
+    let client = pinned_client(&base, allow_private, timeout, user_agent, who).await?;
+    Ok((client, base))
 }
 
 #[async_trait]

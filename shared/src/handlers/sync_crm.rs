@@ -39,8 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::enrich::{call, ProviderError, UNAVAILABLE_PAUSES};
-use super::webhook::{http_url, pinned_client};
+use super::enrich::{base_client, call, ProviderError, UNAVAILABLE_PAUSES};
 use super::{JobContext, JobError, JobHandler, Outcome, PayloadError};
 use crate::db::DbError;
 use crate::job::Progress;
@@ -383,17 +382,9 @@ impl HubSpot {
     /// Resolves the API's host once and pins the client to the checked
     /// addresses; internal addresses are refused unless `allow_private`.
     pub async fn connect(config: &CrmConfig, allow_private: bool) -> Result<Self, JobError> {
-        let mut base = http_url(&config.base_url).map_err(|e| {
-            JobError::Permanent(format!(
-                "CRM {}: base_url {:?}: {e}",
-                config.name, config.base_url
-            ))
-        })?;
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        let client = pinned_client(
-            &base,
+        let (client, base) = base_client(
+            &format!("CRM {}", config.name),
+            &config.base_url,
             allow_private,
             CALL_TIMEOUT,
             "Offload-CRM-Sync/1",
@@ -722,6 +713,14 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    fn scope(&self, ctx: &JobContext, entity: CrmEntity) -> Scope<'_> {
+        Scope {
+            ws: ctx.workspace_id().0,
+            provider: &self.config.name,
+            entity,
+        }
+    }
+
     /// Calls the CRM within the request rate, calling again after a 5xx or
     /// timeout; `Ok(Err(why))` is the CRM rejecting the request.
     async fn call<T, F, Fut>(
@@ -1070,13 +1069,8 @@ async fn pull_page(
     entity: CrmEntity,
     cur: &mut Checkpoint,
 ) -> Result<bool, Stop> {
-    let ws = ctx.workspace_id().0;
-    let provider = sync.config.name.as_str();
-    let scope = Scope {
-        ws,
-        provider,
-        entity,
-    };
+    let scope = sync.scope(ctx, entity);
+    let (ws, provider) = (scope.ws, scope.provider);
     let from = cur.pull_from.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
     let limit = sync.config.batch_size as usize;
     let after = cur.pull_after;
@@ -1336,13 +1330,8 @@ async fn push_page(
     entity: CrmEntity,
     cur: &mut Checkpoint,
 ) -> Result<bool, Stop> {
-    let ws = ctx.workspace_id().0;
-    let provider = sync.config.name.as_str();
-    let scope = Scope {
-        ws,
-        provider,
-        entity,
-    };
+    let scope = sync.scope(ctx, entity);
+    let (ws, provider) = (scope.ws, scope.provider);
     let (from_at, from_id) = cur
         .push_from
         .unwrap_or((DateTime::<Utc>::UNIX_EPOCH, Uuid::nil()));

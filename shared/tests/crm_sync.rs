@@ -772,3 +772,110 @@ async fn admins_configure_crms_and_members_review_parked_conflicts_through_the_a
     assert_eq!(r["manual_review_total"], 0, "{r}");
     assert_eq!(fake.writes("contacts")[&theirs], 0, "{r}");
 }
+
+#[tokio::test]
+async fn a_sync_killed_mid_way_resumes_from_its_last_committed_page_and_creates_nothing_twice() {
+    use offload::clock::Clock;
+    use offload::scheduler::{Scheduler, SchedulerConfig};
+
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let fake = FakeCrm::start(Failures::default()).await;
+    configure(&db, ws, &fake, &fake.token, 50).await;
+    exec(
+        &db,
+        "INSERT INTO contacts (id, workspace_id, email, first_name) \
+         SELECT gen_random_uuid(), $1, 'ours' || i || '@x.io', 'O' || i FROM generate_series(1, 1000) AS i",
+        ws,
+    )
+    .await;
+    for i in 0..1000 {
+        fake.create(
+            "contacts",
+            json!({"email": format!("theirs{i}@y.io"), "firstname": format!("T{i}")}),
+        );
+    }
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    let job = db
+        .insert(&[new_job(ws, "sync_crm", both("manual_review"))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    let first = event_source(
+        q.clone(),
+        db.worker_with(q.clone(), WorkerConfig::default(), registry()),
+    );
+    let run = tokio::spawn(async move { first.drain().await });
+    // Killed once the push is under way: 20 pages pulled, some pushed.
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while fake.all("contacts").len() < 1300 {
+        assert!(tokio::time::Instant::now() < end, "the push did not start");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    run.abort();
+    let _ = run.await;
+    assert!(fake.all("contacts").len() < 2000, "killed mid-way");
+    db.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            &[&job.id.0],
+        )
+        .await
+        .unwrap();
+    Scheduler {
+        store: db.store.clone(),
+        queue: q.clone(),
+        clock: Clock::System,
+        config: SchedulerConfig::default(),
+    }
+    .run_once()
+    .await;
+    let worker = db.worker_with(q.clone(), WorkerConfig::default(), registry());
+    let j = run_until_finished(
+        &db,
+        &event_source(q, worker),
+        job.id,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    assert!(j.attempts >= 2, "it ran again after the kill");
+    let r = j.result.unwrap();
+    let c = &r["counts"]["contacts"];
+    assert_eq!(c["pulled_created"], 1000, "{r}");
+    assert_eq!(c["pushed_created"], 1000, "{r}");
+    assert_eq!(c["failed"], 0, "{r}");
+    let count = |sql: &str| {
+        let sql = sql.replace("$ws", &ws.0.to_string());
+        let db = &db;
+        async move { db.scalar_i64(&sql).await }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM contacts WHERE workspace_id = '$ws'").await,
+        2000
+    );
+    assert_eq!(
+        fake.all("contacts").len(),
+        2000,
+        "no record created twice there"
+    );
+    assert_eq!(
+        count("SELECT count(DISTINCT remote_id) FROM crm_links WHERE workspace_id = '$ws'").await,
+        2000
+    );
+    let pages =
+        count("SELECT sum(pages)::int8 FROM crm_sync_cursors WHERE workspace_id = '$ws'").await;
+    assert_eq!(
+        pages,
+        r["pages"].as_i64().unwrap(),
+        "the cursor moved once for each page the job committed, none twice"
+    );
+    for (_, p) in fake.all("contacts") {
+        let email = p["email"].as_str().unwrap();
+        let first = local(&db, ws, email).await.0;
+        assert_eq!(first.as_deref(), p["firstname"].as_str(), "{email}");
+    }
+}

@@ -5,7 +5,8 @@
 //! new writes nothing; `manual_review` parks conflicts and leaves both
 //! sides alone until a person resolves them; a batch the CRM rejects is
 //! sent again one record at a time; a write whose answer is lost is not
-//! made twice; a refused token ends the job.
+//! made twice; a sync killed mid-way resumes from its last committed page
+//! and creates nothing twice; a refused token ends the job.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1462,15 +1462,19 @@ async fn push_page(
     let now = ctx.now();
     let mut db = ctx.db().get().await.map_err(DbError::from)?;
     let tx = db.transaction().await?;
-    let pushed_update: HashMap<&str, &Props> =
-        updates.iter().map(|(id, p)| (id.as_str(), p)).collect();
+    // What each CRM record was sent, and whose it is; a record in the
+    // answer that was not sent is ignored.
+    let local_of: HashMap<&str, Uuid> = links
+        .iter()
+        .map(|(l, k)| (k.remote_id.as_str(), *l))
+        .collect();
+    let pushed_update: HashMap<&str, (Uuid, &Props)> = updates
+        .iter()
+        .filter_map(|(id, p)| Some((id.as_str(), (*local_of.get(id.as_str())?, p))))
+        .collect();
     for r in &updated {
-        if let Some(l) = links
-            .iter()
-            .find(|(_, k)| k.remote_id == r.id)
-            .map(|(l, _)| *l)
-        {
-            save_link(&tx, &scope, l, &r.id, pushed_update[r.id.as_str()], now).await?;
+        if let Some((l, props)) = pushed_update.get(r.id.as_str()) {
+            save_link(&tx, &scope, *l, &r.id, props, now).await?;
             next.counts(entity).pushed_updated += 1;
         }
     }

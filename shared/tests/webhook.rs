@@ -303,3 +303,28 @@ async fn one_workspaces_spent_calls_to_a_host_do_not_hold_up_anothers() {
     .await;
     assert_eq!(j.status, JobStatus::Completed);
 }
+
+#[tokio::test]
+async fn a_hook_that_cannot_be_reached_is_reported_without_its_url_secrets() {
+    // A port nobody listens on: the connection is refused. Hooks keep their
+    // secret in the path (Slack's, Discord's) or the query string.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let db = TestDb::new().await;
+    let j = run(
+        &db,
+        true,
+        json!({"url": format!("http://hook-user:hook-pass@127.0.0.1:{port}/services/T0/s3cr3t-path?token=s3cr3t-query")}),
+        1,
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Dead, "{j:?}");
+    let msg = j.error_message.unwrap();
+    assert!(msg.contains("cannot reach 127.0.0.1"), "{msg}");
+    assert!(msg.contains("refused"), "the cause is kept: {msg}");
+    for secret in ["s3cr3t-path", "s3cr3t-query", "hook-pass"] {
+        assert!(!msg.contains(secret), "{secret} leaked into {msg:?}");
+    }
+}

@@ -4,8 +4,9 @@
 //! spends another's calls); 5xx, 408, 429, timeouts and
 //! connection errors are retried with backoff; other 4xx are permanent.
 //! Addresses that resolve to loopback, private, link-local or otherwise
-//! internal ranges are refused unless the deployment allows them, and the
-//! request goes to the address that was checked (no DNS rebinding), with
+//! internal ranges (IPv6 ranges that tunnel or translate to IPv4 included)
+//! are refused unless the deployment allows them, and the request goes to
+//! the address that was checked (no DNS rebinding, no proxy), with
 //! redirects not followed.
 
 use std::collections::BTreeMap;
@@ -76,6 +77,17 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
+                // The ranges below carry an IPv4 address a gateway or relay
+                // sends the traffic on to, out of sight of the checks above.
+                // They are refused whole rather than judged by the address
+                // inside: a local-use NAT64 prefix may embed it anywhere,
+                // some NAT64 gateways translate to private ranges despite
+                // RFC 6052, and 6to4 and Teredo are deprecated, so no
+                // legitimate hook needs them.
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) // NAT64, 64:ff9b::/96
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64, 64:ff9b:1::/48
+                || s[0] == 0x2002 // 6to4, 2002::/16
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo, 2001::/32
         }
     }
 }
@@ -90,7 +102,8 @@ pub(crate) fn http_url(s: &str) -> Result<reqwest::Url, String> {
 }
 
 /// A client for `url`'s host that connects only to the addresses resolved
-/// and checked here (no DNS rebinding) and follows no redirects. Addresses
+/// and checked here (no DNS rebinding, no proxy from the environment) and
+/// follows no redirects. Addresses
 /// in internal ranges are refused unless `allow_private`; `who` names the
 /// callers in that refusal.
 pub(crate) async fn pinned_client(
@@ -119,11 +132,14 @@ pub(crate) async fn pinned_client(
     }
     reqwest::Client::builder()
         .resolve_to_addrs(host, &addrs)
+        // A proxy (HTTP(S)_PROXY, ALL_PROXY) would resolve the host itself
+        // and connect wherever that leads, not to the addresses checked.
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .user_agent(user_agent)
         .build()
-        .map_err(|e| JobError::Retryable(format!("http client: {e}")))
+        .map_err(|e| JobError::Retryable(format!("http client: {}", error_text(e))))
 }
 
 #[async_trait]
@@ -206,7 +222,14 @@ impl JobHandler for Webhook {
                     p.timeout_ms
                 )))
             }
-            Err(e) => return Err(JobError::Retryable(format!("cannot reach {host}: {e}"))),
+            // The error's text would carry the URL, whose path or query
+            // often holds the hook's secret.
+            Err(e) => {
+                return Err(JobError::Retryable(format!(
+                    "cannot reach {host}: {}",
+                    error_text(e)
+                )))
+            }
         };
         let status = resp.status();
         let (body, truncated) = read_capped(resp, MAX_RESPONSE_READ).await;
@@ -237,6 +260,21 @@ impl JobHandler for Webhook {
             Err(JobError::Permanent(msg))
         }
     }
+}
+
+/// What went wrong in a call, with its causes (the refused connection, the
+/// failed handshake) but without the URL, whose path or query often holds
+/// a secret (Slack's and Discord's hooks keep it in the path).
+pub(crate) fn error_text(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Reads at most `cap` bytes of a response body; whether there was more.
@@ -281,6 +319,29 @@ mod tests {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn translated_and_tunnelled_ipv6_addresses_count_as_internal() {
+        // A NAT64 gateway, a 6to4 relay or a Teredo server turns these into
+        // IPv4 traffic whose destination the plain checks never see.
+        for ip in [
+            "64:ff9b::a9fe:a9fe", // NAT64 of 169.254.169.254
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b::808:808",   // NAT64 of a public address: the range is refused whole
+            "64:ff9b:1::a00:1",   // local-use NAT64
+            "64:ff9b:1:ffff::1",
+            "2002:a9fe:a9fe::1", // 6to4 of 169.254.169.254
+            "2002:808:808::1",
+            "2001::1", // Teredo
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        // Neighbours of those ranges are ordinary public addresses.
+        for ip in ["64:ff9b:2::1", "2003::1", "2001:4860:4860::8888"] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
     }

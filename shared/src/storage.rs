@@ -1,6 +1,12 @@
 //! Object storage for files jobs read and write (CSV imports, exports,
 //! error reports), through `object_store`: a folder on a laptop, an S3
 //! bucket in production (or a local server speaking S3, such as moto).
+//!
+//! A file a client uploads is written once: a second upload to its key is
+//! refused, on S3 by the bucket (the link is signed with `If-None-Match:
+//! *`) and on a folder by [`Storage::put_stream_new`]. On S3 the link is
+//! also signed for the file's declared size, so the bucket refuses a larger
+//! body: nothing else stands between a link and the bucket.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,9 +15,10 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsCredential, S3CopyIfNotExists};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::signer::Signer;
@@ -48,27 +55,33 @@ pub struct Storage {
 enum Backend {
     /// A folder; upload links are signed with a key made at start, so they
     /// work with the process that made them.
-    Local {
-        signing_key: Arc<[u8; 32]>,
+    Local { signing_key: Arc<[u8; 32]> },
+    S3 {
+        s3: Arc<AmazonS3>,
+        /// The bucket's region, which upload links are signed for.
+        region: String,
     },
-    S3(Arc<AmazonS3>),
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backend::Local { .. } => f.write_str("Local"),
-            Backend::S3(s3) => write!(f, "S3({s3})"),
+            Backend::S3 { s3, .. } => write!(f, "S3({s3})"),
         }
     }
 }
 
 /// How a client sends a file, from [`Storage::upload`].
 pub enum Upload {
-    /// A presigned `PUT` URL (S3).
-    Link(String),
+    /// A presigned `PUT` URL (S3), and the headers it was signed with: the
+    /// client sends them as they are, or the bucket refuses the request.
+    Link {
+        url: String,
+        headers: Vec<(&'static str, String)>,
+    },
     /// A local folder: the API's own upload route takes the file, with this
-    /// signature over the key and expiry.
+    /// signature over the key, expiry and size.
     Signed { expires: i64, signature: String },
 }
 
@@ -98,6 +111,9 @@ impl Storage {
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(bucket)
             .with_region(region);
+        // What `put_stream_new` links its staged object with: a multipart
+        // upload of one copied part, completed with `If-None-Match: *`.
+        b = b.with_copy_if_not_exists(S3CopyIfNotExists::Multipart);
         if let Some(ep) = endpoint {
             b = b
                 .with_endpoint(ep)
@@ -112,7 +128,10 @@ impl Storage {
         let s3 = Arc::new(b.build()?);
         Ok(Storage {
             store: s3.clone(),
-            backend: Backend::S3(s3),
+            backend: Backend::S3 {
+                s3,
+                region: region.to_string(),
+            },
         })
     }
 
@@ -169,6 +188,34 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes `dest` from chunks as [`Storage::put_stream`] does, unless an
+    /// object is kept there already: whether it was written. Of writers
+    /// racing for one key exactly one wins. Each writes an object of its
+    /// own beside `dest`, then links it to `dest` only if nothing is there
+    /// (a hard link on a folder, a multipart upload completed with
+    /// `If-None-Match: *` on S3), so `dest` is never seen half-written,
+    /// never replaced, and a writer that dies leaves no file under its name.
+    pub async fn put_stream_new<E: From<StorageError>>(
+        &self,
+        dest: &str,
+        chunks: BoxStream<'_, Result<Bytes, E>>,
+    ) -> Result<bool, E> {
+        let staged = format!("{dest}.partial-{}", uuid::Uuid::new_v4().simple());
+        self.put_stream(&staged, chunks).await?;
+        let linked = self
+            .store
+            .copy_if_not_exists(&Path::from(staged.as_str()), &Path::from(dest))
+            .await;
+        if let Err(e) = self.store.delete(&Path::from(staged.as_str())).await {
+            tracing::warn!(key = %staged, error = %e, "a staged upload could not be removed");
+        }
+        match linked {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(StorageError::from(e).into()),
+        }
+    }
+
     /// Writes `dest` as the concatenation of `sources`, streaming (a
     /// multipart upload on S3), then deletes the sources.
     pub async fn concat(&self, sources: &[String], dest: &str) -> Result<(), StorageError> {
@@ -216,7 +263,7 @@ impl Storage {
     pub async fn download(&self, key: &str, ttl: Duration) -> Result<Download, StorageError> {
         match &self.backend {
             Backend::Local { .. } => Ok(Download::Bytes(self.get_stream(key).await?)),
-            Backend::S3(s3) => {
+            Backend::S3 { s3, .. } => {
                 let path = Path::from(key);
                 s3.head(&path).await?;
                 let url = s3.signed_url(reqwest::Method::GET, &path, ttl).await?;
@@ -227,43 +274,69 @@ impl Storage {
 }
 
 impl Storage {
-    /// How a client sends the file to be kept at `key`, for `ttl` from
-    /// `now`: a presigned PUT on S3, a signature for the API's upload route
-    /// on a local folder.
+    /// Whether an upload link needs the file's size: on S3, where the link
+    /// is all that stands between a client and the bucket, so the size it
+    /// is signed for is what bounds the file. A local folder's upload
+    /// route counts the bytes itself.
+    pub fn upload_size_required(&self) -> bool {
+        matches!(self.backend, Backend::S3 { .. })
+    }
+
+    /// How a client sends the file to be kept at `key`, `size` bytes if
+    /// given, for `ttl` from `now`: a presigned PUT on S3, signed with the
+    /// size and `If-None-Match: *` (the bucket refuses another size, and
+    /// refuses to replace a kept file); a signature for the API's upload
+    /// route on a local folder, over the size too.
     pub async fn upload(
         &self,
         key: &str,
+        size: Option<u64>,
         ttl: Duration,
-        now: chrono::DateTime<chrono::Utc>,
+        now: DateTime<Utc>,
     ) -> Result<Upload, StorageError> {
         match &self.backend {
-            Backend::S3(s3) => {
-                let url = s3
+            Backend::S3 { s3, region } => {
+                // object_store signs only `host`; its URL (endpoint, bucket
+                // style, the key's encoding) is kept and signed again here
+                // with the headers that bind the upload.
+                let mut url = s3
                     .signed_url(reqwest::Method::PUT, &Path::from(key), ttl)
                     .await?;
-                Ok(Upload::Link(url.to_string()))
+                url.set_query(None);
+                let mut headers = vec![("If-None-Match", "*".to_string())];
+                if let Some(n) = size {
+                    headers.push(("Content-Length", n.to_string()));
+                }
+                let credential = s3.credentials().get_credential().await?;
+                presign(&mut url, "PUT", &headers, &credential, region, now, ttl);
+                Ok(Upload::Link {
+                    url: url.to_string(),
+                    headers,
+                })
             }
             Backend::Local { signing_key } => {
                 let expires = now.timestamp() + ttl.as_secs() as i64;
                 Ok(Upload::Signed {
                     expires,
                     signature: URL_SAFE_NO_PAD.encode(
-                        hmac::Mac::finalize(upload_mac(signing_key, key, expires)).into_bytes(),
+                        hmac::Mac::finalize(upload_mac(signing_key, key, expires, size))
+                            .into_bytes(),
                     ),
                 })
             }
         }
     }
 
-    /// Whether a local upload to `key` carries a signature this storage
-    /// made and is not past its expiry. Always false on S3, where clients
-    /// upload to the bucket.
+    /// Whether a local upload to `key` (of `size` bytes, if the link names
+    /// one) carries a signature this storage made and is not past its
+    /// expiry. Always false on S3, where clients upload to the bucket.
     pub fn upload_allowed(
         &self,
         key: &str,
         expires: i64,
+        size: Option<u64>,
         signature: &str,
-        now: chrono::DateTime<chrono::Utc>,
+        now: DateTime<Utc>,
     ) -> bool {
         let Backend::Local { signing_key } = &self.backend else {
             return false;
@@ -272,7 +345,7 @@ impl Storage {
             return false;
         };
         now.timestamp() <= expires
-            && hmac::Mac::verify_slice(upload_mac(signing_key, key, expires), &given).is_ok()
+            && hmac::Mac::verify_slice(upload_mac(signing_key, key, expires, size), &given).is_ok()
     }
 
     /// Whether an object is kept at `key`.
@@ -285,14 +358,127 @@ impl Storage {
     }
 }
 
-/// The upload signature's MAC over the method, key and expiry.
-fn upload_mac(key: &[u8; 32], object: &str, expires: i64) -> hmac::Hmac<sha2::Sha256> {
+/// The upload signature's MAC over the method, key, expiry and size (a
+/// link without one signs nothing after the expiry, so neither kind can
+/// pass for the other).
+fn upload_mac(
+    key: &[u8; 32],
+    object: &str,
+    expires: i64,
+    size: Option<u64>,
+) -> hmac::Hmac<sha2::Sha256> {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
     mac.update(b"PUT\n");
     mac.update(object.as_bytes());
     mac.update(format!("\n{expires}").as_bytes());
+    if let Some(n) = size {
+        mac.update(format!("\nsize {n}").as_bytes());
+    }
     mac
+}
+
+/// Signs `url` for `method` with AWS Signature V4 in its query string (a
+/// presigned S3 URL, valid `ttl` from `at`), covering `host` and `headers`
+/// (name, value as sent): S3 refuses a request whose values for them
+/// differ. The payload is not signed (`UNSIGNED-PAYLOAD`), as the client
+/// sends it straight to the bucket. object_store's signer covers `host`
+/// alone, hence this one; see
+/// <https://docs.aws.amazon.com/AmazonS3/latest/API/sigv4-query-string-auth.html>.
+fn presign(
+    url: &mut reqwest::Url,
+    method: &str,
+    headers: &[(&str, String)],
+    credential: &AwsCredential,
+    region: &str,
+    at: DateTime<Utc>,
+    ttl: Duration,
+) {
+    use sha2::Digest;
+    let date = at.format("%Y%m%d").to_string();
+    let stamp = at.format("%Y%m%dT%H%M%SZ").to_string();
+    let scope = format!("{date}/{region}/s3/aws4_request");
+    let host = url[url::Position::BeforeHost..url::Position::AfterPort].to_string();
+    let mut signed: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
+        .chain([("host".to_string(), host)])
+        .collect();
+    signed.sort();
+    let signed_names = signed
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
+    let mut query: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    query.extend([
+        ("X-Amz-Algorithm".into(), "AWS4-HMAC-SHA256".into()),
+        (
+            "X-Amz-Credential".into(),
+            format!("{}/{scope}", credential.key_id),
+        ),
+        ("X-Amz-Date".into(), stamp.clone()),
+        ("X-Amz-Expires".into(), ttl.as_secs().to_string()),
+        ("X-Amz-SignedHeaders".into(), signed_names.clone()),
+    ]);
+    // Temporary credentials (Lambda's role) need their token, signed too.
+    if let Some(token) = &credential.token {
+        query.push(("X-Amz-Security-Token".into(), token.clone()));
+    }
+    let mut query: Vec<(String, String)> = query
+        .iter()
+        .map(|(k, v)| (uri_encode(k), uri_encode(v)))
+        .collect();
+    query.sort();
+    let canonical_query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let canonical_headers: String = signed.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
+    // S3 takes the path as it is sent, encoded once (other services twice).
+    let canonical_request = format!(
+        "{method}\n{}\n{canonical_query}\n{canonical_headers}\n{signed_names}\nUNSIGNED-PAYLOAD",
+        url.path()
+    );
+    let to_sign = format!(
+        "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
+        hex(&sha2::Sha256::digest(canonical_request.as_bytes()))
+    );
+    let key = [date.as_str(), region, "s3", "aws4_request"].iter().fold(
+        format!("AWS4{}", credential.secret_key).into_bytes(),
+        |k, part| hmac_sha256(&k, part.as_bytes()),
+    );
+    let signature = hex(&hmac_sha256(&key, to_sign.as_bytes()));
+    url.set_query(Some(&format!(
+        "{canonical_query}&X-Amz-Signature={signature}"
+    )));
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SigV4's encoding: everything but unreserved characters as `%XX`.
+fn uri_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// What [`Storage::download`] gives.
@@ -349,6 +535,70 @@ pub fn valid_file_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn example_credential() -> AwsCredential {
+        AwsCredential {
+            key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+            secret_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn a_presigned_url_matches_the_example_aws_publishes() {
+        // https://docs.aws.amazon.com/AmazonS3/latest/API/sigv4-query-string-auth.html
+        let mut url =
+            reqwest::Url::parse("https://examplebucket.s3.amazonaws.com/test.txt").unwrap();
+        let at = "2013-05-24T00:00:00Z".parse().unwrap();
+        let ttl = Duration::from_secs(86400);
+        presign(
+            &mut url,
+            "GET",
+            &[],
+            &example_credential(),
+            "us-east-1",
+            at,
+            ttl,
+        );
+        assert_eq!(
+            url.as_str(),
+            "https://examplebucket.s3.amazonaws.com/test.txt?\
+             X-Amz-Algorithm=AWS4-HMAC-SHA256&\
+             X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&\
+             X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&\
+             X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+        );
+    }
+
+    #[test]
+    fn a_presigned_put_signs_its_headers_and_token_as_botocore_does() {
+        // The expected URL is botocore 1.44's `S3SigV4QueryAuth` for the
+        // same request, time and credentials: an implementation of its own.
+        let mut url =
+            reqwest::Url::parse("http://127.0.0.1:5000/files-x/workspaces/w%201/up/contacts.csv")
+                .unwrap();
+        let credential = AwsCredential {
+            token: Some("session/token+x=".into()),
+            ..example_credential()
+        };
+        let headers = [
+            ("Content-Length", "67".to_string()),
+            ("If-None-Match", "*".to_string()),
+        ];
+        let at = "2013-05-24T00:00:00Z".parse().unwrap();
+        let ttl = Duration::from_secs(900);
+        presign(&mut url, "PUT", &headers, &credential, "us-east-1", at, ttl);
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:5000/files-x/workspaces/w%201/up/contacts.csv?\
+             X-Amz-Algorithm=AWS4-HMAC-SHA256&\
+             X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&\
+             X-Amz-Date=20130524T000000Z&X-Amz-Expires=900&\
+             X-Amz-Security-Token=session%2Ftoken%2Bx%3D&\
+             X-Amz-SignedHeaders=content-length%3Bhost%3Bif-none-match&\
+             X-Amz-Signature=fc41c1292ded5d4cab3ad878c0bc97bf704f6be98f9a2632b624104928446efe"
+        );
+    }
 
     #[test]
     fn file_names_are_plain_names() {

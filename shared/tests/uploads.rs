@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use offload::config::WorkerConfig;
 use offload::handlers::Registry;
 use offload::ids::JobId;
@@ -36,14 +37,41 @@ async fn app_with(storage: Option<Storage>, max_upload: Option<u64>) -> TestApp 
 }
 
 async fn new_upload(app: &TestApp, filename: &str) -> Value {
+    ask_upload(
+        app,
+        json!({"filename": filename, "content_type": "text/csv"}),
+    )
+    .await
+}
+
+/// A link for a file of `size` bytes.
+async fn new_sized_upload(app: &TestApp, filename: &str, size: usize) -> Value {
+    ask_upload(
+        app,
+        json!({"filename": filename, "content_type": "text/csv", "size": size}),
+    )
+    .await
+}
+
+async fn ask_upload(app: &TestApp, body: Value) -> Value {
     let resp = app
         .req("POST", "/uploads")
-        .json(&json!({"filename": filename, "content_type": "text/csv"}))
+        .json(&body)
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(resp.status(), StatusCode::CREATED, "{body}");
     resp.json().await.unwrap()
+}
+
+/// The object's bytes.
+async fn read_all(storage: &Storage, key: &str) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut s = storage.get_stream(key).await.unwrap();
+    while let Some(c) = futures::StreamExt::next(&mut s).await {
+        kept.extend_from_slice(&c.unwrap());
+    }
+    kept
 }
 
 /// Sends `body` as the upload answer says (an absolute URL, or a path of
@@ -91,7 +119,7 @@ async fn import(app: &TestApp, storage: Storage, key: &str) -> offload::Job {
 async fn a_file_uploaded_to_s3_through_its_presigned_url_is_imported() {
     let storage = s3_bucket().await;
     let app = app_with(Some(storage.clone()), None).await;
-    let up = new_upload(&app, "contacts.csv").await;
+    let up = new_sized_upload(&app, "contacts.csv", CSV.len()).await;
     let key = up["key"].as_str().unwrap();
     assert!(
         key.starts_with(&format!("workspaces/{}/uploads/", app.workspace)),
@@ -243,4 +271,202 @@ async fn a_job_created_before_the_rule_still_cannot_read_another_workspace() {
         "the reason is named"
     );
     assert_eq!(db.scalar_i64("SELECT count(*) FROM contacts").await, 0);
+}
+
+#[tokio::test]
+async fn two_puts_to_one_local_link_at_once_keep_one_file_and_the_other_gets_409() {
+    let app = app_with(None, None).await;
+    let storage = app.db.storage();
+    let up = new_upload(&app, "contacts.csv").await;
+    let key = up["key"].as_str().unwrap().to_string();
+    let url = format!("{}{}", app.base, up["url"].as_str().unwrap());
+    // Each body sends its first half, then holds the rest until both have
+    // started and a moment has passed, so both requests are past any check
+    // made before the body is read when either finishes.
+    let started = Arc::new(tokio::sync::Barrier::new(2));
+    let put = |who: &'static str| {
+        let (url, started) = (url.clone(), started.clone());
+        async move {
+            let body = format!("Email\n{who}@x.io\n{}\n", who.repeat(2000));
+            let (head, tail) = body.as_bytes().split_at(body.len() / 2);
+            let (head, tail) = (
+                bytes::Bytes::copy_from_slice(head),
+                bytes::Bytes::copy_from_slice(tail),
+            );
+            let chunks = futures::stream::iter([0, 1]).then(move |i| {
+                let (head, tail, started) = (head.clone(), tail.clone(), started.clone());
+                async move {
+                    if i == 0 {
+                        return Ok::<_, std::io::Error>(head);
+                    }
+                    started.wait().await;
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(tail)
+                }
+            });
+            let resp = reqwest::Client::new()
+                .put(url)
+                .header("content-type", "text/csv")
+                .body(reqwest::Body::wrap_stream(chunks))
+                .send()
+                .await
+                .unwrap();
+            (resp.status(), body)
+        }
+    };
+    let ((a, body_a), (b, body_b)) = tokio::join!(put("first"), put("second"));
+    let mut statuses = [a, b];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::CREATED, StatusCode::CONFLICT],
+        "exactly one PUT keeps its file"
+    );
+    let winner = if a == StatusCode::CREATED {
+        body_a
+    } else {
+        body_b
+    };
+    assert_eq!(read_all(&storage, &key).await, winner.as_bytes());
+    // Nothing half-written is left beside it.
+    let folder = std::env::temp_dir()
+        .join(format!("offload-test-{}", app.db.name))
+        .join(key.rsplit_once('/').unwrap().0);
+    let names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["contacts.csv"], "{folder:?}");
+}
+
+#[tokio::test]
+async fn an_s3_link_is_signed_for_the_declared_size_and_never_overwrites() {
+    let storage = s3_bucket().await;
+    let app = app_with(Some(storage.clone()), Some(1024)).await;
+    let up = new_sized_upload(&app, "contacts.csv", CSV.len()).await;
+    let key = up["key"].as_str().unwrap().to_string();
+    assert_eq!(
+        up["headers"]["Content-Length"],
+        CSV.len().to_string(),
+        "{up}"
+    );
+    assert_eq!(up["headers"]["If-None-Match"], "*", "{up}");
+    // S3 checks the signature over these headers: a body of another length,
+    // or a PUT without If-None-Match, does not match it.
+    let url = reqwest::Url::parse(up["url"].as_str().unwrap()).unwrap();
+    let signed: Vec<String> = url
+        .query_pairs()
+        .find(|(k, _)| k == "X-Amz-SignedHeaders")
+        .map(|(_, v)| v.split(';').map(str::to_string).collect())
+        .unwrap_or_default();
+    assert_eq!(signed, ["content-length", "host", "if-none-match"], "{url}");
+
+    let sent = send(&app, &up, CSV.as_bytes().to_vec()).await;
+    assert!(sent.status().is_success(), "{}", sent.status());
+    // moto honours If-None-Match: a second PUT to the link is refused.
+    let again = send(&app, &up, vec![b'x'; CSV.len()]).await;
+    assert_eq!(again.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(read_all(&storage, &key).await, CSV.as_bytes());
+}
+
+#[tokio::test]
+async fn an_upload_link_names_its_size_and_a_file_over_the_limit_gets_none() {
+    let s3 = s3_bucket().await;
+    for storage in [None, Some(s3)] {
+        let app = app_with(storage.clone(), Some(1024)).await;
+        for (body, problem) in [
+            (
+                json!({"filename": "big.csv", "size": 1025}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                json!({"filename": "big.csv", "size": -1}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+        ] {
+            let resp = app
+                .req("POST", "/uploads")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let p = expect_problem(resp, problem).await;
+            assert_eq!(p["field"], "size", "{body}: {p}");
+        }
+    }
+    // On S3 the size is what bounds the file, so it must be given.
+    let app = app_with(Some(s3_bucket().await), Some(1024)).await;
+    let resp = app
+        .req("POST", "/uploads")
+        .json(&json!({"filename": "contacts.csv"}))
+        .send()
+        .await
+        .unwrap();
+    let p = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(p["field"], "size", "{p}");
+}
+
+#[tokio::test]
+async fn a_sized_local_link_takes_exactly_that_many_bytes_and_keeps_its_size() {
+    let app = app_with(None, Some(1024)).await;
+    let storage = app.db.storage();
+    let up = new_sized_upload(&app, "contacts.csv", CSV.len()).await;
+    let key = up["key"].as_str().unwrap().to_string();
+    let url = up["url"].as_str().unwrap().to_string();
+    assert!(url.contains(&format!("size={}", CSV.len())), "{url}");
+
+    // More than declared, though under the limit; less than declared.
+    let put = |body: Vec<u8>| {
+        reqwest::Client::new()
+            .put(format!("{}{url}", app.base))
+            .body(body)
+            .send()
+    };
+    let more = put(format!("{CSV}x@y.io,X\n").into_bytes()).await.unwrap();
+    expect_problem(more, StatusCode::PAYLOAD_TOO_LARGE).await;
+    let less = put(CSV.as_bytes()[..10].to_vec()).await.unwrap();
+    expect_problem(less, StatusCode::BAD_REQUEST).await;
+    assert!(!storage.exists(&key).await.unwrap());
+    // The size is part of what is signed: a link without it, or with
+    // another, is refused.
+    for bent in [
+        url.replace(&format!("&size={}", CSV.len()), ""),
+        url.replace(&format!("size={}", CSV.len()), "size=1024"),
+    ] {
+        assert_ne!(bent, url);
+        let resp = reqwest::Client::new()
+            .put(format!("{}{bent}", app.base))
+            .body(vec![b'a'; 1024])
+            .send()
+            .await
+            .unwrap();
+        expect_problem(resp, StatusCode::FORBIDDEN).await;
+    }
+    let sent = send(&app, &up, CSV.as_bytes().to_vec()).await;
+    assert_eq!(sent.status(), StatusCode::CREATED);
+    assert_eq!(read_all(&storage, &key).await, CSV.as_bytes());
+}
+
+#[tokio::test]
+async fn a_file_written_only_if_new_is_never_replaced_on_a_folder_or_on_s3() {
+    let db = TestDb::new().await;
+    for storage in [db.storage(), s3_bucket().await] {
+        let key = "workspaces/w/uploads/u/once.csv";
+        let write = |body: &'static [u8]| {
+            let chunks = futures::stream::iter([Ok::<_, offload::storage::StorageError>(
+                bytes::Bytes::from_static(body),
+            )]);
+            let storage = storage.clone();
+            async move { storage.put_stream_new(key, chunks.boxed()).await.unwrap() }
+        };
+        assert!(
+            write(b"first").await,
+            "{storage:?}: the first write is kept"
+        );
+        assert!(
+            !write(b"second").await,
+            "{storage:?}: the second is refused"
+        );
+        assert_eq!(read_all(&storage, key).await, b"first", "{storage:?}");
+    }
 }

@@ -880,3 +880,67 @@ async fn a_sync_killed_mid_way_resumes_from_its_last_committed_page_and_creates_
         assert_eq!(first.as_deref(), p["firstname"].as_str(), "{email}");
     }
 }
+
+#[tokio::test]
+async fn a_malformed_record_in_a_crm_page_is_skipped_and_named_once_while_the_rest_sync() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let fake = FakeCrm::start(Failures::default()).await;
+    // Two records a page, so the unreadable ones share pages with good
+    // ones and the search pages past them.
+    configure(&db, ws, &fake, &fake.token, 2).await;
+    let t0 = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut ids = Vec::new();
+    for (i, name) in ["good1", "noid", "notime", "good2"].into_iter().enumerate() {
+        let id = fake.create(
+            "contacts",
+            json!({"email": format!("{name}@y.io"), "firstname": name}),
+        );
+        fake.edit(
+            "contacts",
+            &id,
+            json!({}),
+            Some(t0 + chrono::Duration::seconds(i as i64)),
+        );
+        ids.push(id);
+    }
+    fake.serve_without("contacts", &ids[1], "id");
+    fake.serve_without("contacts", &ids[2], "updatedAt");
+
+    let j = sync(
+        &db,
+        ws,
+        json!({"provider": "hub", "direction": "pull", "entity_types": ["contacts"]}),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Completed, "{:?}", j.error_message);
+    let c = &j.result.unwrap()["counts"]["contacts"];
+    assert_eq!(
+        (c["pulled_created"].clone(), c["failed"].clone()),
+        (json!(2), json!(2)),
+        "{c}"
+    );
+    for (email, kept) in [
+        ("good1@y.io", 1),
+        ("good2@y.io", 1),
+        ("noid@y.io", 0),
+        ("notime@y.io", 0),
+    ] {
+        let n = db
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM contacts WHERE workspace_id = '{}' AND email = '{email}'",
+                ws.0
+            ))
+            .await;
+        assert_eq!(n, kept, "{email}");
+    }
+    for (id, what) in [(&ids[1], "an id"), (&ids[2], "updatedAt")] {
+        let named = db
+            .scalar_i64(&format!(
+                "SELECT count(*) FROM job_logs WHERE job_id = '{}' AND message LIKE '%{id}%{what}%'",
+                j.id.0
+            ))
+            .await;
+        assert_eq!(named, 1, "record {id} is named once, with what it lacks");
+    }
+}

@@ -27,7 +27,9 @@
 //! called again after 0.2, 0.8 and 3.2 s, then the job retries from its
 //! checkpoint; a refused token is permanent; a batch the CRM rejects is
 //! sent again one record at a time, and a record it rejects alone is
-//! counted as failed and logged.
+//! counted as failed and logged. A record the CRM sends without an id or a
+//! modification time is skipped, counted as failed and named in the log
+//! (once a sync), and the rest of its page syncs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -59,6 +61,12 @@ const LONGEST_SLEEP: Duration = Duration::from_secs(3);
 const OVERLAP: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// Conflicts listed one by one in the result (all are counted).
 const LISTED_CONFLICTS: usize = 100;
+/// Unreadable records a step remembers having logged, so the checkpoint
+/// stays small however many a broken CRM sends (past this, a record a
+/// search returns again is logged again).
+const REMEMBERED_SKIPS: usize = 200;
+/// Characters of a record's JSON quoted to name one that has no id.
+const QUOTED: usize = 200;
 /// The CRM property holding our id, by which pushes create records.
 pub const ID_PROPERTY: &str = "offload_id";
 
@@ -301,6 +309,10 @@ pub struct Remote {
 /// modification time.
 pub struct Changed {
     pub records: Vec<Remote>,
+    /// The page's records that could not be read (no id, no modification
+    /// time), each named as well as it can be and said what it lacks: the
+    /// sync skips them, and they still count towards the page's size.
+    pub skipped: Vec<String>,
     pub next: Option<u64>,
 }
 
@@ -414,12 +426,22 @@ impl HubSpot {
             .ok_or_else(|| ProviderError::Rejected(format!("{path}: 404 from the CRM")))
     }
 
-    fn records(entity: CrmEntity, answer: &Value) -> Result<Vec<Remote>, ProviderError> {
-        let results = answer
+    fn results(answer: &Value) -> Result<&[Value], ProviderError> {
+        answer
             .get("results")
             .and_then(Value::as_array)
-            .ok_or_else(|| ProviderError::Rejected("the CRM answered without results".into()))?;
-        results.iter().map(|r| remote_of(entity, r)).collect()
+            .map(Vec::as_slice)
+            .ok_or_else(|| ProviderError::Rejected("the CRM answered without results".into()))
+    }
+
+    /// The records of a write's or read's answer; one that cannot be read
+    /// rejects the answer (the batch is then sent again a record at a time,
+    /// and a record that fails alone is counted and logged).
+    fn records(entity: CrmEntity, answer: &Value) -> Result<Vec<Remote>, ProviderError> {
+        HubSpot::results(answer)?
+            .iter()
+            .map(|r| remote_of(entity, r).map_err(ProviderError::Rejected))
+            .collect()
     }
 
     fn properties(entity: CrmEntity) -> Vec<&'static str> {
@@ -438,13 +460,35 @@ fn outgoing(props: &Props) -> Map<String, Value> {
         .collect()
 }
 
-/// One of HubSpot's records (`{id, properties, updatedAt}`).
-fn remote_of(entity: CrmEntity, r: &Value) -> Result<Remote, ProviderError> {
-    let bad = |what: &str| ProviderError::Rejected(format!("a CRM record without {what}: {r}"));
-    let id = match r.get("id") {
-        Some(Value::String(s)) if !s.is_empty() && s.len() <= 100 => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => return Err(bad("an id")),
+/// One of HubSpot's records (`{id, properties, updatedAt}`), or what is
+/// wrong with it, naming it: by its id, else by the `hs_object_id` HubSpot
+/// also keeps among its properties, else by the start of its JSON.
+fn remote_of(entity: CrmEntity, r: &Value) -> Result<Remote, String> {
+    let id_of = |v: Option<&Value>| match v {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 100 => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let id = id_of(r.get("id"));
+    let bad = |what: &str| {
+        let name = match id_of(r.pointer("/properties/hs_object_id")) {
+            Some(hs) => format!("{} {hs}", entity.object()),
+            None => format!(
+                "{} {}",
+                entity.object(),
+                r.to_string().chars().take(QUOTED).collect::<String>()
+            ),
+        };
+        format!("{name}: skipped, the CRM sent it without {what}")
+    };
+    let Some(id) = id else {
+        return Err(bad("an id"));
+    };
+    let bad = |what: &str| {
+        format!(
+            "{} {id}: skipped, the CRM sent it without {what}",
+            entity.object()
+        )
     };
     let properties = r
         .get("properties")
@@ -495,8 +539,17 @@ impl Crm for HubSpot {
             Value::String(s) => s.parse().ok(),
             other => other.as_u64(),
         });
+        // One record the CRM cannot describe must not stop the others.
+        let (mut records, mut skipped) = (Vec::new(), Vec::new());
+        for r in HubSpot::results(&answer)? {
+            match remote_of(entity, r) {
+                Ok(remote) => records.push(remote),
+                Err(why) => skipped.push(why),
+            }
+        }
         Ok(Changed {
-            records: HubSpot::records(entity, &answer)?,
+            records,
+            skipped,
             next,
         })
     }
@@ -625,6 +678,10 @@ struct Checkpoint {
     /// The CRM's records of time `pull_from` already taken.
     #[serde(default)]
     pull_seen: Vec<String>,
+    /// Unreadable records this step logged already (a search starting at
+    /// or before one finds it again), as they were named.
+    #[serde(default)]
+    pull_skipped: Vec<String>,
     push_from: Option<(DateTime<Utc>, Uuid)>,
     counts: BTreeMap<String, Counts>,
     conflicts: Vec<Value>,
@@ -1086,18 +1143,29 @@ async fn pull_page(
             ))))
         }
     };
+    // What the CRM sent, the unreadable records included: a page that
+    // came full has more after it.
+    let returned = page.records.len() + page.skipped.len();
     // The search starts at the last page's time, so records of that time
-    // taken then come again: they are left out.
+    // taken then come again: they are left out. So are unreadable records
+    // logged already (their time is unknown, so they may come again on any
+    // later page of the step).
     let fresh: Vec<Remote> = page
         .records
         .iter()
         .filter(|r| !(r.updated_at == from && cur.pull_seen.contains(&r.id)))
         .cloned()
         .collect();
-    if fresh.is_empty() {
+    let skipped: Vec<String> = page
+        .skipped
+        .iter()
+        .filter(|s| !cur.pull_skipped.contains(s))
+        .cloned()
+        .collect();
+    if fresh.is_empty() && skipped.is_empty() {
         return match page.next {
             // A whole page of them: page on within that time.
-            Some(next) if page.records.len() == limit => {
+            Some(next) if returned == limit => {
                 cur.pull_after = next;
                 ctx.save_checkpoint(&*cur).await?;
                 Ok(true)
@@ -1107,6 +1175,7 @@ async fn pull_page(
     }
     let page = Changed {
         records: fresh,
+        skipped,
         next: page.next,
     };
     let now = ctx.now();
@@ -1160,6 +1229,14 @@ async fn pull_page(
     let mut next = cur.clone();
     let mut claimed: HashSet<Uuid> = HashSet::new();
     let mut lines: Vec<String> = Vec::new();
+    let mut warnings: Vec<String> = Vec::new();
+    for why in &page.skipped {
+        next.counts(entity).failed += 1;
+        warnings.push(why.clone());
+        if next.pull_skipped.len() < REMEMBERED_SKIPS {
+            next.pull_skipped.push(why.clone());
+        }
+    }
     for r in &page.records {
         let props = match &r.props {
             Ok(p) => p.clone(),
@@ -1287,13 +1364,13 @@ async fn pull_page(
     }
     let last = page.records.last().map(|r| r.updated_at).unwrap_or(from);
     // The next page starts at the last record's time; when the whole page
-    // had one time, it pages on within it.
+    // had one time (or no readable record), it pages on within it.
     if last > from {
         next.pull_from = Some(last);
         next.pull_after = 0;
         next.pull_seen.clear();
     } else {
-        next.pull_after = page.next.unwrap_or(after + page.records.len() as u64);
+        next.pull_after = page.next.unwrap_or(after + returned as u64);
     }
     next.pull_seen.extend(
         page.records
@@ -1314,6 +1391,9 @@ async fn pull_page(
         c.kept_remote,
         c.manual_review
     ));
+    for line in warnings {
+        ctx.log_in(&tx, "warn", line, None).await?;
+    }
     for line in lines {
         ctx.log_in(&tx, "info", line, None).await?;
     }
@@ -1703,6 +1783,7 @@ pub(crate) async fn run_sync(
             cur.push_from = Some(push);
             cur.pull_after = 0;
             cur.pull_seen.clear();
+            cur.pull_skipped.clear();
         }
         let more = match phase {
             Phase::Pull => pull_page(ctx, &sync, entity, &mut cur).await,
@@ -1716,6 +1797,7 @@ pub(crate) async fn run_sync(
                 cur.push_from = None;
                 cur.pull_after = 0;
                 cur.pull_seen.clear();
+                cur.pull_skipped.clear();
                 ctx.save_checkpoint(&cur).await?;
             }
             Err(Stop::Snooze(wait)) => {

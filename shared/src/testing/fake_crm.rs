@@ -3,7 +3,8 @@
 //! (search by last-modified time, batch read, update and upsert), with
 //! HubSpot's limits (100 inputs a batch, 200 a search page), its checks (an
 //! e-mail must hold an `@`, one contact per e-mail), failures on chosen
-//! calls, and a count of the writes each record received.
+//! calls, records served malformed on request, and a count of the writes
+//! each record received.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +26,8 @@ struct Record {
     properties: Map<String, Value>,
     updated_ms: i64,
     writes: u32,
+    /// Fields of the answer's record left out, as a CRM with a bug might.
+    left_out: Vec<String>,
 }
 
 /// The properties records are found by (one record per value).
@@ -65,6 +68,7 @@ impl Store {
             properties: Map::new(),
             updated_ms: ms,
             writes: 0,
+            left_out: Vec::new(),
         });
         let mut moved = Vec::new();
         for (k, v) in props {
@@ -140,13 +144,17 @@ fn view(object: &str, id: u64, r: &Record, wanted: Option<&[Value]>) -> Value {
     }
     props.insert("hs_object_id".into(), json!(id.to_string()));
     props.insert(modified_property(object).into(), json!(iso(r.updated_ms)));
-    json!({
+    let mut record = json!({
         "id": id.to_string(),
         "properties": props,
         "createdAt": iso(r.updated_ms),
         "updatedAt": iso(r.updated_ms),
         "archived": false,
-    })
+    });
+    for field in &r.left_out {
+        record.as_object_mut().map(|o| o.remove(field));
+    }
+    record
 }
 
 fn error(status: StatusCode, category: &str, message: impl Into<String>) -> Response {
@@ -230,6 +238,16 @@ impl FakeCrm {
             ms,
             false,
         );
+    }
+
+    /// From now on record `id` is answered without `field` of HubSpot's
+    /// record (`id`, `updatedAt`, `properties`), as a CRM with a bug might;
+    /// searches still find it by its modification time.
+    pub fn serve_without(&self, object: &str, id: &str, field: &str) {
+        let mut s = self.inner.store.lock().unwrap();
+        let id: u64 = id.parse().unwrap();
+        let r = s.records(object).get_mut(&id).expect("no such record");
+        r.left_out.push(field.to_string());
     }
 
     /// A record's properties and modification time.

@@ -384,7 +384,16 @@ impl Jwks {
         c.tried.is_none_or(|t| t.elapsed() >= self.refetch_after)
     }
 
+    /// Fetches the key set again. The error names the URLs it read, which
+    /// reach an unauthenticated caller's 401 and the log: without their
+    /// credentials or query strings.
     async fn fetch(&self) -> Result<(), String> {
+        self.fetch_set()
+            .await
+            .map_err(|e| crate::redact::text(&e).into_owned())
+    }
+
+    async fn fetch_set(&self) -> Result<(), String> {
         self.cache.write().unwrap_or_else(|e| e.into_inner()).tried = Some(Instant::now());
         let url = match &self.source {
             JwksSource::Url(u) => u.clone(),

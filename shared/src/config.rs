@@ -72,6 +72,10 @@ pub struct WorkerConfig {
     /// The queues' maxReceiveCount: a retry whose message is this close to
     /// the dead-letter queue goes out as a fresh message instead.
     pub max_receive_count: u32,
+    /// Runs in a row that find no database connection and snooze (no
+    /// attempt spent) before the next such run counts as a failed attempt
+    /// (`OFFLOAD_MAX_BUSY_SNOOZES`).
+    pub max_busy_snoozes: u32,
 }
 
 /// The values [`Config::defaults`] gives, with no variable set.
@@ -358,6 +362,7 @@ impl Config {
                 .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
                 .unwrap_or(false),
             max_receive_count,
+            max_busy_snoozes: num(&var, "OFFLOAD_MAX_BUSY_SNOOZES", 20, 0..=10_000)? as u32,
         };
 
         let runner = RunnerConfig {

@@ -485,6 +485,16 @@ pub fn storable_text(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A message for a job's `error_message` or its logs: [`storable_text`],
+/// with every URL in it stripped of credentials and query string
+/// ([`crate::redact`]), since every member of the workspace reads it.
+pub fn storable_message(s: &str) -> std::borrow::Cow<'_, str> {
+    match crate::redact::text(s) {
+        std::borrow::Cow::Borrowed(b) => storable_text(b),
+        std::borrow::Cow::Owned(o) => std::borrow::Cow::Owned(storable_text(&o).into_owned()),
+    }
+}
+
 /// [`storable_text`] for every string and key of a JSON value; borrowed
 /// when there is nothing to replace, which is nearly always.
 pub fn storable_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {

@@ -47,6 +47,9 @@ pub trait Mailer: Send + Sync {
 /// are lettre's TLS forms, with `user:password@` when the relay wants them.
 pub struct SmtpMailer {
     url: String,
+    /// `url` as messages show it: without credentials or query string
+    /// (every send error reaches the job's members).
+    shown: String,
     /// Made on first use: lettre's connection pool starts a task, which
     /// needs the runtime (the configuration is read before there is one).
     transport: tokio::sync::OnceCell<lettre::AsyncSmtpTransport<lettre::Tokio1Executor>>,
@@ -61,13 +64,14 @@ impl SmtpMailer {
         Self::builder(url)?;
         Ok(SmtpMailer {
             url: url.to_string(),
+            shown: crate::redact::url(url),
             transport: tokio::sync::OnceCell::new(),
         })
     }
 
     fn builder(url: &str) -> Result<lettre::transport::smtp::AsyncSmtpTransportBuilder, String> {
         lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(url)
-            .map_err(|e| format!("OFFLOAD_EMAIL_TRANSPORT {url:?}: {e}"))
+            .map_err(|e| format!("OFFLOAD_EMAIL_TRANSPORT {:?}: {e}", crate::redact::url(url)))
     }
 
     fn transport(&self) -> Result<&lettre::AsyncSmtpTransport<lettre::Tokio1Executor>, SendError> {
@@ -128,15 +132,15 @@ impl Mailer for SmtpMailer {
             // through a message (a send dropped when its task was), so
             // nothing of this one was taken; another connection will do.
             Err(e) if e.status().map(u16::from) == Some(503) => {
-                Err(SendError::NotSent(format!("{}: {e}", self.url)))
+                Err(SendError::NotSent(format!("{}: {e}", self.shown)))
             }
-            Err(e) if e.is_permanent() => Err(SendError::Rejected(format!("{}: {e}", self.url))),
-            Err(e) if e.is_transient() => Err(SendError::NotSent(format!("{}: {e}", self.url))),
+            Err(e) if e.is_permanent() => Err(SendError::Rejected(format!("{}: {e}", self.shown))),
+            Err(e) if e.is_transient() => Err(SendError::NotSent(format!("{}: {e}", self.shown))),
             Err(e) if never_connected(&e) => Err(SendError::NotSent(format!(
                 "cannot reach {}: {e}",
-                self.url
+                self.shown
             ))),
-            Err(e) => Err(SendError::Unknown(format!("{}: {e}", self.url))),
+            Err(e) => Err(SendError::Unknown(format!("{}: {e}", self.shown))),
         }
     }
 }

@@ -221,8 +221,22 @@ pub async fn create_jobs(
         return Ok((created, sent));
     }
     // One statement writes the messages and the rows (already `queued`):
-    // one round trip and one commit, and no message without its row. Ids
-    // are made here, so the messages can name jobs not yet inserted.
+    // one round trip and one commit, and no message without its row.
+    let (rows, sent) = postgres_messages(jobs, now);
+    let mut created = store
+        .insert_as(db, jobs, &sent.sent, Some(&rows), now)
+        .await?;
+    mark_sent(&mut created, &sent);
+    Ok((created, sent))
+}
+
+/// The Postgres queue's message rows for `jobs`, written by the statement
+/// that inserts them, and what that sends. Ids are made before the insert,
+/// so the messages can name jobs not yet inserted.
+fn postgres_messages(
+    jobs: &[crate::store::NewJob],
+    now: DateTime<Utc>,
+) -> (crate::store::MessageRows, Sent) {
     let targets: Vec<Target> = jobs.iter().map(Target::from).collect();
     let (by_queue, deferred) = messages_for(&targets, now);
     let mut sent = Sent {
@@ -238,11 +252,44 @@ pub async fn create_jobs(
         }
         sent.sent.extend(group);
     }
-    let mut created = store
-        .insert_as(db, jobs, &sent.sent, Some(&rows), now)
-        .await?;
+    (rows, sent)
+}
+
+/// [`create_jobs`] for the children of the job `parent` holds: the lease
+/// is checked, and the job's row locked, in the transaction that inserts
+/// them. `None` when the lease is lost: nothing is created.
+async fn create_children_of(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    parent: &crate::store::Lease,
+    now: DateTime<Utc>,
+    send_budget: Duration,
+) -> Result<Option<(Vec<(Job, bool)>, Sent)>, DbError> {
+    let tx = db.transaction().await?;
+    if !crate::store::lock_held(&tx, parent).await? {
+        return Ok(None);
+    }
+    if queue.as_postgres().is_some() {
+        let (rows, sent) = postgres_messages(jobs, now);
+        let mut created = store
+            .insert_as(&tx, jobs, &sent.sent, Some(&rows), now)
+            .await?;
+        tx.commit().await?;
+        mark_sent(&mut created, &sent);
+        return Ok(Some((created, sent)));
+    }
+    let mut created = store.insert(&tx, jobs, now).await?;
+    tx.commit().await?;
+    let new: Vec<Target> = created
+        .iter()
+        .filter(|(_, n)| *n)
+        .map(|(j, _)| Target::from(j))
+        .collect();
+    let sent = send_and_mark(queue, db, &new, now, send_budget).await;
     mark_sent(&mut created, &sent);
-    Ok((created, sent))
+    Ok(Some((created, sent)))
 }
 
 /// Inserts a batch for a workspace with a concurrency limit that it cannot
@@ -265,7 +312,42 @@ pub async fn create_parked(
     now: DateTime<Utc>,
     send_budget: Duration,
 ) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
+    let created = create_parked_under(
+        store,
+        queue,
+        db,
+        jobs,
+        workspace,
+        limit,
+        None,
+        now,
+        send_budget,
+    )
+    .await?;
+    created.ok_or_else(|| DbError::Inconsistent("a create without a lease lost one".into()))
+}
+
+/// [`create_parked`], with the children of the job `parent` holds checked
+/// against its lease in the same transaction (before the workspace's lock,
+/// in the order a rescue takes the two rows). `None` when it is lost.
+#[allow(clippy::too_many_arguments)]
+async fn create_parked_under(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    workspace: crate::ids::WorkspaceId,
+    limit: i64,
+    parent: Option<&crate::store::Lease>,
+    now: DateTime<Utc>,
+    send_budget: Duration,
+) -> Result<Option<(Vec<(Job, bool)>, Sent)>, DbError> {
     let tx = db.transaction().await?;
+    if let Some(lease) = parent {
+        if !crate::store::lock_held(&tx, lease).await? {
+            return Ok(None);
+        }
+    }
     crate::store::lock_workspaces(&tx, &[workspace]).await?;
     let mut created = store.insert(&tx, jobs, now).await?;
     let new: Vec<uuid::Uuid> = created
@@ -310,7 +392,7 @@ pub async fn create_parked(
             j.status = crate::job::JobStatus::Pending;
         }
     }
-    Ok((created, sent))
+    Ok(Some((created, sent)))
 }
 
 /// Creates a batch of one workspace whose concurrency limit is `limit`:
@@ -327,13 +409,52 @@ pub async fn create_batch(
     now: DateTime<Utc>,
     send_budget: Duration,
 ) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
-    let park = limit.filter(|l| jobs.len() as i64 > *l && jobs.iter().all(|j| j.run_at <= now));
-    match park {
+    match parks(jobs, limit, now) {
         Some(limit) => {
             create_parked(store, queue, db, jobs, workspace, limit, now, send_budget).await
         }
         None => create_jobs(store, queue, db, jobs, now, send_budget).await,
     }
+}
+
+/// [`create_batch`] for children of the job `parent` holds, as a handler
+/// makes them: nothing is created once its lease is lost (`None`), like
+/// every other write of a handler.
+#[allow(clippy::too_many_arguments)]
+pub async fn create_children(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &mut deadpool_postgres::Object,
+    jobs: &[crate::store::NewJob],
+    workspace: crate::ids::WorkspaceId,
+    limit: Option<i64>,
+    parent: &crate::store::Lease,
+    now: DateTime<Utc>,
+    send_budget: Duration,
+) -> Result<Option<(Vec<(Job, bool)>, Sent)>, DbError> {
+    match parks(jobs, limit, now) {
+        Some(limit) => {
+            create_parked_under(
+                store,
+                queue,
+                db,
+                jobs,
+                workspace,
+                limit,
+                Some(parent),
+                now,
+                send_budget,
+            )
+            .await
+        }
+        None => create_children_of(store, queue, db, jobs, parent, now, send_budget).await,
+    }
+}
+
+/// The limit to park under: a batch of more due jobs than the workspace
+/// may run at once.
+fn parks(jobs: &[crate::store::NewJob], limit: Option<i64>, now: DateTime<Utc>) -> Option<i64> {
+    limit.filter(|l| jobs.len() as i64 > *l && jobs.iter().all(|j| j.run_at <= now))
 }
 
 /// Sends committed jobs' messages within `budget` and marks the sent ones

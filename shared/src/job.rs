@@ -210,7 +210,7 @@ macro_rules! job_columns {
          run_at, progress, result, error_message, error_kind, tags, created_at, started_at, \
          finished_at, updated_at, created_by, idempotency_key, checkpoint, worker_id, \
          lease_expires_at, enqueued_at, cancel_requested_at, parent_id, child_index, wait_kind, \
-         wait_until, wait_token"
+         wait_until, wait_token, busy_snoozes"
     };
 }
 
@@ -301,6 +301,10 @@ pub struct Job {
     pub enqueued_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Runs in a row that found no database connection and snoozed (see
+    /// [`crate::worker::decide::decide`]'s bound on them).
+    #[serde(skip)]
+    pub busy_snoozes: i32,
 }
 
 impl Job {
@@ -366,6 +370,7 @@ impl Job {
             lease_expires_at: row.try_get("lease_expires_at")?,
             enqueued_at: row.try_get("enqueued_at")?,
             cancel_requested_at: row.try_get("cancel_requested_at")?,
+            busy_snoozes: row.try_get("busy_snoozes")?,
         })
     }
 }

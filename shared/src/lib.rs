@@ -25,6 +25,7 @@ pub mod ids;
 pub mod job;
 pub mod queue;
 pub mod ratelimit;
+pub mod redact;
 pub mod schedule;
 pub mod scheduler;
 pub mod secrets;

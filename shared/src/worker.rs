@@ -643,8 +643,10 @@ impl Invocation<'_> {
                 cancel_requested: held.cancel.load(Ordering::Relaxed),
                 receive_count: held.record.as_ref().map(|r| r.receive_count),
                 max_receive_count: w.config.max_receive_count,
+                busy_snoozes: held.job.busy_snoozes,
+                max_busy_snoozes: w.config.max_busy_snoozes,
             };
-            let delay = delay_for(&w.config, &ran.result, held.lease.attempt, &mut rand::rng());
+            let delay = delay_for(&w.config, &ran.result, &facts, &mut rand::rng());
             let action = decide(&ran.result, ran.checkpoint.as_ref(), &facts, delay);
             plan.push((held, action, ran));
         }
@@ -1019,7 +1021,8 @@ async fn write_group(
             }
             Action::Snooze(delay) => {
                 let run_at = now + chrono::Duration::from_std(*delay).unwrap_or_default();
-                let st = store::snooze(&tx, lease, run_at, now).await?;
+                let busy = matches!(ran.result, Err(JobError::Busy(_)));
+                let st = store::snooze(&tx, lease, run_at, busy, now).await?;
                 match (&st, &ran.result) {
                     (Some(JobStatus::Cancelled), _) => {
                         logs.push(line("info", "cancel requested: not snoozed".into()))

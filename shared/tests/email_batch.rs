@@ -362,3 +362,82 @@ async fn through_ses_on_moto_each_contact_is_sent_once_with_the_providers_id() {
         "{ids:?}"
     );
 }
+
+#[tokio::test]
+async fn the_relays_password_never_reaches_the_job_its_result_or_its_logs() {
+    let db = TestDb::new().await;
+    let (ws, _) = db.workspace(Tier::Unlimited).await;
+    let (seq, st) = step(&db, ws, "sales@acme.io").await;
+    let ids = contacts(&db, ws, 2, "r").await;
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    let job = db
+        .insert(&[offload::store::NewJob {
+            max_attempts: 2,
+            ..new_job(
+                ws,
+                "send_email_batch",
+                json!({"sequence_id": seq, "sequence_step_id": st, "contact_ids": ids}),
+            )
+        }])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    // A port nobody listens on: every send fails with the relay's URL in
+    // the transport's error.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("smtp://mailer:Hunter2Secret@127.0.0.1:{port}?tls=opportunistic");
+    let mailer: Arc<dyn Mailer> = Arc::new(SmtpMailer::new(&url).unwrap());
+    let cfg = WorkerConfig {
+        backoff_base: Duration::from_millis(10),
+        backoff_cap: Duration::from_millis(20),
+        ..WorkerConfig::default()
+    };
+    let worker = db.worker_with(q.clone(), cfg, registry(mailer));
+    let j = run_until_finished(
+        &db,
+        &event_source(q, worker),
+        job.id,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(j.status, JobStatus::Dead, "{:?}", j.error_message);
+    let seen = serde_json::to_string(&j).unwrap();
+    assert!(
+        seen.contains("127.0.0.1"),
+        "the error still says where: {seen}"
+    );
+    let conn = db.pool.get().await.unwrap();
+    let logs: Vec<String> = conn
+        .query(
+            "SELECT message || coalesce(metadata::text, '') FROM job_logs WHERE job_id = $1",
+            &[&j.id.0],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!logs.is_empty());
+    let deliveries: Vec<Option<String>> = conn
+        .query(
+            "SELECT error FROM email_deliveries WHERE job_id = $1",
+            &[&j.id.0],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (what, text) in [("job", seen)]
+        .into_iter()
+        .chain(logs.into_iter().map(|l| ("log", l)))
+        .chain(deliveries.into_iter().flatten().map(|d| ("delivery", d)))
+    {
+        assert!(!text.contains("Hunter2Secret"), "{what}: {text}");
+        assert!(!text.contains("tls=opportunistic"), "{what}: {text}");
+    }
+}

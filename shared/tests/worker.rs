@@ -568,6 +568,7 @@ fn a_metric_line_is_embedded_metric_format() {
         lease_expires_at: None,
         enqueued_at: None,
         cancel_requested_at: None,
+        busy_snoozes: 0,
         parent_id: None,
         wait: None,
         child_index: None,

@@ -656,7 +656,16 @@ pub async fn retry(
             None => Err(ApiError::not_found("job")),
         };
     };
-    if let Ok(sent) = enqueue::send_jobs(&state.store, &*state.queue, &[&job], now).await {
+    // Its dead or cancelled children run again with it (a read failure
+    // leaves them to the outbox, as a failed send does).
+    let children = state
+        .store
+        .unsent_children(job.id)
+        .await
+        .unwrap_or_default();
+    let mut all: Vec<&Job> = vec![&job];
+    all.extend(children.iter());
+    if let Ok(sent) = enqueue::send_jobs(&state.store, &*state.queue, &all, now).await {
         if sent.sent.contains(&job.id) {
             job.status = JobStatus::Queued;
         }
@@ -671,7 +680,7 @@ pub async fn retry(
         (status = 204, description = "Deleted with its logs"),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin of the workspace", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not finished", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not finished, or a child whose parent still exists", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn delete(
@@ -684,6 +693,11 @@ pub async fn delete(
         return Ok(StatusCode::NO_CONTENT);
     }
     match state.store.get(member.workspace, id).await? {
+        Some(job) if job.status.is_terminal() => Err(ApiError::conflict(format!(
+            "the job is a child of job {}, which keeps its children while it exists; \
+             delete the parent first",
+            job.parent_id.map(|p| p.to_string()).unwrap_or_default()
+        ))),
         Some(job) => Err(ApiError::conflict(format!(
             "the job is {}; only finished jobs can be deleted (cancel it first)",
             job.status

@@ -54,7 +54,7 @@ pub struct CompletedToken {
     responses(
         (status = 200, description = "Completed; the job that waited for it runs again", body = CompletedToken),
         (status = 404, description = "No such token in this workspace", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Completed before, or timed out", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Completed before, timed out, or of an earlier run of a job retried since", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Not a JSON object with `data`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
@@ -77,6 +77,10 @@ pub async fn complete(
         Completion::Closed { timed_out: false } => {
             Err(ApiError::conflict("this wait token was completed already"))
         }
+        Completion::Retired { job_id } => Err(ApiError::conflict(format!(
+            "this wait token belongs to an earlier run of job {job_id}, which was retried; \
+             the new run waits on a new token (its `wait.token`)"
+        ))),
         Completion::Done {
             job_id,
             completed_at,

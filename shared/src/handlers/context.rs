@@ -252,7 +252,9 @@ impl JobContext {
     /// the outbox sending what a crash between the two left; in a workspace
     /// with a concurrency limit, parked beyond its free slots). A child whose
     /// index exists is not created again: a run repeated after a crash gets
-    /// the same children, never a second set. Returns how many were new.
+    /// the same children, never a second set. Like every write of a
+    /// handler, nothing is created once the job's lease is lost
+    /// ([`JobError::LeaseLost`]). Returns how many were new.
     pub async fn create_children(
         &mut self,
         first: i32,
@@ -282,22 +284,32 @@ impl JobContext {
         let limit = crate::workspace::limits(&**db, self.workspace_id)
             .await?
             .max_running;
-        let (created, sent) = crate::enqueue::create_batch(
+        let Some((created, sent)) = crate::enqueue::create_children(
             &self.store,
             &*self.queue,
             &mut db,
             &rows,
             self.workspace_id,
             limit,
+            &self.lease,
             now,
             CHILDREN_SEND_BUDGET,
         )
-        .await?;
+        .await?
+        else {
+            return Err(JobError::LeaseLost);
+        };
         if let Some(e) = sent.error {
             // Committed: they stay `pending` and the scheduler's outbox sends them.
             tracing::warn!(error = %e, job_id = %parent, "children not sent; the outbox will send them");
         }
         Ok(created.iter().filter(|(_, new)| *new).count() as u64)
+    }
+
+    /// How many of this job's children are unfinished and how many dead,
+    /// as its wait for them counts.
+    pub async fn children_counts(&self) -> Result<crate::store::ChildCounts, JobError> {
+        Ok(self.store.children_counts(self.lease.job_id).await?)
     }
 
     /// Up to `limit` of this job's children after index `after`, in order.

@@ -273,8 +273,12 @@ pub(crate) async fn base_client(
     user_agent: &str,
     who: &str,
 ) -> Result<(reqwest::Client, reqwest::Url), JobError> {
-    let mut base = http_url(base_url)
-        .map_err(|e| JobError::Permanent(format!("{what}: base_url {base_url:?}: {e}")))?;
+    let mut base = http_url(base_url).map_err(|e| {
+        JobError::Permanent(format!(
+            "{what}: base_url {:?}: {e}",
+            crate::redact::url(base_url)
+        ))
+    })?;
     if !base.path().ends_with('/') {
         base.set_path(&format!("{}/", base.path()));
     }
@@ -315,13 +319,15 @@ pub(crate) async fn call(
     timeout: Duration,
 ) -> Result<Option<Value>, ProviderError> {
     let (client, req) = req.build_split();
-    let req = req.map_err(|e| ProviderError::Rejected(format!("bad request: {e}")))?;
+    let req = req.map_err(|e| {
+        ProviderError::Rejected(format!("bad request: {}", super::webhook::error_text(e)))
+    })?;
     let host = req.url().host_str().unwrap_or_default().to_string();
     let resp = client.execute(req).await.map_err(|e| {
         ProviderError::Unavailable(if e.is_timeout() {
             format!("{host} did not answer within {} s", timeout.as_secs())
         } else {
-            format!("cannot reach {host}: {e}")
+            format!("cannot reach {host}: {}", super::webhook::error_text(e))
         })
     })?;
     let status = resp.status();
@@ -333,11 +339,12 @@ pub(crate) async fn call(
         .map(|s| Duration::from_secs(s.clamp(1, 900)));
     let mut body = Vec::new();
     let mut resp = resp;
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ProviderError::Unavailable(format!("{host}: answer cut short: {e}")))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        ProviderError::Unavailable(format!(
+            "{host}: answer cut short: {}",
+            super::webhook::error_text(e)
+        ))
+    })? {
         if body.len() + chunk.len() > MAX_ANSWER {
             return Err(ProviderError::Rejected(format!(
                 "{host} answered more than {} KiB",

@@ -122,6 +122,11 @@ impl JobHandler for FanOut {
             ctx.log("info", format!("created {new} of {total} children"), None)
                 .await?;
         }
+        // Whether to wait is decided by the counts the wait is released by,
+        // never by the rows read here: a count of rows that missed some
+        // (deleted, or not yet visible) waited again, was released at once
+        // and spun without spending an attempt.
+        let left = ctx.children_counts().await?;
         let kids = ctx.children(None, total as i64).await?;
         let count = |s: JobStatus| kids.iter().filter(|k| k.status == s).count();
         let (completed, dead, cancelled) = (
@@ -146,9 +151,9 @@ impl JobHandler for FanOut {
         if ctx.cancelled().await? {
             return Ok(Outcome::Cancelled(Some(summary(None))));
         }
-        if dead > 0 && !p.continue_on_failure {
+        if (left.dead > 0 || dead > 0) && !p.continue_on_failure {
             let first = kids.iter().find(|k| k.status == JobStatus::Dead);
-            let why = first.map_or(String::new(), |k| {
+            let why = first.map_or("a child is dead".to_string(), |k| {
                 format!(
                     "child {} ({}, {}) is dead: {}",
                     k.child_index.unwrap_or_default(),
@@ -161,10 +166,29 @@ impl JobHandler for FanOut {
                 "{why}; its unfinished siblings are cancelled (set continue_on_failure to wait for all)"
             )));
         }
-        if completed + dead + cancelled < total {
+        if left.unfinished > 0 {
             return Ok(ctx.wait_for_children(&cp, !p.continue_on_failure));
         }
-        let results = kids.iter().map(|k| k.result.clone().unwrap_or(Value::Null));
-        Ok(Outcome::Completed(Some(summary(Some(results.collect())))))
+        // Every child has finished. Each result sits at its child's index;
+        // a child whose row is gone (never, while its parent exists) leaves
+        // a null there rather than shifting the others.
+        let mut results = vec![Value::Null; total];
+        for k in &kids {
+            if let Some(slot) = k.child_index.and_then(|i| results.get_mut(i as usize)) {
+                *slot = k.result.clone().unwrap_or(Value::Null);
+            }
+        }
+        if kids.len() < total {
+            ctx.log(
+                "warn",
+                format!(
+                    "{} of {total} children were not found; their results are null",
+                    total - kids.len()
+                ),
+                None,
+            )
+            .await?;
+        }
+        Ok(Outcome::Completed(Some(summary(Some(results)))))
     }
 }

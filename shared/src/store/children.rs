@@ -8,6 +8,13 @@ use crate::ids::JobId;
 use crate::job::Job;
 use crate::job_columns;
 
+/// A parent's children by what its wait counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChildCounts {
+    pub unfinished: i64,
+    pub dead: i64,
+}
+
 impl Store {
     /// Up to `limit` children of `parent` after index `after`, in order.
     pub async fn children(
@@ -26,6 +33,41 @@ impl Store {
                      ORDER BY child_index LIMIT $3"
                 ),
                 &[&parent.0, &after.unwrap_or(-1), &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// How many of `parent`'s children are unfinished, and how many dead:
+    /// the counts its wait is released by (V12's `job_children`), so the
+    /// parent decides on what woke it, never on rows it reads itself.
+    pub async fn children_counts(&self, parent: JobId) -> Result<ChildCounts, DbError> {
+        let db = Conn::get(self.pool()).await?;
+        let row = db
+            .query_opt(
+                "SELECT unfinished, dead FROM job_children WHERE parent_id = $1",
+                &[&parent.0],
+            )
+            .await?;
+        Ok(row.map_or(ChildCounts::default(), |r| ChildCounts {
+            unfinished: r.get::<_, i32>(0) as i64,
+            dead: r.get::<_, i32>(1) as i64,
+        }))
+    }
+
+    /// `parent`'s children that wait for a message (`pending`, never sent):
+    /// those a retry of the parent brought back.
+    pub async fn unsent_children(&self, parent: JobId) -> Result<Vec<Job>, DbError> {
+        let db = Conn::get(self.pool()).await?;
+        let rows = db
+            .query(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE parent_id = $1 AND status = 'pending' AND enqueued_at IS NULL \
+                     ORDER BY child_index"
+                ),
+                &[&parent.0],
             )
             .await?;
         Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)

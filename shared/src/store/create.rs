@@ -41,9 +41,22 @@ pub struct MessageRows {
 }
 
 /// The insert of new jobs ($1..$15, one array per column), skipping those
-/// whose idempotency key exists.
+/// whose key exists: the idempotency key, or for children (`children`) the
+/// parent and index.
 macro_rules! insert_jobs_sql {
     () => {
+        insert_jobs_sql!(
+            "ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+             DO NOTHING "
+        )
+    };
+    (children) => {
+        insert_jobs_sql!(
+            "ON CONFLICT (parent_id, child_index) WHERE parent_id IS NOT NULL DO NOTHING "
+        )
+    };
+    ($conflict:literal) => {
+        concat!(
         "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
            payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
            updated_at, enqueued_at, parent_id, child_index) \
@@ -55,25 +68,30 @@ macro_rules! insert_jobs_sql {
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
            $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
            $11::text[], $12::text[], $14::uuid[], $15::int4[]) \
-           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags, parent, idx) \
-         ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
-           DO NOTHING \
-         RETURNING "
+           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags, parent, idx) ",
+            $conflict,
+            "RETURNING "
+        )
     };
 }
 
 const INSERT_JOBS: &str = concat!(insert_jobs_sql!(), "id");
+const INSERT_CHILDREN: &str = concat!(insert_jobs_sql!(children), "id");
+
+macro_rules! with_messages {
+    () => {
+        "WITH msgs AS (INSERT INTO queue_messages (queue, body, vt) \
+           SELECT m.q, m.b, now() + m.d * interval '1 millisecond' \
+           FROM unnest($16::text[], $17::text[], $18::float8[]) AS m(q, b, d)) "
+    };
+}
 
 /// [`INSERT_JOBS`] with the Postgres queue's messages ($16..$18) written by
 /// the same statement. A message whose job loses an idempotency race names
 /// a job that does not exist; the worker acknowledges such messages.
-const INSERT_JOBS_WITH_MESSAGES: &str = concat!(
-    "WITH msgs AS (INSERT INTO queue_messages (queue, body, vt) \
-       SELECT m.q, m.b, now() + m.d * interval '1 millisecond' \
-       FROM unnest($16::text[], $17::text[], $18::float8[]) AS m(q, b, d)) ",
-    insert_jobs_sql!(),
-    "id"
-);
+const INSERT_JOBS_WITH_MESSAGES: &str = concat!(with_messages!(), insert_jobs_sql!(), "id");
+const INSERT_CHILDREN_WITH_MESSAGES: &str =
+    concat!(with_messages!(), insert_jobs_sql!(children), "id");
 
 impl Store {
     /// Inserts jobs as `pending` in one statement. A job whose idempotency
@@ -134,13 +152,31 @@ impl Store {
             &ids, &wss, &by, &types, &queues, &prios, &payloads, &statuses, &maxes, &run_ats,
             &keys, &tags, &now, &parents, &indexes,
         ];
+        // One insert is of one parent's children or of no children: a
+        // child's key is its place among its siblings.
+        let children = jobs[0].parent.map(|p| p.0);
+        if jobs.iter().any(|j| j.parent.map(|p| p.0) != children) {
+            return Err(DbError::Inconsistent(
+                "one insert holds the children of one parent, or no children".into(),
+            ));
+        }
         let rows = match messages {
             None => {
-                let stmt = db.prepare_cached(INSERT_JOBS).await?;
+                let sql = if children.is_some() {
+                    INSERT_CHILDREN
+                } else {
+                    INSERT_JOBS
+                };
+                let stmt = db.prepare_cached(sql).await?;
                 db.query(&stmt, &params).await?
             }
             Some(m) => {
-                let stmt = db.prepare_cached(INSERT_JOBS_WITH_MESSAGES).await?;
+                let sql = if children.is_some() {
+                    INSERT_CHILDREN_WITH_MESSAGES
+                } else {
+                    INSERT_JOBS_WITH_MESSAGES
+                };
+                let stmt = db.prepare_cached(sql).await?;
                 let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.to_vec();
                 all.extend([
                     &m.queues as &(dyn tokio_postgres::types::ToSql + Sync),
@@ -156,6 +192,31 @@ impl Store {
         // 1000, reading back every column was a fifth of the insert's cost).
         let inserted: std::collections::HashSet<uuid::Uuid> =
             rows.iter().map(|r| r.get::<_, uuid::Uuid>(0)).collect();
+        // Children that exist already, by their index, read in one statement.
+        let mut siblings: std::collections::HashMap<i32, Job> = match children {
+            Some(parent) if inserted.len() < jobs.len() => {
+                let indexes: Vec<i32> = jobs
+                    .iter()
+                    .filter(|j| !inserted.contains(&j.id.0))
+                    .filter_map(|j| j.parent.map(|p| p.1))
+                    .collect();
+                let stmt = db
+                    .prepare_cached(concat!(
+                        "SELECT ",
+                        job_columns!(),
+                        " FROM jobs WHERE parent_id = $1 AND child_index = ANY($2)"
+                    ))
+                    .await?;
+                let rows = db.query(&stmt, &[&parent.0, &indexes]).await?;
+                let mut found = std::collections::HashMap::new();
+                for r in &rows {
+                    let job = Job::from_row(r)?;
+                    found.insert(job.child_index.unwrap_or(-1), job);
+                }
+                found
+            }
+            _ => std::collections::HashMap::new(),
+        };
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
             if inserted.contains(&j.id.0) {
@@ -167,15 +228,13 @@ impl Store {
                 out.push((j.as_inserted(status, now), true));
             } else {
                 let key = j.idempotency_key.as_deref().unwrap_or_default();
-                let existing = self
-                    .by_idempotency_key(db, j.workspace_id, key)
-                    .await?
-                    .ok_or_else(|| {
-                        DbError::Inconsistent(format!(
-                            "job {} was neither inserted nor found",
-                            j.id
-                        ))
-                    })?;
+                let existing = match j.parent {
+                    Some((_, index)) => siblings.remove(&index),
+                    None => self.by_idempotency_key(db, j.workspace_id, key).await?,
+                };
+                let existing = existing.ok_or_else(|| {
+                    DbError::Inconsistent(format!("job {} was neither inserted nor found", j.id))
+                })?;
                 out.push((existing, false));
             }
         }

@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 use serde_json::Value;
 
 use super::{Lease, Store};
-use crate::db::{storable_json, storable_text, Conn, DbError};
+use crate::db::{storable_json, storable_message, Conn, DbError};
 use crate::ids::JobId;
 use crate::job::{ErrorKind, JobStatus, Progress};
 
@@ -132,7 +132,7 @@ pub async fn retry_later(
             "UPDATE jobs SET ",
             unless_cancelled!("$4", "$7"),
             ", run_at = $5, error_message = $6, error_kind = 'retryable', \
-             lease_expires_at = NULL, updated_at = $7, \
+             lease_expires_at = NULL, updated_at = $7, busy_snoozes = 0, \
              enqueued_at = CASE WHEN $4 = 'pending' THEN NULL ELSE enqueued_at END",
             held!(),
             " RETURNING status"
@@ -143,7 +143,7 @@ pub async fn retry_later(
             &lease.worker_id,
             &status.as_str(),
             &run_at,
-            &storable_text(error),
+            &storable_message(error),
             &now,
         ],
     )
@@ -151,11 +151,14 @@ pub async fn retry_later(
 }
 
 /// `running → queued`, due at `run_at`, giving the attempt back: the job was
-/// not run (a rate limit was empty). `cancelled` when a cancel was requested.
+/// not run (a rate limit was empty, or with `busy`, the database had no
+/// connection to give: counted in `busy_snoozes`, which any other snooze
+/// resets). `cancelled` when a cancel was requested.
 pub async fn snooze(
     db: &impl GenericClient,
     lease: &Lease,
     run_at: DateTime<Utc>,
+    busy: bool,
     now: DateTime<Utc>,
 ) -> Result<Option<JobStatus>, DbError> {
     guarded(
@@ -165,7 +168,8 @@ pub async fn snooze(
             unless_cancelled!("'queued'", "$5"),
             ", attempts = attempts - ",
             gave_back!(),
-            ", run_at = $4, lease_expires_at = NULL, updated_at = $5",
+            ", run_at = $4, lease_expires_at = NULL, updated_at = $5, \
+             busy_snoozes = CASE WHEN $6 THEN busy_snoozes + 1 ELSE 0 END",
             held!(),
             " RETURNING status"
         ),
@@ -175,6 +179,7 @@ pub async fn snooze(
             &lease.worker_id,
             &run_at,
             &now,
+            &busy,
         ],
     )
     .await
@@ -202,7 +207,7 @@ pub async fn hand_off(
             gave_back!(),
             ", checkpoint = $4, \
              progress = coalesce($5, progress), run_at = $6, enqueued_at = NULL, \
-             lease_expires_at = NULL, updated_at = $6",
+             lease_expires_at = NULL, updated_at = $6, busy_snoozes = 0",
             held!(),
             " RETURNING status"
         ),
@@ -405,7 +410,7 @@ pub async fn bury(
             &lease.job_id.0,
             &lease.attempt,
             &lease.worker_id,
-            &storable_text(error),
+            &storable_message(error),
             &kind.as_str(),
             &now,
         ],
@@ -441,6 +446,21 @@ pub async fn finish_cancelled(
     )
     .await?;
     Ok(st.is_some())
+}
+
+/// Whether `lease` still holds its job, with the row locked (`FOR SHARE`)
+/// until the caller's transaction ends: what a handler writes in that
+/// transaction (its children) commits only if no rescue took the job
+/// first, and a rescue waits for it. Lock order: the job row, then (through
+/// the insert's count trigger) its workspace row, as a rescue takes them.
+pub async fn lock_held(db: &impl GenericClient, lease: &Lease) -> Result<bool, DbError> {
+    let stmt = db
+        .prepare_cached(concat!("SELECT 1 FROM jobs", held!(), " FOR SHARE"))
+        .await?;
+    let row = db
+        .query_opt(&stmt, &[&lease.job_id.0, &lease.attempt, &lease.worker_id])
+        .await?;
+    Ok(row.is_some())
 }
 
 /// Renews the leases still held and returns, for each, whether a cancel was
@@ -508,7 +528,7 @@ impl Store {
         run_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Option<JobStatus>, DbError> {
-        snooze(&self.pool().get().await?, lease, run_at, now).await
+        snooze(&self.pool().get().await?, lease, run_at, false, now).await
     }
 
     pub async fn hand_off(

@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 
-use crate::db::{storable_json, storable_text, DbError};
+use crate::db::{storable_json, storable_message, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{Job, JobStatus, Progress, QueueName};
 
@@ -27,10 +27,11 @@ mod stream;
 mod sweeps;
 mod waits;
 
+pub use children::ChildCounts;
 pub use create::{mark_enqueued_on, MessageRows};
 pub use lease::{
-    bury, complete, finish_cancelled, hand_off, heartbeat, retry_later, snooze, wait_for_children,
-    wait_for_token, wait_until,
+    bury, complete, finish_cancelled, hand_off, heartbeat, lock_held, retry_later, snooze,
+    wait_for_children, wait_for_token, wait_until,
 };
 pub use reads::ListFilter;
 pub use slots::{lock_workspaces, prepare_group, refill, Claimed, ParkedWorkspace, Peeked, Refill};
@@ -92,6 +93,7 @@ impl NewJob {
             lease_expires_at: None,
             enqueued_at: (status == JobStatus::Queued).then_some(now),
             cancel_requested_at: None,
+            busy_snoozes: 0,
             parent_id: self.parent.map(|p| p.0),
             wait: None,
             child_index: self.parent.map(|p| p.1),
@@ -117,11 +119,14 @@ impl NewJob {
         }
     }
 
-    /// This job as child number `index` of `parent`. Its idempotency key
-    /// names the parent and the index, so creating the same child again (a
-    /// parent re-run after a crash) returns the one that exists.
+    /// This job as child number `index` of `parent`. The pair is the
+    /// child's key (unique, V12's `jobs_children`), so creating the same
+    /// child again (a parent re-run after a crash or a retry) returns the
+    /// one that exists. Never an idempotency key: those are the clients'
+    /// to choose, so a member could take a child's key before its parent
+    /// ran, and their expiry would let a re-run meet the index instead.
     pub fn child_of(mut self, parent: JobId, index: i32) -> Self {
-        self.idempotency_key = Some(format!("child:{parent}:{index}"));
+        self.idempotency_key = None;
         self.parent = Some((parent, index));
         self
     }
@@ -185,7 +190,7 @@ pub async fn append_logs(
     let wss: Vec<_> = lines.iter().map(|l| l.workspace_id.0).collect();
     let attempts: Vec<_> = lines.iter().map(|l| l.attempt).collect();
     let levels: Vec<_> = lines.iter().map(|l| l.level).collect();
-    let messages: Vec<_> = lines.iter().map(|l| storable_text(&l.message)).collect();
+    let messages: Vec<_> = lines.iter().map(|l| storable_message(&l.message)).collect();
     let metadata: Vec<_> = lines
         .iter()
         .map(|l| l.metadata.as_ref().map(|m| storable_json(m).into_owned()))

@@ -132,7 +132,9 @@ impl Store {
     }
 
     /// Deletes a finished job of the workspace. `Ok(false)` when it does not
-    /// exist or is not finished (the caller tells the two apart).
+    /// exist, is not finished, or is a child whose parent still exists (its
+    /// parent reads its result, and a retry of the parent keeps it): the
+    /// caller tells them apart.
     pub async fn delete_finished(
         &self,
         workspace: WorkspaceId,
@@ -142,7 +144,9 @@ impl Store {
         let n = db
             .execute(
                 "DELETE FROM jobs WHERE id = $1 AND workspace_id = $2 \
-                 AND status IN ('completed', 'cancelled', 'dead')",
+                 AND status IN ('completed', 'cancelled', 'dead') \
+                 AND (parent_id IS NULL \
+                      OR NOT EXISTS (SELECT 1 FROM jobs p WHERE p.id = jobs.parent_id))",
                 &[&id.0, &workspace.0],
             )
             .await?;
@@ -182,7 +186,12 @@ impl Store {
 
     /// `dead|cancelled → pending` for a manual re-run: attempts, errors,
     /// result, progress and checkpoint start afresh, and so do its dead or
-    /// cancelled children (a parent re-run finds them to wait for again).
+    /// cancelled children (a parent re-run finds them to wait for again);
+    /// its completed children keep their results and are not run again, and
+    /// children still running are no longer asked to stop. The wait tokens
+    /// of the jobs re-run are retired: a re-run waits on a fresh one, and
+    /// the old one answers 409. The re-run children are left `pending` for
+    /// [`Store::unsent_children`].
     /// `None` when no such finished-but-failed job exists in the workspace.
     pub async fn manual_retry(
         &self,
@@ -213,7 +222,15 @@ impl Store {
                     "), children AS (UPDATE jobs SET ",
                     afresh!(),
                     " WHERE parent_id IN (SELECT id FROM parent) \
-                       AND status IN ('dead', 'cancelled')) \
+                       AND status IN ('dead', 'cancelled') RETURNING id), \
+                     stopping AS (UPDATE jobs SET cancel_requested_at = NULL, updated_at = $3 \
+                       WHERE parent_id IN (SELECT id FROM parent) AND status = 'running' \
+                         AND cancel_requested_at IS NOT NULL), \
+                     retired AS (DELETE FROM wait_tokens \
+                       WHERE job_id IN (SELECT id FROM parent UNION ALL SELECT id FROM children) \
+                       RETURNING token, workspace_id, job_id), \
+                     kept AS (INSERT INTO retired_wait_tokens (token, workspace_id, job_id, retired_at) \
+                       SELECT token, workspace_id, job_id, $3 FROM retired) \
                      SELECT * FROM parent"
                 ),
                 &[&id.0, &workspace.0, &now],

@@ -84,7 +84,7 @@ impl Store {
                    finished_at = $3, updated_at = $3, lease_expires_at = NULL, parked_at = NULL \
                  WHERE id = ANY($1) AND status IN ('pending', 'queued', 'running') \
                  RETURNING id",
-                &[&ids, &reason, &now],
+                &[&ids, &crate::db::storable_message(reason), &now],
             )
             .await?;
         Ok(rows.iter().map(|r| JobId(r.get(0))).collect())
@@ -180,13 +180,22 @@ impl Store {
     }
 
     /// Deletes up to `limit` finished jobs (and, by cascade, their logs)
-    /// that finished before `before`.
+    /// that finished before `before`. A child goes only once its parent is
+    /// gone: a parent reads its children's results when it resumes, and a
+    /// retry of it re-runs only those that did not complete, so they are
+    /// kept while it exists (retention counts from the parent's end, which
+    /// comes after every child's). A parent retried while this runs is not
+    /// deleted: the DELETE re-checks `finished_at` on the row it waited for.
     pub async fn prune(&self, before: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {
         let db = Conn::get(&self.pool).await?;
         db.execute(
             "DELETE FROM jobs WHERE id = ANY(ARRAY( \
-                   SELECT id FROM jobs WHERE status IN ('completed', 'cancelled', 'dead') \
-                     AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED))",
+                   SELECT id FROM jobs j WHERE status IN ('completed', 'cancelled', 'dead') \
+                     AND finished_at < $1 \
+                     AND (parent_id IS NULL \
+                          OR NOT EXISTS (SELECT 1 FROM jobs p WHERE p.id = j.parent_id)) \
+                   LIMIT $2 FOR UPDATE SKIP LOCKED)) \
+               AND status IN ('completed', 'cancelled', 'dead') AND finished_at < $1",
             &[&before, &limit],
         )
         .await

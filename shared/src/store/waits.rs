@@ -31,6 +31,9 @@ pub enum Completion {
     },
     /// Completed before, or timed out: nothing changed.
     Closed { timed_out: bool },
+    /// A token of an earlier run of a job that was retried since: the new
+    /// run waits on a fresh one, so nothing changed.
+    Retired { job_id: JobId },
     /// No token of that workspace.
     Unknown,
 }
@@ -93,8 +96,9 @@ impl Store {
     }
 
     /// Completes `token` of `workspace` with `data`, once, and wakes its
-    /// job if it waits for it (`waiting → pending`, in the same commit; the
-    /// caller sends its message).
+    /// job if it waits for that token (`waiting → pending`, in the same
+    /// commit; the caller sends its message). A job waiting on another of
+    /// its tokens stays waiting.
     pub async fn complete_token(
         &self,
         workspace: WorkspaceId,
@@ -117,7 +121,21 @@ impl Store {
             )
             .await?;
         let Some(row) = row else {
-            return Ok(Completion::Unknown);
+            let retired = tx
+                .query_opt(
+                    "SELECT job_id FROM retired_wait_tokens WHERE token = $1 AND workspace_id = $2",
+                    &[
+                        &token,
+                        &workspace.0 as &(dyn tokio_postgres::types::ToSql + Sync),
+                    ],
+                )
+                .await?;
+            return Ok(match retired {
+                Some(r) => Completion::Retired {
+                    job_id: JobId(r.get(0)),
+                },
+                None => Completion::Unknown,
+            });
         };
         let job_id = JobId(row.get(0));
         let (completed, timed_out): (bool, bool) = (row.get(1), row.get(2));
@@ -141,12 +159,14 @@ impl Store {
                     "UPDATE jobs SET status = 'pending', wait_kind = NULL, wait_until = NULL, \
                        run_at = $2, enqueued_at = NULL, updated_at = $2 \
                      WHERE id = $1 AND status = 'waiting' AND wait_kind = 'token' \
+                       AND wait_token = $3 \
                      RETURNING ",
                     job_columns!()
                 ),
                 &[
                     &job_id.0 as &(dyn tokio_postgres::types::ToSql + Sync),
                     &now,
+                    &token,
                 ],
             )
             .await?
@@ -163,8 +183,9 @@ impl Store {
     }
 
     /// Ends the waits whose tokens timed out by `now`: the tokens are
-    /// marked, their waiting jobs made `dead` with a timeout error. Returns
-    /// how many jobs ended.
+    /// marked, and the jobs waiting on those very tokens made `dead` with a
+    /// timeout error (another token of the job timing out ends nothing).
+    /// Returns how many jobs ended.
     pub async fn expire_tokens(&self, now: DateTime<Utc>, limit: i64) -> Result<u64, DbError> {
         let db = Conn::get(self.pool()).await?;
         let n = db
@@ -174,12 +195,13 @@ impl Store {
                      SELECT token FROM wait_tokens \
                      WHERE completed_at IS NULL AND timed_out_at IS NULL AND timeout_at <= $1 \
                      ORDER BY timeout_at LIMIT $2 FOR UPDATE SKIP LOCKED)) \
-                   RETURNING job_id, name) \
+                   RETURNING job_id, name, token) \
                  UPDATE jobs SET status = 'dead', error_kind = 'permanent', \
                    error_message = 'timed out: wait token ' || e.name || ' was not completed in time', \
                    wait_kind = NULL, wait_until = NULL, finished_at = $1, updated_at = $1 \
                  FROM expired e \
-                 WHERE jobs.id = e.job_id AND jobs.status = 'waiting' AND jobs.wait_kind = 'token'",
+                 WHERE jobs.id = e.job_id AND jobs.status = 'waiting' AND jobs.wait_kind = 'token' \
+                   AND jobs.wait_token = e.token",
                 &[&now, &limit],
             )
             .await?;

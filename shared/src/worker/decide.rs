@@ -64,6 +64,28 @@ pub struct Facts {
     /// Receives of the message that delivered the job, if it came with one.
     pub receive_count: Option<u32>,
     pub max_receive_count: u32,
+    /// Runs in a row before this one that found no database connection
+    /// (each a snooze), and how many the worker allows before a busy run
+    /// takes the retry path instead.
+    pub busy_snoozes: i32,
+    pub max_busy_snoozes: u32,
+}
+
+/// `result`, with a busy run past the bound of busy snoozes in a row made a
+/// retryable failure: a database that stays at its limit then shows in the
+/// job (its error, its attempts) and ends it in the end, instead of
+/// snoozing it for ever with nothing recorded.
+/// `None` when `result` stands as it is.
+pub fn bounded(result: &Result<Outcome, JobError>, facts: &Facts) -> Option<JobError> {
+    match result {
+        Err(JobError::Busy(why)) if facts.busy_snoozes >= facts.max_busy_snoozes as i32 => {
+            Some(JobError::Retryable(format!(
+                "{why} ({} runs in a row found no free connection)",
+                facts.busy_snoozes + 1
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// Delay before retry number `attempt` (1-based): exponential from `base`,
@@ -86,12 +108,13 @@ pub fn backoff(config: &WorkerConfig, attempt: i32, rng: &mut impl Rng) -> Durat
 pub fn delay_for(
     config: &WorkerConfig,
     result: &Result<Outcome, JobError>,
-    attempt: i32,
+    facts: &Facts,
     rng: &mut impl Rng,
 ) -> Duration {
-    match result {
-        Err(JobError::Busy(_)) => jittered(config.batch_failure_delay, rng),
-        _ => backoff(config, attempt, rng),
+    let busy = matches!(result, Err(JobError::Busy(_)));
+    match bounded(result, facts) {
+        None if busy => jittered(config.batch_failure_delay, rng),
+        _ => backoff(config, facts.attempt, rng),
     }
 }
 
@@ -104,7 +127,8 @@ pub fn jittered(d: Duration, rng: &mut impl Rng) -> Duration {
 /// The action for a handler's result. A cancel request wins over every way
 /// of coming back (retry, snooze, hand-off); a completion or a permanent
 /// failure is recorded as what it was. `delay` is how long a retry (or a
-/// busy snooze) waits: see [`delay_for`].
+/// busy snooze) waits: see [`delay_for`]. A busy run past
+/// `max_busy_snoozes` in a row is a retryable failure ([`bounded`]).
 pub fn decide(
     result: &Result<Outcome, JobError>,
     checkpoint: Option<&Value>,
@@ -118,7 +142,8 @@ pub fn decide(
             action
         }
     };
-    match result {
+    let past_bound = bounded(result, facts).map(Err);
+    match past_bound.as_ref().unwrap_or(result) {
         Ok(Outcome::Completed(r)) => Action::Complete(r.clone()),
         Ok(Outcome::Cancelled(partial)) => Action::Cancel(partial.clone()),
         Ok(Outcome::HandOff) => {
@@ -197,14 +222,21 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let busy = Err(JobError::Busy("pool".into()));
         let failed = Err(JobError::Retryable("503".into()));
-        for attempt in 1..=5 {
-            let d = delay_for(&cfg, &busy, attempt, &mut rng);
+        for attempt in 1..=3 {
+            let f = facts(attempt, false, Some(1));
+            let d = delay_for(&cfg, &busy, &f, &mut rng);
             assert!(
                 (Duration::from_secs(2)..=Duration::from_secs(4)).contains(&d),
                 "{d:?}"
             );
-            assert!(delay_for(&cfg, &failed, attempt, &mut rng) >= Duration::from_secs(30));
+            assert!(delay_for(&cfg, &failed, &f, &mut rng) >= Duration::from_secs(30));
         }
+        // Past the bound of busy snoozes in a row: the backoff of a failure.
+        let f = Facts {
+            busy_snoozes: 10,
+            ..facts(2, false, Some(1))
+        };
+        assert!(delay_for(&cfg, &busy, &f, &mut rng) >= Duration::from_secs(60));
     }
 
     fn facts(attempt: i32, cancel: bool, receives: Option<u32>) -> Facts {
@@ -214,7 +246,47 @@ mod tests {
             cancel_requested: cancel,
             receive_count: receives,
             max_receive_count: 5,
+            busy_snoozes: 0,
+            max_busy_snoozes: 10,
         }
+    }
+
+    #[test]
+    fn busy_runs_snooze_up_to_the_bound_then_take_the_retry_path() {
+        let busy = Err(JobError::Busy("database busy: pool timed out".into()));
+        let at = |n: i32, attempt: i32| Facts {
+            busy_snoozes: n,
+            ..facts(attempt, false, Some(1))
+        };
+        let s = Duration::from_secs;
+        assert_eq!(decide(&busy, None, &at(9, 1), s(4)), Action::Snooze(s(4)));
+        assert_eq!(
+            decide(&busy, None, &at(10, 1), s(4)),
+            Action::Retry {
+                delay: s(4),
+                error: "database busy: pool timed out (11 runs in a row found no free connection)"
+                    .into(),
+                route: Route::Visibility,
+            }
+        );
+        // On the last attempt it is dead, with the reason.
+        assert!(matches!(
+            decide(&busy, None, &at(10, 3), s(4)),
+            Action::Bury { ref error, kind: ErrorKind::Retryable } if error.contains("no free connection")
+        ));
+        // A cancel still wins.
+        assert_eq!(
+            decide(
+                &busy,
+                None,
+                &Facts {
+                    cancel_requested: true,
+                    ..at(10, 1)
+                },
+                s(4)
+            ),
+            Action::Cancel(None)
+        );
     }
 
     #[test]

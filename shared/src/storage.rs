@@ -308,7 +308,7 @@ impl Storage {
                     headers.push(("Content-Length", n.to_string()));
                 }
                 let credential = s3.credentials().get_credential().await?;
-                presign(&mut url, "PUT", &headers, &credential, region, now, ttl);
+                presign(&mut url, "PUT", &headers, &credential, region, now, ttl)?;
                 Ok(Upload::Link {
                     url: url.to_string(),
                     headers,
@@ -383,8 +383,8 @@ fn upload_mac(
 /// (name, value as sent): S3 refuses a request whose values for them
 /// differ. The payload is not signed (`UNSIGNED-PAYLOAD`), as the client
 /// sends it straight to the bucket. object_store's signer covers `host`
-/// alone, hence this one; see
-/// <https://docs.aws.amazon.com/AmazonS3/latest/API/sigv4-query-string-auth.html>.
+/// alone, hence this one, with the SDK's own signer (`aws-sigv4`) set as
+/// the S3 presigner of the AWS SDK sets it.
 fn presign(
     url: &mut reqwest::Url,
     method: &str,
@@ -393,92 +393,57 @@ fn presign(
     region: &str,
     at: DateTime<Utc>,
     ttl: Duration,
-) {
-    use sha2::Digest;
-    let date = at.format("%Y%m%d").to_string();
-    let stamp = at.format("%Y%m%dT%H%M%SZ").to_string();
-    let scope = format!("{date}/{region}/s3/aws4_request");
+) -> Result<(), StorageError> {
+    use aws_sigv4::http_request::{
+        sign, PercentEncodingMode, SignableBody, SignableRequest, SignatureLocation,
+        SigningSettings, UriPathNormalizationMode,
+    };
+    let identity = aws_credential_types::Credentials::new(
+        &credential.key_id,
+        &credential.secret_key,
+        credential.token.clone(),
+        None,
+        "offload",
+    )
+    .into();
+    let mut settings = SigningSettings::default();
+    settings.signature_location = SignatureLocation::QueryParams;
+    settings.expires_in = Some(ttl);
+    // S3 takes the path as it is sent: encoded once, never normalised.
+    settings.percent_encoding_mode = PercentEncodingMode::Single;
+    settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("s3")
+        .time(at.into())
+        .settings(settings)
+        .build()
+        .map_err(|e| StorageError::Failed(format!("cannot sign an upload link: {e}")))?
+        .into();
     let host = url[url::Position::BeforeHost..url::Position::AfterPort].to_string();
-    let mut signed: Vec<(String, String)> = headers
+    let signed: Vec<(&str, &str)> = headers
         .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
-        .chain([("host".to_string(), host)])
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain([("host", host.as_str())])
         .collect();
-    signed.sort();
-    let signed_names = signed
-        .iter()
-        .map(|(k, _)| k.as_str())
-        .collect::<Vec<_>>()
-        .join(";");
-    let mut query: Vec<(String, String)> = url
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    query.extend([
-        ("X-Amz-Algorithm".into(), "AWS4-HMAC-SHA256".into()),
-        (
-            "X-Amz-Credential".into(),
-            format!("{}/{scope}", credential.key_id),
-        ),
-        ("X-Amz-Date".into(), stamp.clone()),
-        ("X-Amz-Expires".into(), ttl.as_secs().to_string()),
-        ("X-Amz-SignedHeaders".into(), signed_names.clone()),
-    ]);
-    // Temporary credentials (Lambda's role) need their token, signed too.
-    if let Some(token) = &credential.token {
-        query.push(("X-Amz-Security-Token".into(), token.clone()));
+    let request = SignableRequest::new(
+        method,
+        url.as_str(),
+        signed.into_iter(),
+        SignableBody::UnsignedPayload,
+    )
+    .map_err(|e| StorageError::Failed(format!("cannot sign an upload link: {e}")))?;
+    let (_, query) = sign(request, &params)
+        .map_err(|e| StorageError::Failed(format!("cannot sign an upload link: {e}")))?
+        .into_parts()
+        .0
+        .into_parts();
+    let mut pairs = url.query_pairs_mut();
+    for (name, value) in query {
+        pairs.append_pair(name, &value);
     }
-    let mut query: Vec<(String, String)> = query
-        .iter()
-        .map(|(k, v)| (uri_encode(k), uri_encode(v)))
-        .collect();
-    query.sort();
-    let canonical_query = query
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let canonical_headers: String = signed.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
-    // S3 takes the path as it is sent, encoded once (other services twice).
-    let canonical_request = format!(
-        "{method}\n{}\n{canonical_query}\n{canonical_headers}\n{signed_names}\nUNSIGNED-PAYLOAD",
-        url.path()
-    );
-    let to_sign = format!(
-        "AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}",
-        hex(&sha2::Sha256::digest(canonical_request.as_bytes()))
-    );
-    let key = [date.as_str(), region, "s3", "aws4_request"].iter().fold(
-        format!("AWS4{}", credential.secret_key).into_bytes(),
-        |k, part| hmac_sha256(&k, part.as_bytes()),
-    );
-    let signature = hex(&hmac_sha256(&key, to_sign.as_bytes()));
-    url.set_query(Some(&format!(
-        "{canonical_query}&X-Amz-Signature={signature}"
-    )));
-}
-
-fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key length");
-    mac.update(data);
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SigV4's encoding: everything but unreserved characters as `%XX`.
-fn uri_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    Ok(())
 }
 
 /// What [`Storage::download`] gives.
@@ -536,6 +501,19 @@ pub fn valid_file_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The same link: path, and query parameters with the same values in
+    /// any order and encoding.
+    fn same_link(url: &reqwest::Url, want: &str) {
+        let want = reqwest::Url::parse(want).unwrap();
+        assert_eq!(url.path(), want.path());
+        let params = |u: &reqwest::Url| {
+            let mut p: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+            p.sort();
+            p
+        };
+        assert_eq!(params(url), params(&want));
+    }
+
     fn example_credential() -> AwsCredential {
         AwsCredential {
             key_id: "AKIAIOSFODNN7EXAMPLE".into(),
@@ -559,14 +537,15 @@ mod tests {
             "us-east-1",
             at,
             ttl,
-        );
-        assert_eq!(
-            url.as_str(),
+        )
+        .unwrap();
+        same_link(
+            &url,
             "https://examplebucket.s3.amazonaws.com/test.txt?\
              X-Amz-Algorithm=AWS4-HMAC-SHA256&\
              X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&\
              X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host&\
-             X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+             X-Amz-Signature=aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404",
         );
     }
 
@@ -587,16 +566,16 @@ mod tests {
         ];
         let at = "2013-05-24T00:00:00Z".parse().unwrap();
         let ttl = Duration::from_secs(900);
-        presign(&mut url, "PUT", &headers, &credential, "us-east-1", at, ttl);
-        assert_eq!(
-            url.as_str(),
+        presign(&mut url, "PUT", &headers, &credential, "us-east-1", at, ttl).unwrap();
+        same_link(
+            &url,
             "http://127.0.0.1:5000/files-x/workspaces/w%201/up/contacts.csv?\
              X-Amz-Algorithm=AWS4-HMAC-SHA256&\
              X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request&\
              X-Amz-Date=20130524T000000Z&X-Amz-Expires=900&\
              X-Amz-Security-Token=session%2Ftoken%2Bx%3D&\
              X-Amz-SignedHeaders=content-length%3Bhost%3Bif-none-match&\
-             X-Amz-Signature=fc41c1292ded5d4cab3ad878c0bc97bf704f6be98f9a2632b624104928446efe"
+             X-Amz-Signature=fc41c1292ded5d4cab3ad878c0bc97bf704f6be98f9a2632b624104928446efe",
         );
     }
 

@@ -239,6 +239,15 @@ async fn retention_keeps_a_waiting_parents_children_and_it_completes_once() {
         .unwrap();
     assert_eq!(db.store.prune(Utc::now(), 1000).await.unwrap(), 0);
     assert_eq!(children(db, parent).await.len(), 2);
+    // Nor can an admin delete it while its parent exists.
+    let first = children(db, parent).await[0].id;
+    let refused = app
+        .req("DELETE", &format!("/jobs/{first}"))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(refused, reqwest::StatusCode::CONFLICT).await;
+    assert!(body.to_string().contains("delete the parent first"), "{body}");
 
     let token = approval.wait.unwrap().token.unwrap();
     let ok = app

@@ -1,12 +1,15 @@
 -- Workflows that a tenant cannot break, and a bound on waiting for connections.
 --
--- Children are keyed by (parent_id, child_index) alone (V12's unique `jobs_children`),
--- no longer by the idempotency key `child:{parent}:{index}`: that key space is the
--- clients', so a member could create `child:{P}:0` before P ran and have P take it as
--- its child, and a key's expiry let a re-run meet the unique index instead of finding
--- its child. Children made before this release lose their keys here, which frees them.
+-- Children are found by (parent_id, child_index) (V12's unique `jobs_children`, now the
+-- conflict target of their insert), no longer by their idempotency key
+-- `child:{parent}:{index}`: a key's expiry let a re-run meet the unique index instead of
+-- finding its child. They still carry that key, so code of the release before, which
+-- looks them up by it, finds them after a rollback. The API now refuses keys with the
+-- `child:` prefix, which a member could take before a parent ran to have it adopt their
+-- job; such keys already taken by jobs that are not children are freed here (no child
+-- key is touched: a statement over every child row would lock rows workers are writing).
 UPDATE jobs SET idempotency_key = NULL
-WHERE parent_id IS NOT NULL AND idempotency_key IS NOT NULL;
+WHERE idempotency_key LIKE 'child:%' AND parent_id IS NULL;
 
 -- A retried job starts with fresh wait tokens: its old ones move here at the retry,
 -- so completing one answers 409 ("an earlier run's token") instead of waking the new

@@ -495,6 +495,34 @@ pub fn storable_message(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// [`storable_json`] with [`storable_message`]'s redaction of every string
+/// (a log line's metadata); borrowed when no string holds a URL.
+pub fn storable_message_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
+    use serde_json::Value;
+    fn has_url(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.contains("://"),
+            Value::Array(a) => a.iter().any(has_url),
+            Value::Object(m) => m.values().any(has_url),
+            _ => false,
+        }
+    }
+    fn clean(v: &Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(crate::redact::text(s).into_owned()),
+            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
+            Value::Object(m) => {
+                Value::Object(m.iter().map(|(k, v)| (k.clone(), clean(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+    if !has_url(v) {
+        return storable_json(v);
+    }
+    std::borrow::Cow::Owned(storable_json(&clean(v)).into_owned())
+}
+
 /// [`storable_text`] for every string and key of a JSON value; borrowed
 /// when there is nothing to replace, which is nearly always.
 pub fn storable_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {

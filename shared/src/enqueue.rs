@@ -45,6 +45,22 @@ pub async fn send_jobs(
     Ok(out)
 }
 
+/// [`send_jobs`] for at most `budget`: what is not sent by then stays
+/// `pending` for the outbox ([`Sent::deferred`]), so a request that sends
+/// many messages answers within its time.
+pub async fn send_jobs_within(
+    store: &Store,
+    queue: &dyn Queue,
+    jobs: &[&Job],
+    now: DateTime<Utc>,
+    budget: Duration,
+) -> Result<Sent, DbError> {
+    let targets: Vec<Target> = jobs.iter().map(|j| Target::from(*j)).collect();
+    let out = send_targets(queue, &targets, now, Some(budget)).await;
+    store.mark_enqueued(&out.sent, now).await?;
+    Ok(out)
+}
+
 /// What a message needs to know of its job.
 #[derive(Clone, Copy)]
 struct Target {

@@ -34,9 +34,11 @@ fn clean(mut parsed: url::Url) -> String {
     parsed.to_string()
 }
 
-/// `s` with every URL in it (`scheme://…`, up to the next space, quote,
-/// parenthesis or brace) passed through [`url`]; borrowed when it holds none, which is
-/// nearly always.
+/// `s` with every URL in it (`scheme://…`) passed through [`url`];
+/// borrowed when it holds none, which is nearly always. A URL ends where
+/// prose puts something after one (a space, a quote, a parenthesis, a
+/// comma…), except in its credentials, which may hold any of those: they
+/// run to the last `@` of the authority, and are hidden whole.
 pub fn text(s: &str) -> Cow<'_, str> {
     if !s.contains("://") {
         return Cow::Borrowed(s);
@@ -51,40 +53,47 @@ pub fn text(s: &str) -> Cow<'_, str> {
             .take_while(|(_, c)| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
             .last()
             .map_or(at, |(i, _)| i);
-        let end = rest[at + 3..]
+        let body = &rest[at + 3..];
+        let authority_end = body
+            .find(|c: char| c.is_whitespace() || c.is_control() || "/?#\"'<>`".contains(c))
+            .unwrap_or(body.len());
+        let userinfo = body[..authority_end].rfind('@');
+        let host_start = userinfo.map_or(0, |i| i + 1);
+        let end = body[host_start..]
             .find(|c: char| c.is_whitespace() || c.is_control() || "\"'<>(){}`,;|\\".contains(c))
-            .map_or(rest.len(), |i| at + 3 + i);
+            .map_or(body.len(), |i| host_start + i);
         out.push_str(&rest[..scheme_start]);
-        let found = &rest[scheme_start..end];
-        match url::Url::parse(found) {
-            Ok(parsed) if scheme_start < at => out.push_str(&clean(parsed)),
-            // Not a URL the parser takes: keep what cannot be a secret
-            // (the part before any `@`, `?` or `#` is a scheme and a host at
-            // most) and drop the rest.
-            _ => {
-                let cut = found.find(['@', '?', '#']).unwrap_or(found.len());
-                if cut < found.len() {
-                    let head = &found[..cut];
-                    match head.rfind("://") {
-                        Some(i) if found.as_bytes()[cut] == b'@' => {
-                            out.push_str(&head[..i + 3]);
-                            out.push_str(HIDDEN);
-                            out.push('@');
-                            let tail = &found[cut + 1..];
-                            let tail_end = tail.find(['?', '#']).unwrap_or(tail.len());
-                            out.push_str(&tail[..tail_end]);
-                        }
-                        _ => out.push_str(head),
-                    }
-                } else {
-                    out.push_str(found);
-                }
+        let whole = &rest[scheme_start..at + 3 + end];
+        match userinfo {
+            Some(_) => {
+                out.push_str(&rest[scheme_start..at + 3]);
+                out.push_str(HIDDEN);
+                out.push('@');
+                out.push_str(without_query(&body[host_start..end]));
             }
+            None => match url::Url::parse(whole) {
+                Ok(parsed) if scheme_start < at => out.push_str(&clean(parsed)),
+                // Not a URL the parser takes: whatever precedes an `@`
+                // could be credentials (a password with a `/` in it).
+                _ => match without_query(whole).rfind('@') {
+                    Some(i) => {
+                        out.push_str(&rest[scheme_start..at + 3]);
+                        out.push_str(HIDDEN);
+                        out.push_str(without_query(&whole[i..]));
+                    }
+                    None => out.push_str(without_query(whole)),
+                },
+            },
         }
-        rest = &rest[end..];
+        rest = &rest[at + 3 + end..];
     }
     out.push_str(rest);
     Cow::Owned(out)
+}
+
+/// `s` up to its query string or fragment.
+fn without_query(s: &str) -> &str {
+    &s[..s.find(['?', '#']).unwrap_or(s.len())]
 }
 
 #[cfg(test)]
@@ -134,5 +143,27 @@ mod tests {
         assert!(out.contains("smtp://***@host:99999/x now"), "{out}");
         let out = text("bad: ://user:pw@host");
         assert!(!out.contains("pw"), "{out}");
+    }
+
+    #[test]
+    fn credentials_with_punctuation_or_an_at_sign_are_hidden_whole() {
+        for (msg, kept) in [
+            (
+                "smtp://u:pa,ss@relay:25/x?y=1 refused",
+                "smtp://***@relay:25/x refused",
+            ),
+            ("(smtp://u:p@ss@relay:99999)", "(smtp://***@relay:99999)"),
+            (
+                "postgres://u:pa(s)s;w@db/app, then",
+                "postgres://***@db/app, then",
+            ),
+            ("smtp://u:pa/ss@relay:25 down", "smtp://***@relay:25 down"),
+            (
+                "see https://medium.com/@ann/post?x=1.",
+                "see https://medium.com/@ann/post",
+            ),
+        ] {
+            assert_eq!(text(msg), kept, "{msg}");
+        }
     }
 }

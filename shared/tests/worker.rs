@@ -597,3 +597,71 @@ fn a_metric_line_is_embedded_metric_format() {
     assert_eq!(line["RunTime"], 12);
     assert!((35..=100).contains(&line["WaitTime"].as_i64().unwrap()));
 }
+
+/// Fails with, and logs, a message holding a URL with credentials and a
+/// token in its query string, as a client library's error might.
+struct LeaksAUrl;
+
+#[async_trait]
+impl JobHandler for LeaksAUrl {
+    type Payload = serde_json::Value;
+    const TYPE: &'static str = "leaks_a_url";
+    async fn run(&self, _: serde_json::Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
+        let url = "https://svc:Pa55word@api.example.com/v1/items?api_key=Tok3n";
+        ctx.log(
+            "warn",
+            format!("calling {url} failed"),
+            Some(json!({ "endpoint": url, "attempt": 1 })),
+        )
+        .await?;
+        Err(JobError::Permanent(format!(
+            "error sending request for url ({url})"
+        )))
+    }
+}
+
+#[tokio::test]
+async fn a_handlers_error_and_logs_are_stored_without_a_urls_secrets() {
+    let db = TestDb::new().await;
+    let q: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
+    let (ws, _) = db.workspace(Tier::Standard).await;
+    let worker = db.worker_with(q.clone(), quick(), Registry::builtin().with(LeaksAUrl));
+    let job = db
+        .insert(&[new_job(ws, "leaks_a_url", json!({}))])
+        .await
+        .remove(0);
+    enqueue(&db, &*q, std::slice::from_ref(&job)).await;
+    let done = offload::testing::run_until_finished(
+        &db,
+        &event_source(q, worker),
+        job.id,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(done.status, JobStatus::Dead);
+    let error = done.error_message.unwrap_or_default();
+    assert_eq!(
+        error,
+        "error sending request for url (https://***@api.example.com/v1/items)"
+    );
+    let conn = db.pool.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT message, metadata::text FROM job_logs WHERE job_id = $1 AND level = 'warn'",
+            &[&job.id.0],
+        )
+        .await
+        .unwrap();
+    let (message, metadata): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(
+        message,
+        "calling https://***@api.example.com/v1/items failed"
+    );
+    assert!(metadata.contains("api.example.com/v1/items"), "{metadata}");
+    for text in [&message, &metadata] {
+        assert!(
+            !text.contains("Pa55word") && !text.contains("Tok3n"),
+            "{text}"
+        );
+    }
+}

@@ -98,6 +98,20 @@ async fn a_members_idempotency_key_never_becomes_a_parents_child() {
     );
     // A member who learnt the parent's id before it ran takes its children's
     // old keys, with jobs of their own.
+    // The API refuses such keys now; jobs that took them before (an older
+    // release) are what this test puts in place.
+    let app_refuses = TestApp::spawn().await;
+    let refused = app_refuses
+        .client
+        .post(app_refuses.jobs_url())
+        .bearer_auth(&app_refuses.token)
+        .header("Idempotency-Key", format!("child:{}:0", parent.id))
+        .json(&json!({ "type": "noop" }))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(refused, reqwest::StatusCode::BAD_REQUEST).await;
+    assert_eq!(body["field"], "Idempotency-Key", "{body}");
     let hostile: Vec<NewJob> = (0..2)
         .map(|i| NewJob {
             idempotency_key: Some(format!("child:{}:{i}", parent.id)),
@@ -247,7 +261,10 @@ async fn retention_keeps_a_waiting_parents_children_and_it_completes_once() {
         .await
         .unwrap();
     let body = expect_problem(refused, reqwest::StatusCode::CONFLICT).await;
-    assert!(body.to_string().contains("delete the parent first"), "{body}");
+    assert!(
+        body.to_string().contains("delete the parent first"),
+        "{body}"
+    );
 
     let token = approval.wait.unwrap().token.unwrap();
     let ok = app
@@ -332,6 +349,33 @@ async fn a_retried_fan_out_re_runs_only_the_children_that_did_not_complete() {
         "children outlive retention while their parent exists"
     );
 
+    // A child still stopping (asked to when its parent died): no retry yet,
+    // since it could end cancelled after the retry looked.
+    conn.execute(
+        "UPDATE jobs SET status = 'running', cancel_requested_at = now(), finished_at = NULL \
+         WHERE id = $1",
+        &[&before[1].id.0],
+    )
+    .await
+    .unwrap();
+    let refused = app
+        .req("POST", &format!("/jobs/{}/retry", parent.id))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_problem(refused, reqwest::StatusCode::CONFLICT).await;
+    assert!(
+        body.to_string().contains("1 of its children still run"),
+        "{body}"
+    );
+    conn.execute(
+        "UPDATE jobs SET status = 'dead', cancel_requested_at = NULL, \
+           finished_at = now() - interval '30 days' WHERE id = $1",
+        &[&before[1].id.0],
+    )
+    .await
+    .unwrap();
+
     failing.store(false, Ordering::SeqCst);
     let resp = app
         .req("POST", &format!("/jobs/{}/retry", parent.id))
@@ -384,8 +428,16 @@ impl JobHandler for LosesLease {
             )
             .await
             .unwrap();
-        ctx.create_children(0, &[ChildJob::new("noop", json!({}))])
-            .await?;
+        // Two children: on a free tier (one at a time) they go in parked,
+        // the other insert's path.
+        ctx.create_children(
+            0,
+            &[
+                ChildJob::new("noop", json!({})),
+                ChildJob::new("noop", json!({})),
+            ],
+        )
+        .await?;
         Ok(Outcome::Completed(None))
     }
 }

@@ -219,23 +219,33 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = v.to_str().ok().and_then(valid_key).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
-        ))
-        .with_field("Idempotency-Key")
+    let key = valid_key(v.to_str().unwrap_or("\u{0}")).map_err(|why| {
+        ApiError::bad_request(format!("Idempotency-Key {why}")).with_field("Idempotency-Key")
     })?;
     Ok(Some(key))
 }
 
 /// An idempotency key as stored: 1 to [`MAX_KEY_LEN`] visible ASCII
-/// characters, trimmed.
-fn valid_key(raw: &str) -> Option<String> {
+/// characters, trimmed, not starting with the prefix of the keys children
+/// carry (a member who took one could make a parent take their job as its
+/// child); otherwise what is wrong with it.
+fn valid_key(raw: &str) -> Result<String, String> {
     let k = raw.trim();
-    (!k.is_empty()
-        && k.len() <= MAX_KEY_LEN
-        && k.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
-    .then(|| k.to_string())
+    if k.is_empty()
+        || k.len() > MAX_KEY_LEN
+        || !k.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(format!(
+            "must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+        ));
+    }
+    if k.starts_with(crate::store::RESERVED_KEY_PREFIX) {
+        return Err(format!(
+            "must not start with {:?}: those keys belong to the children jobs create",
+            crate::store::RESERVED_KEY_PREFIX
+        ));
+    }
+    Ok(k.to_string())
 }
 
 /// The key a create uses: the header's or the body's (`idempotency_key`),
@@ -243,11 +253,8 @@ fn valid_key(raw: &str) -> Option<String> {
 fn request_key(header: Option<String>, body: Option<&str>) -> Result<Option<String>, ApiError> {
     let body = match body {
         None => None,
-        Some(raw) => Some(valid_key(raw).ok_or_else(|| {
-            ApiError::invalid(
-                "idempotency_key",
-                format!("idempotency_key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
-            )
+        Some(raw) => Some(valid_key(raw).map_err(|why| {
+            ApiError::invalid("idempotency_key", format!("idempotency_key {why}"))
         })?),
     };
     match (header, body) {
@@ -633,9 +640,9 @@ pub async fn cancel(
 #[utoipa::path(post, path = "/api/workspaces/{ws}/jobs/{id}/retry", operation_id = "retry_job", tag = "jobs",
     params(JobPath),
     responses(
-        (status = 202, description = "Re-run from scratch: attempts, errors, result and progress reset", body = Job),
+        (status = 202, description = "Re-run from scratch: attempts, errors, result and progress reset; its dead or cancelled children re-run with their ids, its completed ones keep their results; its wait tokens are replaced", body = Job),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not dead or cancelled", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not dead or cancelled, or a child of it still runs", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn retry(
@@ -649,6 +656,13 @@ pub async fn retry(
     }
     let Some(mut job) = state.store.manual_retry(member.workspace, id, now).await? else {
         return match state.store.get(member.workspace, id).await? {
+            Some(job) if matches!(job.status, JobStatus::Dead | JobStatus::Cancelled) => {
+                let running = state.store.running_children(id).await?;
+                Err(ApiError::conflict(format!(
+                    "{running} of its children still run (asked to stop when it ended); \
+                     retry once they have stopped"
+                )))
+            }
             Some(job) => Err(ApiError::conflict(format!(
                 "the job is {}; only dead or cancelled jobs can be retried",
                 job.status
@@ -656,8 +670,9 @@ pub async fn retry(
             None => Err(ApiError::not_found("job")),
         };
     };
-    // Its dead or cancelled children run again with it (a read failure
-    // leaves them to the outbox, as a failed send does).
+    // Its dead or cancelled children run again with it, sent within the
+    // request's budget (a read failure, or what the budget does not cover,
+    // is left to the outbox).
     let children = state
         .store
         .unsent_children(job.id)
@@ -665,10 +680,16 @@ pub async fn retry(
         .unwrap_or_default();
     let mut all: Vec<&Job> = vec![&job];
     all.extend(children.iter());
-    if let Ok(sent) = enqueue::send_jobs(&state.store, &*state.queue, &all, now).await {
-        if sent.sent.contains(&job.id) {
-            job.status = JobStatus::Queued;
-        }
+    let sent = enqueue::send_jobs_within(
+        &state.store,
+        &*state.queue,
+        &all,
+        now,
+        state.settings.send_budget(),
+    )
+    .await;
+    if sent.is_ok_and(|s| s.sent.contains(&job.id)) {
+        job.status = JobStatus::Queued;
     }
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }

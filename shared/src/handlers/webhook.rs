@@ -79,12 +79,18 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
                 // The ranges below carry an IPv4 address a gateway or relay
                 // sends the traffic on to, out of sight of the checks above.
-                // They are refused whole rather than judged by the address
-                // inside: a local-use NAT64 prefix may embed it anywhere,
-                // some NAT64 gateways translate to private ranges despite
-                // RFC 6052, and 6to4 and Teredo are deprecated, so no
-                // legitimate hook needs them.
-                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) // NAT64, 64:ff9b::/96
+                // The well-known NAT64 prefix holds it in its last 32 bits
+                // (RFC 6052), and a gateway sends to exactly that address, so
+                // it is judged as that address: refusing the prefix whole
+                // would refuse every IPv4-only host on a DNS64 network (an
+                // IPv6-only subnet), where every such name resolves into it.
+                // The others are refused whole: a local-use NAT64 prefix may
+                // embed the address anywhere, and 6to4 and Teredo are
+                // deprecated, so no legitimate hook needs them.
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4] // NAT64, 64:ff9b::/96
+                    && is_internal(IpAddr::V4(std::net::Ipv4Addr::from(
+                        (u32::from(s[6]) << 16) | u32::from(s[7]),
+                    ))))
                 || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64, 64:ff9b:1::/48
                 || s[0] == 0x2002 // 6to4, 2002::/16
                 || (s[0] == 0x2001 && s[1] == 0) // Teredo, 2001::/32
@@ -330,7 +336,6 @@ mod tests {
         for ip in [
             "64:ff9b::a9fe:a9fe", // NAT64 of 169.254.169.254
             "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
-            "64:ff9b::808:808",   // NAT64 of a public address: the range is refused whole
             "64:ff9b:1::a00:1",   // local-use NAT64
             "64:ff9b:1:ffff::1",
             "2002:a9fe:a9fe::1", // 6to4 of 169.254.169.254
@@ -340,8 +345,15 @@ mod tests {
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
-        // Neighbours of those ranges are ordinary public addresses.
-        for ip in ["64:ff9b:2::1", "2003::1", "2001:4860:4860::8888"] {
+        // Neighbours of those ranges are ordinary public addresses, and so is
+        // a NAT64 address of a public IPv4 (what DNS64 answers for any
+        // IPv4-only host).
+        for ip in [
+            "64:ff9b:2::1",
+            "2003::1",
+            "2001:4860:4860::8888",
+            "64:ff9b::808:808",
+        ] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -55,6 +55,18 @@ impl Store {
         }))
     }
 
+    /// How many of `parent`'s children are `running`.
+    pub async fn running_children(&self, parent: JobId) -> Result<i64, DbError> {
+        let db = Conn::get(self.pool()).await?;
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE parent_id = $1 AND status = 'running'",
+                &[&parent.0],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// `parent`'s children that wait for a message (`pending`, never sent):
     /// those a retry of the parent brought back.
     pub async fn unsent_children(&self, parent: JobId) -> Result<Vec<Job>, DbError> {

@@ -42,33 +42,40 @@ pub struct MessageRows {
 
 /// The insert of new jobs ($1..$15, one array per column), skipping those
 /// whose key exists: the idempotency key, or for children (`children`) the
-/// parent and index.
+/// parent and index. A child's own idempotency key (kept for the release
+/// before, which finds children by it) is written only where no job holds
+/// it already: a key taken before the API reserved the prefix must not fail
+/// the insert, which arbitrates on the parent and index alone.
 macro_rules! insert_jobs_sql {
     () => {
         insert_jobs_sql!(
+            "n.ikey",
             "ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
              DO NOTHING "
         )
     };
     (children) => {
         insert_jobs_sql!(
+            "CASE WHEN NOT EXISTS (SELECT 1 FROM jobs t \
+               WHERE t.workspace_id = n.ws AND t.idempotency_key = n.ikey) THEN n.ikey END",
             "ON CONFLICT (parent_id, child_index) WHERE parent_id IS NOT NULL DO NOTHING "
         )
     };
-    ($conflict:literal) => {
+    ($key:literal, $conflict:literal) => {
         concat!(
-        "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
-           payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
-           updated_at, enqueued_at, parent_id, child_index) \
-         SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
-           n.run_at, n.ikey, \
-           CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
-           $13::timestamptz, $13::timestamptz, \
-           CASE WHEN n.status = 'queued' THEN $13::timestamptz END, n.parent, n.idx \
-         FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
-           $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
-           $11::text[], $12::text[], $14::uuid[], $15::int4[]) \
-           AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags, parent, idx) ",
+            "INSERT INTO jobs (id, workspace_id, created_by, job_type, queue, priority, \
+               payload, status, max_attempts, run_at, idempotency_key, tags, created_at, \
+               updated_at, enqueued_at, parent_id, child_index) \
+             SELECT n.id, n.ws, n.by, n.ty, n.q, n.prio, n.payload, n.status, n.maxa, \
+               n.run_at, ",
+            $key,
+            ", CASE WHEN n.tags = '' THEN '{}'::text[] ELSE string_to_array(n.tags, chr(31)) END, \
+               $13::timestamptz, $13::timestamptz, \
+               CASE WHEN n.status = 'queued' THEN $13::timestamptz END, n.parent, n.idx \
+             FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], \
+               $6::int2[], $7::jsonb[], $8::text[], $9::int4[], $10::timestamptz[], \
+               $11::text[], $12::text[], $14::uuid[], $15::int4[]) \
+               AS n(id, ws, by, ty, q, prio, payload, status, maxa, run_at, ikey, tags, parent, idx) ",
             $conflict,
             "RETURNING "
         )

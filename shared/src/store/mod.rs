@@ -14,7 +14,7 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::Pool;
 use serde_json::Value;
 
-use crate::db::{storable_json, storable_message, DbError};
+use crate::db::{storable_message, storable_message_json, DbError};
 use crate::ids::{JobId, UserId, WorkspaceId};
 use crate::job::{Job, JobStatus, Progress, QueueName};
 
@@ -37,6 +37,10 @@ pub use reads::ListFilter;
 pub use slots::{lock_workspaces, prepare_group, refill, Claimed, ParkedWorkspace, Peeked, Refill};
 pub use sweeps::Rescued;
 pub use waits::{Completion, TokenState};
+
+/// The prefix of the idempotency keys children carry: refused in the keys
+/// clients send.
+pub const RESERVED_KEY_PREFIX: &str = "child:";
 
 /// A job to insert, already validated.
 #[derive(Clone, Debug)]
@@ -120,13 +124,14 @@ impl NewJob {
     }
 
     /// This job as child number `index` of `parent`. The pair is the
-    /// child's key (unique, V12's `jobs_children`), so creating the same
-    /// child again (a parent re-run after a crash or a retry) returns the
-    /// one that exists. Never an idempotency key: those are the clients'
-    /// to choose, so a member could take a child's key before its parent
-    /// ran, and their expiry would let a re-run meet the index instead.
+    /// child's key (unique, V12's `jobs_children`, the insert's conflict
+    /// target), so creating the same child again (a parent re-run after a
+    /// crash or a retry) returns the one that exists. It also carries the
+    /// idempotency key `child:{parent}:{index}` that releases before V16
+    /// look children up by, so a rollback finds them; the API refuses keys
+    /// with that prefix ([`RESERVED_KEY_PREFIX`]), so no client can take one.
     pub fn child_of(mut self, parent: JobId, index: i32) -> Self {
-        self.idempotency_key = None;
+        self.idempotency_key = Some(format!("{RESERVED_KEY_PREFIX}{parent}:{index}"));
         self.parent = Some((parent, index));
         self
     }
@@ -193,7 +198,11 @@ pub async fn append_logs(
     let messages: Vec<_> = lines.iter().map(|l| storable_message(&l.message)).collect();
     let metadata: Vec<_> = lines
         .iter()
-        .map(|l| l.metadata.as_ref().map(|m| storable_json(m).into_owned()))
+        .map(|l| {
+            l.metadata
+                .as_ref()
+                .map(|m| storable_message_json(m).into_owned())
+        })
         .collect();
     let stmt = db
         .prepare_cached(

@@ -187,12 +187,15 @@ impl Store {
     /// `dead|cancelled → pending` for a manual re-run: attempts, errors,
     /// result, progress and checkpoint start afresh, and so do its dead or
     /// cancelled children (a parent re-run finds them to wait for again);
-    /// its completed children keep their results and are not run again, and
-    /// children still running are no longer asked to stop. The wait tokens
-    /// of the jobs re-run are retired: a re-run waits on a fresh one, and
-    /// the old one answers 409. The re-run children are left `pending` for
-    /// [`Store::unsent_children`].
-    /// `None` when no such finished-but-failed job exists in the workspace.
+    /// its completed children keep their results and are not run again. The
+    /// wait tokens of the jobs re-run are retired: a re-run waits on a fresh
+    /// one, and the old one answers 409. The re-run children are left
+    /// `pending` for [`Store::unsent_children`]. A parent with a child still
+    /// `running` (asked to stop when the parent died) is not retried: that
+    /// child could end after this statement looked, cancelled, and the
+    /// re-run would count it as done; [`Store::running_children`] tells the
+    /// caller why. `None` when no such finished-but-failed job exists in
+    /// the workspace, or one of its children still runs.
     pub async fn manual_retry(
         &self,
         workspace: WorkspaceId,
@@ -207,25 +210,26 @@ impl Store {
                  checkpoint = NULL, cancel_requested_at = NULL, started_at = NULL, \
                  finished_at = NULL, enqueued_at = NULL, worker_id = NULL, \
                  heartbeat_at = NULL, lease_expires_at = NULL, parked_at = NULL, \
-                 wait_kind = NULL, updated_at = $3"
+                 wait_kind = NULL, busy_snoozes = 0, updated_at = $3"
             };
         }
         let db = Conn::get(&self.pool).await?;
+        // Finished children are never written again by anyone else, so the
+        // statement's snapshot of them is the truth; a running one refuses.
         let row = db
             .query_opt(
                 concat!(
                     "WITH parent AS (UPDATE jobs SET ",
                     afresh!(),
                     " WHERE id = $1 AND workspace_id = $2 AND status IN ('dead', 'cancelled') \
+                       AND NOT EXISTS (SELECT 1 FROM jobs c \
+                         WHERE c.parent_id = $1 AND c.status = 'running') \
                      RETURNING ",
                     job_columns!(),
                     "), children AS (UPDATE jobs SET ",
                     afresh!(),
                     " WHERE parent_id IN (SELECT id FROM parent) \
                        AND status IN ('dead', 'cancelled') RETURNING id), \
-                     stopping AS (UPDATE jobs SET cancel_requested_at = NULL, updated_at = $3 \
-                       WHERE parent_id IN (SELECT id FROM parent) AND status = 'running' \
-                         AND cancel_requested_at IS NOT NULL), \
                      retired AS (DELETE FROM wait_tokens \
                        WHERE job_id IN (SELECT id FROM parent UNION ALL SELECT id FROM children) \
                        RETURNING token, workspace_id, job_id), \

@@ -739,7 +739,7 @@ fn app_state(db: &BenchDb, q: Arc<dyn Queue>, secret: &str) -> offload::api::App
         clock: Clock::System,
         settings: Default::default(),
         storage: bench_storage(),
-        watch: offload::api::watch::Watch::new(Some(db.url.clone()), 1_000),
+        watch: offload::api::watch::Watch::new(Some(db.url.clone()), 1_000, 1_000),
     }
 }
 

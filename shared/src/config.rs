@@ -164,6 +164,10 @@ pub struct Config {
     /// Long-polls of one workspace waiting at once in an API process
     /// (`OFFLOAD_MAX_WAITING_PER_WORKSPACE`); more answer 429.
     pub max_waiting_per_workspace: usize,
+    /// Job stream connections (`GET …/jobs/{id}/stream`) of one workspace
+    /// open at once in an API process (`OFFLOAD_MAX_STREAMS_PER_WORKSPACE`),
+    /// counted apart from the long-polls; more answer 429.
+    pub max_streams_per_workspace: usize,
     /// Largest file a client may upload (`OFFLOAD_MAX_UPLOAD_BYTES`).
     pub max_upload_bytes: u64,
     /// How long an API request may take (`OFFLOAD_REQUEST_TIMEOUT_SECS`).
@@ -422,6 +426,14 @@ impl Config {
                 &var,
                 "OFFLOAD_MAX_WAITING_PER_WORKSPACE",
                 200,
+                1..=100_000,
+            )? as usize,
+            // As many browsers as the benchmark's readers of one job: a
+            // stream costs its process memory, not the database.
+            max_streams_per_workspace: num(
+                &var,
+                "OFFLOAD_MAX_STREAMS_PER_WORKSPACE",
+                1_000,
                 1..=100_000,
             )? as usize,
             max_upload_bytes: num(

@@ -182,6 +182,7 @@ impl Services {
             watch: crate::api::watch::Watch::new(
                 Some(self.config.database_url.clone()),
                 self.config.max_waiting_per_workspace,
+                self.config.max_streams_per_workspace,
             ),
         })
     }

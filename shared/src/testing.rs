@@ -294,6 +294,7 @@ impl TestDb {
             watch: crate::api::watch::Watch::new(
                 Some(self.url.clone()),
                 crate::config::Config::defaults().max_waiting_per_workspace,
+                crate::config::Config::defaults().max_streams_per_workspace,
             ),
         }
     }

@@ -17,7 +17,7 @@ async fn app(max_waiting: usize) -> TestApp {
     let url = db.url.clone();
     let queue: Arc<dyn Queue> = Arc::new(db.pg_queue(5));
     TestApp::spawn_state(db, queue, Tier::Enterprise, move |s| {
-        s.watch = Watch::new(Some(url), max_waiting);
+        s.watch = Watch::new(Some(url), max_waiting, 1_000);
     })
     .await
 }

@@ -5,14 +5,16 @@
 //! after, nothing missed and nothing twice. When the job has finished and
 //! every chunk is out, an event `end` carries its status. A response lasts
 //! at most 25 seconds (API Gateway answers within 30, and Lambda hands the
-//! body over when it is complete), then the reader reconnects from its
-//! last id.
+//! body over when it is complete), or until the process's feed of the job
+//! stops; the reader then reconnects from its last id. Each workspace has
+//! at most `max_streams_per_workspace` connections open in a process; more
+//! answer 429 at once rather than wait or poll.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -23,7 +25,7 @@ use utoipa::IntoParams;
 use super::error::{ApiError, Problem};
 use super::extract::{from_text, Ids, Member, Params};
 use super::jobs::JobPath;
-use super::watch::FeedItem;
+use super::watch::{FeedItem, Full};
 use super::AppState;
 use crate::ids::JobId;
 use crate::store::Store;
@@ -63,6 +65,7 @@ impl<'de> Deserialize<'de> for StreamCursor {
     responses(
         (status = 200, description = "Server-sent events: `chunk` (data: the chunk's JSON, id: its cursor), then `end` (data: {\"status\"}) once the job has finished", content_type = "text/event-stream", body = String),
         (status = 404, description = "No such workspace or job for this user", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The workspace has too many streams open in this process: retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = [])))]
 pub async fn stream(
@@ -86,16 +89,42 @@ pub async fn stream(
         ),
     };
     let cursor = from_header.or(q.cursor.map(|c| c.0)).unwrap_or(0);
-    if state.store.get(member.workspace, id).await?.is_none() {
-        return Err(ApiError::not_found("job"));
-    }
-    let (feed, rx) = state.watch.feed(&state.store, member.workspace, id);
+    // Taken before anything is read: a crowd beyond the cap costs the
+    // database nothing.
+    let place = state.watch.stream_place(member.workspace).map_err(|Full| {
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-streams",
+            "Too many streams",
+            "this workspace has too many job streams open at once; retry, or follow \
+                 fewer jobs at a time",
+        );
+        e.retry_after = Some(1);
+        e
+    })?;
+    let job = state
+        .store
+        .get(member.workspace, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    // A finished job's stream is complete in the database: no feed.
+    let (feed, rx) = if job.status.is_terminal() {
+        (None, None)
+    } else {
+        let (feed, rx) = state.watch.feed(&state.store, id);
+        (Some(feed), Some(rx))
+    };
     let (tx, events) = mpsc::channel::<Event>(256);
     let store = state.store.clone();
     tokio::spawn(async move {
-        let _feed = feed;
+        // The place and the feed are held while the response lasts, and
+        // given back as soon as the client leaves, even from a quiet job.
+        let (_place, _feed) = (place, feed);
         let deadline = tokio::time::Instant::now() + STREAM_FOR;
-        let _ = tokio::time::timeout_at(deadline, follow(&store, id, cursor, rx, &tx)).await;
+        tokio::select! {
+            _ = tokio::time::timeout_at(deadline, follow(&store, id, cursor, rx, &tx)) => {}
+            _ = tx.closed() => {}
+        }
     });
     let events = futures::stream::unfold(events, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
@@ -106,12 +135,13 @@ pub async fn stream(
 }
 
 /// Sends the chunks after `cursor`, then what the feed passes on, until the
-/// job's end or the reader leaves.
+/// job's end, the feed's stop or the reader leaves. Without a feed (the
+/// job had finished), the chunks and the end.
 async fn follow(
     store: &Store,
     job: JobId,
     mut cursor: i64,
-    mut feed: broadcast::Receiver<FeedItem>,
+    feed: Option<broadcast::Receiver<FeedItem>>,
     tx: &mpsc::Sender<Event>,
 ) {
     let retry = Event::default()
@@ -135,13 +165,20 @@ async fn follow(
         Ok(_) => {}
         Err(_) => return,
     }
+    let Some(mut feed) = feed else {
+        return;
+    };
     loop {
         match feed.recv().await {
-            Ok(FeedItem::Chunks(chunks)) => {
-                for (id, data) in chunks.iter() {
-                    if *id <= cursor {
-                        continue;
-                    }
+            Ok(FeedItem::Chunks { after, chunks }) => {
+                // The page starts past this reader's cursor (the feed
+                // started, or passed on the chunks between, before the
+                // reader's backlog read them): they are in the database.
+                if after > cursor && !backlog(store, job, &mut cursor, tx).await {
+                    return;
+                }
+                let from = cursor;
+                for (id, data) in chunks.iter().filter(|c| c.0 > from) {
                     if tx.send(chunk(*id, data)).await.is_err() {
                         return;
                     }
@@ -154,12 +191,13 @@ async fn follow(
                 }
                 return;
             }
+            // The client resumes from its last id, on a new feed.
+            Ok(FeedItem::Stopped) | Err(broadcast::error::RecvError::Closed) => return,
             Err(broadcast::error::RecvError::Lagged(_)) => {
                 if !backlog(store, job, &mut cursor, tx).await {
                     return;
                 }
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -1,45 +1,126 @@
-//! Long-polls that wait on a notification, not on a loop of reads. A
-//! waiting request registers its job in `job_watches` (V10); a statement
-//! that changes a watched job sends its id on `offload_jobs`; one LISTEN
-//! connection per API process (opened at the first wait) passes each id to
-//! the requests waiting for it. While nothing changes, a waiting request
-//! costs the database nothing. Each workspace has at most
-//! `max_per_workspace` requests waiting in a process.
+//! Long-polls and stream feeds that wait on a notification, not on a loop
+//! of reads. A waiter registers its job in `job_watches` (V10); a statement
+//! that changes a watched job (or appends to its stream) sends its id on
+//! `offload_jobs`; one LISTEN connection per API process (opened at the
+//! first registration) passes each id to the waiters of that job. While
+//! nothing changes, a waiter costs the database nothing.
+//!
+//! Each workspace has at most `max_waiting_per_workspace` long-polls
+//! waiting and `max_streams_per_workspace` stream connections open in a
+//! process, counted apart: a thousand browsers following streams leave the
+//! workspace's long-polls their places. A job's stream is read by one feed
+//! per process, whatever its number of readers, and the feed's watch takes
+//! neither kind of place.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::db::{self, DbError};
 use crate::ids::{JobId, WorkspaceId};
+use crate::job::JobStatus;
 use crate::store::Store;
 
-/// When the LISTEN connection is down, waiting requests read the job this
-/// often instead.
+/// When the LISTEN connection is down, waiters read the job this often
+/// instead (one read per long-poll, or per feed: never per stream reader).
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 
-/// The long-polls of one API process.
+/// How long a feed waits on one registration before it reads anyway and
+/// extends its watch row (which expires `WATCH_SLACK` after the round, so a
+/// crashed process's rows go by themselves).
+const FEED_ROUND: Duration = Duration::from_secs(55);
+const WATCH_SLACK: Duration = Duration::from_secs(5);
+
+/// A feed reads once more this long after its watch row is in place: an
+/// append whose statement looked for watchers just before the row was
+/// committed, and committed just after the feed's first read, sent no
+/// notification (as the long-poll's `WATCH_RECHECK`).
+const FEED_RECHECK: Duration = Duration::from_secs(1);
+
+/// Chunks per read of a feed (and per broadcast page).
+const FEED_PAGE: i64 = 1000;
+
+/// The long-polls and stream feeds of one API process.
 pub struct Watch {
     database_url: Option<String>,
-    max_per_workspace: usize,
     changed: broadcast::Sender<JobId>,
     /// Whether the listener is connected and listening now.
-    listening: Arc<std::sync::atomic::AtomicBool>,
+    listening: Arc<AtomicBool>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    waiting: Mutex<HashMap<WorkspaceId, usize>>,
-    feeds: Mutex<HashMap<JobId, std::sync::Weak<Feed>>>,
+    /// Long-polls waiting, per workspace.
+    waiting: Places,
+    /// Stream connections open, per workspace.
+    streaming: Places,
+    /// The running feed of each job being read. An entry is removed by its
+    /// feed's task when it stops, under this lock, so a reader never joins
+    /// a feed that will send nothing more.
+    feeds: Mutex<HashMap<JobId, FeedEntry>>,
+    /// Tells one feed of a job from the one started after it.
+    next_feed: AtomicU64,
+}
+
+struct FeedEntry {
+    id: u64,
+    feed: Weak<Feed>,
+}
+
+/// At most `max` places per workspace.
+struct Places {
+    max: usize,
+    taken: Mutex<HashMap<WorkspaceId, usize>>,
+}
+
+impl Places {
+    fn new(max: usize) -> Places {
+        Places {
+            max,
+            taken: Mutex::default(),
+        }
+    }
+
+    /// Takes a place of `workspace`; `false` when all are taken.
+    fn take(&self, workspace: WorkspaceId) -> bool {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let n = taken.entry(workspace).or_default();
+        if *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give_back(&self, workspace: WorkspaceId) {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = taken.get_mut(&workspace) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                taken.remove(&workspace);
+            }
+        }
+    }
 }
 
 /// What a job's feed passes to the stream readers of this process.
 #[derive(Clone, Debug)]
 pub enum FeedItem {
-    /// Chunks appended since the feed's last read, in order.
-    Chunks(Arc<Vec<(i64, serde_json::Value)>>),
-    /// The job finished (its stream is complete).
-    Ended(crate::job::JobStatus),
+    /// Every chunk appended after cursor `after` up to the last of
+    /// `chunks`, in order. A reader whose own cursor is behind `after`
+    /// reads what lies between from the database first (it joined the
+    /// feed after that part was passed on, or lagged behind it).
+    Chunks {
+        after: i64,
+        chunks: Arc<Vec<(i64, serde_json::Value)>>,
+    },
+    /// The job finished: every chunk was passed on before this.
+    Ended(JobStatus),
+    /// The feed stopped (a read failed, or the job is gone): readers end
+    /// their responses, and clients resume from their last id on a new one.
+    Stopped,
 }
 
 /// One job's stream, read from the database once per change for every
@@ -48,12 +129,6 @@ pub enum FeedItem {
 pub struct Feed {
     tx: broadcast::Sender<FeedItem>,
     task: tokio::task::JoinHandle<()>,
-}
-
-impl Feed {
-    pub fn subscribe(&self) -> broadcast::Receiver<FeedItem> {
-        self.tx.subscribe()
-    }
 }
 
 impl Drop for Feed {
@@ -75,31 +150,60 @@ impl Drop for Watch {
     }
 }
 
-/// Too many requests of the workspace are waiting already.
+/// Too many requests of the workspace are waiting (or streaming) already.
 pub struct Full;
 
-/// One waiting request: its place in the workspace's count and its watch
-/// row, both given back when it is dropped.
-pub struct Waiter {
+/// A row in `job_watches`: while it exists, statements that change the job
+/// notify this process. Deleted when dropped.
+struct Registration {
     watch: Arc<Watch>,
     store: Store,
-    workspace: WorkspaceId,
     job: JobId,
     watcher: Uuid,
     changes: broadcast::Receiver<JobId>,
 }
 
+/// One waiting long-poll: its place in the workspace's count and its watch
+/// row, both given back when it is dropped.
+pub struct Waiter {
+    registration: Registration,
+    workspace: WorkspaceId,
+}
+
+/// One open stream connection's place in its workspace's count, given back
+/// when it is dropped.
+pub struct StreamPlace {
+    watch: Arc<Watch>,
+    workspace: WorkspaceId,
+}
+
 impl Watch {
     /// Without a database URL (a state built by hand), waits poll.
-    pub fn new(database_url: Option<String>, max_per_workspace: usize) -> Arc<Watch> {
+    pub fn new(
+        database_url: Option<String>,
+        max_waiting_per_workspace: usize,
+        max_streams_per_workspace: usize,
+    ) -> Arc<Watch> {
         Arc::new(Watch {
             database_url,
-            max_per_workspace,
             changed: broadcast::channel(4096).0,
             listening: Arc::default(),
             listener: Mutex::new(None),
-            waiting: Mutex::default(),
+            waiting: Places::new(max_waiting_per_workspace),
+            streaming: Places::new(max_streams_per_workspace),
             feeds: Mutex::default(),
+            next_feed: AtomicU64::new(0),
+        })
+    }
+
+    /// A place for one stream connection of `workspace`, or `Full`.
+    pub fn stream_place(self: &Arc<Self>, workspace: WorkspaceId) -> Result<StreamPlace, Full> {
+        if !self.streaming.take(workspace) {
+            return Err(Full);
+        }
+        Ok(StreamPlace {
+            watch: self.clone(),
+            workspace,
         })
     }
 
@@ -108,25 +212,32 @@ impl Watch {
     pub fn feed(
         self: &Arc<Self>,
         store: &Store,
-        workspace: WorkspaceId,
         job: JobId,
     ) -> (Arc<Feed>, broadcast::Receiver<FeedItem>) {
         let mut feeds = self.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        feeds.retain(|_, f| f.strong_count() > 0);
-        if let Some(f) = feeds.get(&job).and_then(std::sync::Weak::upgrade) {
-            let rx = f.subscribe();
+        feeds.retain(|_, f| f.feed.strong_count() > 0);
+        if let Some(f) = feeds.get(&job).and_then(|e| e.feed.upgrade()) {
+            let rx = f.tx.subscribe();
             return (f, rx);
         }
         let (tx, rx) = broadcast::channel(1024);
-        let task = tokio::spawn(run_feed(
-            self.clone(),
-            store.clone(),
-            workspace,
+        let id = self.next_feed.fetch_add(1, Ordering::Relaxed);
+        let running = Running {
+            watch: self.clone(),
             job,
-            tx.clone(),
-        ));
+            id,
+            tx: tx.clone(),
+            last: FeedItem::Stopped,
+        };
+        let task = tokio::spawn(run_feed(store.clone(), running));
         let feed = Arc::new(Feed { tx, task });
-        feeds.insert(job, Arc::downgrade(&feed));
+        feeds.insert(
+            job,
+            FeedEntry {
+                id,
+                feed: Arc::downgrade(&feed),
+            },
+        );
         (feed, rx)
     }
 
@@ -138,33 +249,32 @@ impl Watch {
         job: JobId,
         until: Duration,
     ) -> Result<Result<Waiter, Full>, DbError> {
-        {
-            let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            let n = w.entry(workspace).or_default();
-            if *n >= self.max_per_workspace {
-                return Ok(Err(Full));
-            }
-            *n += 1;
+        if !self.waiting.take(workspace) {
+            return Ok(Err(Full));
         }
-        self.start_listener();
+        // The place is given back with the waiter, whether the row is
+        // written or not.
         let waiter = Waiter {
-            watch: self.clone(),
-            store: store.clone(),
+            registration: self.registration(store, job),
             workspace,
-            job,
-            watcher: Uuid::new_v4(),
-            changes: self.changed.subscribe(),
         };
-        let db = db::Conn::get(store.pool()).await?;
-        db.execute(
-            "INSERT INTO job_watches (job_id, watcher, until) \
-             VALUES ($1, $2, now() + make_interval(secs => $3))",
-            &[&job.0, &waiter.watcher, &(until.as_secs_f64() + 5.0)],
-        )
-        .await?;
+        waiter.registration.insert(until + WATCH_SLACK).await?;
         // Changes made before the row was in place sent nothing: the caller
         // reads the job again after this.
         Ok(Ok(waiter))
+    }
+
+    /// A registration of `job`, listening for changes from now on; its row
+    /// is written by [`Registration::insert`].
+    fn registration(self: &Arc<Self>, store: &Store, job: JobId) -> Registration {
+        self.start_listener();
+        Registration {
+            watch: self.clone(),
+            store: store.clone(),
+            job,
+            watcher: Uuid::new_v4(),
+            changes: self.changed.subscribe(),
+        }
     }
 
     fn start_listener(&self) {
@@ -181,87 +291,121 @@ impl Watch {
                 if let Err(e) = listen_once(&url, &changed, &listening).await {
                     tracing::warn!(error = %e, "job watch listener lost its connection; reconnecting");
                 }
-                listening.store(false, std::sync::atomic::Ordering::SeqCst);
+                listening.store(false, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }));
     }
 }
 
-/// Reads what `job` appends while anyone reads it: after each change it is
-/// told of (its own watch registration, one per feed), or every second
-/// when the workspace's watches are all taken or the listener is down.
-async fn run_feed(
+/// A feed's task's hold on its entry in [`Watch::feeds`]: however the task
+/// ends (its job's end, a failed read, its last reader gone, even a panic),
+/// dropping this removes the entry and passes `last` to the readers, in
+/// that order and under the map's lock, so a reader either joins before
+/// and is told, or after and starts a new feed.
+struct Running {
     watch: Arc<Watch>,
-    store: Store,
-    workspace: WorkspaceId,
     job: JobId,
+    id: u64,
     tx: broadcast::Sender<FeedItem>,
-) {
-    let mut cursor = match last_chunk(&store, job).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, job_id = %job, "stream feed cannot start");
-            return;
+    last: FeedItem,
+}
+
+impl Running {
+    /// `true`, and the entry removed, when no reader is left: checked under
+    /// the lock readers subscribe under, so none joins a feed that stops.
+    fn unread(&self) -> bool {
+        let mut feeds = self.watch.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if self.tx.receiver_count() > 0 {
+            return false;
         }
-    };
-    loop {
-        let round = tokio::time::Instant::now() + Duration::from_secs(55);
-        let mut waiter = match watch
-            .wait_for(&store, workspace, job, Duration::from_secs(60))
-            .await
-        {
-            Ok(Ok(w)) => Some(w),
-            Ok(Err(Full)) | Err(_) => None,
-        };
-        loop {
-            match feed_once(&store, job, &mut cursor, &tx).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, job_id = %job, "stream feed read failed"),
-            }
-            if tx.receiver_count() == 0 {
-                return;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= round {
-                break;
-            }
-            match waiter.as_mut() {
-                Some(w) => {
-                    w.changed(round).await;
-                }
-                None => tokio::time::sleep(FALLBACK_POLL).await,
-            }
+        if feeds.get(&self.job).is_some_and(|e| e.id == self.id) {
+            feeds.remove(&self.job);
         }
+        true
     }
 }
 
-/// Sends what was appended after `cursor`, and the end when the job is
-/// finished; `true` once it has ended.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut feeds = self.watch.feeds.lock().unwrap_or_else(|e| e.into_inner());
+        if feeds.get(&self.job).is_some_and(|e| e.id == self.id) {
+            feeds.remove(&self.job);
+        }
+        let _ = self.tx.send(self.last.clone());
+    }
+}
+
+async fn run_feed(store: Store, mut running: Running) {
+    let job = running.job;
+    running.last = match feed(&store, &running).await {
+        Ok(Some(status)) => FeedItem::Ended(status),
+        Ok(None) => FeedItem::Stopped,
+        Err(e) => {
+            tracing::warn!(error = %e, job_id = %job, "stream feed read failed; its readers resume on a new one");
+            FeedItem::Stopped
+        }
+    };
+}
+
+/// Passes on what `running`'s job appends while anyone reads it, reading
+/// after each notification of a change (every second while the listener
+/// is down), and once per round anyway. Returns the job's status when it
+/// has finished, `None` when no reader is left or the job is gone.
+async fn feed(store: &Store, running: &Running) -> Result<Option<JobStatus>, DbError> {
+    let job = running.job;
+    // The watch row first, then the first read: a change after the row is
+    // in place notifies, one before it is in the read.
+    let mut registration = running.watch.registration(store, job);
+    registration.insert(FEED_ROUND + WATCH_SLACK).await?;
+    // Readers subscribed before this read their backlog from the database
+    // themselves; each page says where it starts, so one behind it reads
+    // the gap before taking it.
+    let mut cursor = last_chunk(store, job).await?;
+    let mut recheck = Some(Instant::now() + FEED_RECHECK);
+    loop {
+        let round = Instant::now() + FEED_ROUND;
+        loop {
+            match feed_once(store, job, &mut cursor, &running.tx).await? {
+                Some(status) if status.is_terminal() => return Ok(Some(status)),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+            if running.unread() {
+                return Ok(None);
+            }
+            if Instant::now() >= round {
+                break;
+            }
+            let until = recheck.take().map_or(round, |r| r.min(round));
+            registration.changed(until).await;
+        }
+        registration.extend(FEED_ROUND + WATCH_SLACK).await?;
+    }
+}
+
+/// Passes on what was appended after `cursor`; returns the job's status as
+/// read before those chunks (so every chunk of a finished job was read),
+/// or `None` when the job is gone.
 async fn feed_once(
     store: &Store,
     job: JobId,
     cursor: &mut i64,
     tx: &broadcast::Sender<FeedItem>,
-) -> Result<bool, DbError> {
+) -> Result<Option<JobStatus>, DbError> {
     let status = store.get_any(job).await?.map(|j| j.status);
     loop {
-        let page = store.stream_after(job, *cursor, 1000).await?;
+        let page = store.stream_after(job, *cursor, FEED_PAGE).await?;
         let Some(last) = page.last().map(|c| c.0) else {
             break;
         };
-        *cursor = last;
-        let _ = tx.send(FeedItem::Chunks(Arc::new(page)));
+        let after = std::mem::replace(cursor, last);
+        let _ = tx.send(FeedItem::Chunks {
+            after,
+            chunks: Arc::new(page),
+        });
     }
-    match status {
-        Some(s) if s.is_terminal() => {
-            let _ = tx.send(FeedItem::Ended(s));
-            Ok(true)
-        }
-        None => Ok(true),
-        Some(_) => Ok(false),
-    }
+    Ok(status)
 }
 
 async fn last_chunk(store: &Store, job: JobId) -> Result<i64, DbError> {
@@ -278,12 +422,12 @@ async fn last_chunk(store: &Store, job: JobId) -> Result<i64, DbError> {
 async fn listen_once(
     url: &str,
     changed: &broadcast::Sender<JobId>,
-    listening: &std::sync::atomic::AtomicBool,
+    listening: &AtomicBool,
 ) -> Result<(), DbError> {
     db::listen(
         url,
         "offload_jobs",
-        || listening.store(true, std::sync::atomic::Ordering::SeqCst),
+        || listening.store(true, Ordering::SeqCst),
         |ids| {
             for id in ids.split(',') {
                 if let Ok(id) = id.parse::<Uuid>() {
@@ -295,20 +439,41 @@ async fn listen_once(
     .await
 }
 
-impl Waiter {
+impl Registration {
+    /// Writes the row, expiring after `until` (a crashed process's rows
+    /// then go by themselves).
+    async fn insert(&self, until: Duration) -> Result<(), DbError> {
+        let db = db::Conn::get(self.store.pool()).await?;
+        db.execute(
+            "INSERT INTO job_watches (job_id, watcher, until) \
+             VALUES ($1, $2, now() + make_interval(secs => $3))",
+            &[&self.job.0, &self.watcher, &until.as_secs_f64()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Moves the row's expiry to `until` from now.
+    async fn extend(&self, until: Duration) -> Result<(), DbError> {
+        let db = db::Conn::get(self.store.pool()).await?;
+        db.execute(
+            "UPDATE job_watches SET until = now() + make_interval(secs => $3) \
+             WHERE job_id = $1 AND watcher = $2",
+            &[&self.job.0, &self.watcher, &until.as_secs_f64()],
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Waits until the job may have changed (a notification for it), or
     /// `deadline`; `false` at the deadline. With the listener down, it
     /// returns every second so the caller reads the job itself.
-    pub async fn changed(&mut self, deadline: tokio::time::Instant) -> bool {
+    async fn changed(&mut self, deadline: Instant) -> bool {
         loop {
-            let listening = self
-                .watch
-                .listening
-                .load(std::sync::atomic::Ordering::SeqCst);
-            let until = if listening {
+            let until = if self.watch.listening.load(Ordering::SeqCst) {
                 deadline
             } else {
-                deadline.min(tokio::time::Instant::now() + FALLBACK_POLL)
+                deadline.min(Instant::now() + FALLBACK_POLL)
             };
             match tokio::time::timeout_at(until, self.changes.recv()).await {
                 Ok(Ok(id)) if id == self.job => return true,
@@ -316,23 +481,14 @@ impl Waiter {
                 // Missed some: it may have been ours.
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => return true,
                 Ok(Err(broadcast::error::RecvError::Closed)) => return true,
-                Err(_) => return tokio::time::Instant::now() < deadline,
+                Err(_) => return Instant::now() < deadline,
             }
         }
     }
 }
 
-impl Drop for Waiter {
+impl Drop for Registration {
     fn drop(&mut self) {
-        {
-            let mut w = self.watch.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = w.get_mut(&self.workspace) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    w.remove(&self.workspace);
-                }
-            }
-        }
         let (store, job, watcher) = (self.store.clone(), self.job, self.watcher);
         tokio::spawn(async move {
             if let Ok(db) = db::Conn::get(store.pool()).await {
@@ -344,5 +500,26 @@ impl Drop for Waiter {
                     .await;
             }
         });
+    }
+}
+
+impl Waiter {
+    /// Waits until the job may have changed (a notification for it), or
+    /// `deadline`; `false` at the deadline. With the listener down, it
+    /// returns every second so the caller reads the job itself.
+    pub async fn changed(&mut self, deadline: Instant) -> bool {
+        self.registration.changed(deadline).await
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.registration.watch.waiting.give_back(self.workspace);
+    }
+}
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.watch.streaming.give_back(self.workspace);
     }
 }

@@ -223,27 +223,54 @@ pub async fn create_jobs(
     now: DateTime<Utc>,
     send_budget: Duration,
 ) -> Result<(Vec<(Job, bool)>, Sent), DbError> {
-    if queue.as_postgres().is_none() {
+    let (mut created, sent) = insert_for(store, queue, db, jobs, now).await?;
+    let sent = match sent {
+        Some(sent) => sent,
         // Everything on the one connection the caller holds: taking a
         // second from the pool here could wait on requests that hold the rest.
-        let mut created = store.insert(db, jobs, now).await?;
-        let new: Vec<Target> = created
-            .iter()
-            .filter(|(_, n)| *n)
-            .map(|(j, _)| Target::from(j))
-            .collect();
-        let sent = send_and_mark(queue, db, &new, now, send_budget).await;
-        mark_sent(&mut created, &sent);
-        return Ok((created, sent));
-    }
-    // One statement writes the messages and the rows (already `queued`):
-    // one round trip and one commit, and no message without its row.
-    let (rows, sent) = postgres_messages(jobs, now);
-    let mut created = store
-        .insert_as(db, jobs, &sent.sent, Some(&rows), now)
-        .await?;
+        None => send_new(queue, db, &created, now, send_budget).await,
+    };
     mark_sent(&mut created, &sent);
     Ok((created, sent))
+}
+
+/// Inserts `jobs` on `db` for `queue`: with the Postgres queue, the rows
+/// (already `queued`) and their messages in one statement (one round trip
+/// and one commit, and no message without its row), and what that sent;
+/// with another queue the rows alone, `pending`, and `None`: the caller
+/// sends once they are committed ([`send_new`]).
+async fn insert_for(
+    store: &Store,
+    queue: &dyn Queue,
+    db: &impl deadpool_postgres::GenericClient,
+    jobs: &[crate::store::NewJob],
+    now: DateTime<Utc>,
+) -> Result<(Vec<(Job, bool)>, Option<Sent>), DbError> {
+    if queue.as_postgres().is_none() {
+        return Ok((store.insert(db, jobs, now).await?, None));
+    }
+    let (rows, sent) = postgres_messages(jobs, now);
+    let created = store
+        .insert_as(db, jobs, &sent.sent, Some(&rows), now)
+        .await?;
+    Ok((created, Some(sent)))
+}
+
+/// Sends the messages of the jobs of `created` that are new, within
+/// `budget`, and marks them ([`send_and_mark`]).
+async fn send_new(
+    queue: &dyn Queue,
+    db: &deadpool_postgres::Object,
+    created: &[(Job, bool)],
+    now: DateTime<Utc>,
+    budget: Duration,
+) -> Sent {
+    let new: Vec<Target> = created
+        .iter()
+        .filter(|(_, n)| *n)
+        .map(|(j, _)| Target::from(j))
+        .collect();
+    send_and_mark(queue, db, &new, now, budget).await
 }
 
 /// The Postgres queue's message rows for `jobs`, written by the statement
@@ -287,23 +314,12 @@ async fn create_children_of(
     if !crate::store::lock_held(&tx, parent).await? {
         return Ok(None);
     }
-    if queue.as_postgres().is_some() {
-        let (rows, sent) = postgres_messages(jobs, now);
-        let mut created = store
-            .insert_as(&tx, jobs, &sent.sent, Some(&rows), now)
-            .await?;
-        tx.commit().await?;
-        mark_sent(&mut created, &sent);
-        return Ok(Some((created, sent)));
-    }
-    let mut created = store.insert(&tx, jobs, now).await?;
+    let (mut created, sent) = insert_for(store, queue, &tx, jobs, now).await?;
     tx.commit().await?;
-    let new: Vec<Target> = created
-        .iter()
-        .filter(|(_, n)| *n)
-        .map(|(j, _)| Target::from(j))
-        .collect();
-    let sent = send_and_mark(queue, db, &new, now, send_budget).await;
+    let sent = match sent {
+        Some(sent) => sent,
+        None => send_new(queue, db, &created, now, send_budget).await,
+    };
     mark_sent(&mut created, &sent);
     Ok(Some((created, sent)))
 }

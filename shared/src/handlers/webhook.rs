@@ -77,6 +77,12 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
                 || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
+                // IPv4-compatible (`::a.b.c.d`, deprecated; some stacks still
+                // route it as the IPv4 address), documentation (2001:db8::/32)
+                // and discard-only (100::/64) addresses are never a hook's.
+                || (s[..6] == [0; 6] && (s[6] != 0 || s[7] > 1))
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x0100 && s[1..4] == [0; 3])
                 // The ranges below carry an IPv4 address a gateway or relay
                 // sends the traffic on to, out of sight of the checks above.
                 // The well-known NAT64 prefix holds it in its last 32 bits
@@ -342,6 +348,10 @@ mod tests {
             "2002:808:808::1",
             "2001::1", // Teredo
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::7f00:1",    // IPv4-compatible 127.0.0.1
+            "::808:808",   // IPv4-compatible, deprecated whatever it holds
+            "2001:db8::1", // documentation
+            "100::1",      // discard-only
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }

@@ -152,8 +152,9 @@ pub async fn retry_later(
 
 /// `running → queued`, due at `run_at`, giving the attempt back: the job was
 /// not run (a rate limit was empty, or with `busy`, the database had no
-/// connection to give: counted in `busy_snoozes`, which any other snooze
-/// resets). `cancelled` when a cancel was requested.
+/// connection to give: counted in `busy_snoozes`, which any other way of
+/// coming back resets: another snooze, a retry, a hand-off, a wait).
+/// `cancelled` when a cancel was requested.
 pub async fn snooze(
     db: &impl GenericClient,
     lease: &Lease,
@@ -247,7 +248,7 @@ pub async fn wait_for_children(
              wait_fail_fast = $4, attempts = attempts - ",
             gave_back!(),
             ", checkpoint = $5, progress = coalesce($6, progress), run_at = $7, \
-             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7",
+             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7, busy_snoozes = 0",
             held!(),
             " RETURNING status"
         ),
@@ -311,7 +312,7 @@ pub async fn wait_until(
              attempts = attempts - ",
             gave_back!(),
             ", checkpoint = $5, progress = coalesce($6, progress), run_at = $4, \
-             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7",
+             enqueued_at = NULL, lease_expires_at = NULL, updated_at = $7, busy_snoozes = 0",
             held!(),
             " RETURNING status"
         ),
@@ -371,7 +372,7 @@ pub async fn wait_for_token(
             gave_back!(),
             ", checkpoint = $7, progress = coalesce($8, progress), \
              run_at = CASE WHEN $4 THEN $9 ELSE $5::timestamptz END, enqueued_at = NULL, \
-             lease_expires_at = NULL, updated_at = $9",
+             lease_expires_at = NULL, updated_at = $9, busy_snoozes = 0",
             held!(),
             " RETURNING status"
         ),

@@ -496,31 +496,12 @@ pub fn storable_message(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// [`storable_json`] with [`storable_message`]'s redaction of every string
-/// (a log line's metadata); borrowed when no string holds a URL.
+/// (a log line's metadata); borrowed when no string holds a URL or a NUL.
 pub fn storable_message_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::Value> {
-    use serde_json::Value;
-    fn has_url(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.contains("://"),
-            Value::Array(a) => a.iter().any(has_url),
-            Value::Object(m) => m.values().any(has_url),
-            _ => false,
-        }
+    if !any_text(v, &|s| s.contains('\0') || s.contains("://")) {
+        return std::borrow::Cow::Borrowed(v);
     }
-    fn clean(v: &Value) -> Value {
-        match v {
-            Value::String(s) => Value::String(crate::redact::text(s).into_owned()),
-            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
-            Value::Object(m) => {
-                Value::Object(m.iter().map(|(k, v)| (k.clone(), clean(v))).collect())
-            }
-            other => other.clone(),
-        }
-    }
-    if !has_url(v) {
-        return storable_json(v);
-    }
-    std::borrow::Cow::Owned(storable_json(&clean(v)).into_owned())
+    std::borrow::Cow::Owned(map_text(v, &storable_message))
 }
 
 /// [`storable_text`] for every string and key of a JSON value; borrowed
@@ -529,20 +510,37 @@ pub fn storable_json(v: &serde_json::Value) -> std::borrow::Cow<'_, serde_json::
     if nul_path(v).is_none() {
         return std::borrow::Cow::Borrowed(v);
     }
-    fn clean(v: &serde_json::Value) -> serde_json::Value {
-        use serde_json::Value;
-        match v {
-            Value::String(s) => Value::String(storable_text(s).into_owned()),
-            Value::Array(a) => Value::Array(a.iter().map(clean).collect()),
-            Value::Object(m) => Value::Object(
-                m.iter()
-                    .map(|(k, v)| (storable_text(k).into_owned(), clean(v)))
-                    .collect(),
-            ),
-            other => other.clone(),
-        }
+    std::borrow::Cow::Owned(map_text(v, &storable_text))
+}
+
+/// Whether a string or key of `v` satisfies `p`.
+fn any_text(v: &serde_json::Value, p: &impl Fn(&str) -> bool) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => p(s),
+        Value::Array(a) => a.iter().any(|x| any_text(x, p)),
+        Value::Object(m) => m.iter().any(|(k, x)| p(k) || any_text(x, p)),
+        _ => false,
     }
-    std::borrow::Cow::Owned(clean(v))
+}
+
+/// `v` with its strings passed through `f`, and its keys through
+/// [`storable_text`] (a key is never a message).
+fn map_text(
+    v: &serde_json::Value,
+    f: &impl Fn(&str) -> std::borrow::Cow<'_, str>,
+) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(f(s).into_owned()),
+        Value::Array(a) => Value::Array(a.iter().map(|x| map_text(x, f)).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| (storable_text(k).into_owned(), map_text(x, f)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// Where in `v` a string or key holds the NUL character, as a path like

@@ -40,9 +40,7 @@ pub async fn send_jobs(
     jobs: &[&Job],
     now: DateTime<Utc>,
 ) -> Result<Sent, DbError> {
-    let out = send_messages(queue, jobs, now).await;
-    store.mark_enqueued(&out.sent, now).await?;
-    Ok(out)
+    send_and_record(store, queue, jobs, now, None).await
 }
 
 /// [`send_jobs`] for at most `budget`: what is not sent by then stays
@@ -55,8 +53,18 @@ pub async fn send_jobs_within(
     now: DateTime<Utc>,
     budget: Duration,
 ) -> Result<Sent, DbError> {
+    send_and_record(store, queue, jobs, now, Some(budget)).await
+}
+
+async fn send_and_record(
+    store: &Store,
+    queue: &dyn Queue,
+    jobs: &[&Job],
+    now: DateTime<Utc>,
+    budget: Option<Duration>,
+) -> Result<Sent, DbError> {
     let targets: Vec<Target> = jobs.iter().map(|j| Target::from(*j)).collect();
-    let out = send_targets(queue, &targets, now, Some(budget)).await;
+    let out = send_targets(queue, &targets, now, budget).await;
     store.mark_enqueued(&out.sent, now).await?;
     Ok(out)
 }

@@ -319,19 +319,22 @@ impl Running {
         if self.tx.receiver_count() > 0 {
             return false;
         }
+        self.leave(&mut feeds);
+        true
+    }
+
+    /// Removes this feed's entry (not a newer feed's of the same job).
+    fn leave(&self, feeds: &mut HashMap<JobId, FeedEntry>) {
         if feeds.get(&self.job).is_some_and(|e| e.id == self.id) {
             feeds.remove(&self.job);
         }
-        true
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         let mut feeds = self.watch.feeds.lock().unwrap_or_else(|e| e.into_inner());
-        if feeds.get(&self.job).is_some_and(|e| e.id == self.id) {
-            feeds.remove(&self.job);
-        }
+        self.leave(&mut feeds);
         let _ = self.tx.send(self.last.clone());
     }
 }

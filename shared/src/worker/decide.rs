@@ -71,6 +71,13 @@ pub struct Facts {
     pub max_busy_snoozes: u32,
 }
 
+impl Facts {
+    /// Whether a busy run now would be one too many in a row.
+    fn past_busy_bound(&self) -> bool {
+        self.busy_snoozes >= self.max_busy_snoozes as i32
+    }
+}
+
 /// `result`, with a busy run past the bound of busy snoozes in a row made a
 /// retryable failure: a database that stays at its limit then shows in the
 /// job (its error, its attempts) and ends it in the end, instead of
@@ -78,12 +85,10 @@ pub struct Facts {
 /// `None` when `result` stands as it is.
 pub fn bounded(result: &Result<Outcome, JobError>, facts: &Facts) -> Option<JobError> {
     match result {
-        Err(JobError::Busy(why)) if facts.busy_snoozes >= facts.max_busy_snoozes as i32 => {
-            Some(JobError::Retryable(format!(
-                "{why} ({} runs in a row found no free connection)",
-                facts.busy_snoozes + 1
-            )))
-        }
+        Err(JobError::Busy(why)) if facts.past_busy_bound() => Some(JobError::Retryable(format!(
+            "{why} ({} runs in a row found no free connection)",
+            facts.busy_snoozes + 1
+        ))),
         _ => None,
     }
 }
@@ -111,9 +116,10 @@ pub fn delay_for(
     facts: &Facts,
     rng: &mut impl Rng,
 ) -> Duration {
-    let busy = matches!(result, Err(JobError::Busy(_)));
-    match bounded(result, facts) {
-        None if busy => jittered(config.batch_failure_delay, rng),
+    match result {
+        Err(JobError::Busy(_)) if !facts.past_busy_bound() => {
+            jittered(config.batch_failure_delay, rng)
+        }
         _ => backoff(config, facts.attempt, rng),
     }
 }

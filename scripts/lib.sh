@@ -20,6 +20,7 @@ ensure_postgres() {
   if command -v pg_isready >/dev/null && pg_isready -q -h 127.0.0.1 -p 5432; then
     export DATABASE_URL="$url"
     say "PostgreSQL is already running on 127.0.0.1:5432"
+    ensure_pg_stat_statements
     return
   fi
   if ! command -v pg_lsclusters >/dev/null; then
@@ -31,6 +32,7 @@ to a server you have, e.g. postgres://user:pass@host:5432/offload"
   read -r ver cluster _ < <(pg_lsclusters -h | head -n 1) || true
   [ -n "${ver:-}" ] || die "PostgreSQL is installed but has no cluster: run 'pg_createcluster 15 main'"
   say "starting PostgreSQL $ver/$cluster"
+  as_root pg_conftool "$ver" "$cluster" set shared_preload_libraries pg_stat_statements || true
   if [ "$(id -u)" = 0 ]; then
     pg_ctlcluster "$ver" "$cluster" start || true
   else
@@ -48,6 +50,35 @@ to a server you have, e.g. postgres://user:pass@host:5432/offload"
     sudo -n -u postgres psql -q -c "ALTER USER postgres PASSWORD 'postgres'" >/dev/null 2>&1 || true
   fi
   export DATABASE_URL="$url"
+}
+
+# Runs a command as root: directly, or through passwordless sudo.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi
+}
+
+# pg_stat_statements counts what the database runs: the realtime tests check with it
+# that idle viewers cost no statement, and benchmarks read where time goes. A local
+# cluster of this machine that runs without it is given it and restarted; a server
+# named by DATABASE_URL is left as it is.
+ensure_pg_stat_statements() {
+  command -v pg_lsclusters >/dev/null || return 0
+  local loaded
+  loaded=$(PGPASSWORD=postgres psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+    "SHOW shared_preload_libraries" 2>/dev/null) || return 0
+  case "$loaded" in *pg_stat_statements*) return 0 ;; esac
+  local ver cluster
+  read -r ver cluster _ < <(pg_lsclusters -h | head -n 1) || return 0
+  say "loading pg_stat_statements into PostgreSQL $ver/$cluster (a restart)"
+  as_root pg_conftool "$ver" "$cluster" set shared_preload_libraries pg_stat_statements \
+    && as_root pg_ctlcluster "$ver" "$cluster" restart || {
+      say "could not load pg_stat_statements (no root); the realtime tests need it"
+      return 0
+    }
+  for _ in $(seq 1 30); do
+    pg_isready -q -h 127.0.0.1 -p 5432 && break
+    sleep 0.5
+  done
 }
 
 # Puts moto (SQS API server) and cfn-lint in $LOCAL/venv and on PATH.

@@ -731,7 +731,9 @@ struct Served {
 
 /// The API's state over the benchmark's database, with tokens signed by `secret`.
 fn app_state(db: &BenchDb, q: Arc<dyn Queue>, secret: &str) -> offload::api::AppState {
+    let watch = offload::api::watch::Watch::new(Some(db.url.clone()), 1_000, 1_000);
     offload::api::AppState {
+        realtime: offload::api::realtime::Realtime::new(watch.clone(), db.store.clone()),
         store: db.store.clone(),
         queue: q,
         registry: Arc::new(Registry::builtin()),
@@ -739,7 +741,8 @@ fn app_state(db: &BenchDb, q: Arc<dyn Queue>, secret: &str) -> offload::api::App
         clock: Clock::System,
         settings: Default::default(),
         storage: bench_storage(),
-        watch: offload::api::watch::Watch::new(Some(db.url.clone()), 1_000, 1_000),
+        watch,
+        browser: Some(offload::browser_token::BrowserKeys::generated()),
     }
 }
 

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use offload::auth::Keys;
 use offload::config::Config;
 use offload::db;
-use offload::ids::{UserId, WorkspaceId};
+use offload::ids::WorkspaceId;
 use offload::workspace::{self, Role, Tier};
 
 #[derive(Parser)]
@@ -43,11 +43,19 @@ enum Command {
     Token {
         #[arg(long)]
         workspace: WorkspaceId,
-        #[arg(long)]
-        user: UserId,
+        /// The user's subject (`sub`), as their member was added: a UUID or
+        /// any identity provider's id.
+        #[arg(long, value_parser = parse_subject)]
+        user: String,
         /// How long the token is valid: 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
+    },
+    /// Manage platform keys (provisioning workspaces and members).
+    #[command(name = "platform-key")]
+    PlatformKey {
+        #[command(subcommand)]
+        command: PlatformKeyCommand,
     },
 }
 
@@ -59,10 +67,34 @@ enum WorkspaceCommand {
         name: String,
         #[arg(long, default_value = "standard")]
         tier: Tier,
-        /// A user id who becomes an admin member.
-        #[arg(long)]
-        owner: Option<UserId>,
+        /// A user (their subject: a UUID or any identity provider's id)
+        /// who becomes an admin member.
+        #[arg(long, value_parser = parse_subject)]
+        owner: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum PlatformKeyCommand {
+    /// Make a platform key for a web app's server and print it (shown
+    /// once, stored hashed).
+    Create {
+        /// What the key is for, e.g. `acme web app`.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// A member's subject: 1 to 255 characters.
+fn parse_subject(s: &str) -> Result<String, String> {
+    let n = s.chars().count();
+    if n == 0 || n > offload::auth::MAX_IDENTITY_CHARS {
+        return Err(format!(
+            "a user's subject is 1 to {} characters, got {n}",
+            offload::auth::MAX_IDENTITY_CHARS
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// Parses `90s`, `30m`, `1h`, `7d`.
@@ -115,6 +147,9 @@ async fn main() -> ExitCode {
         Command::Workspace {
             command: WorkspaceCommand::Create { name, tier, owner },
         } => create_workspace(&config, &name, tier, owner).await,
+        Command::PlatformKey {
+            command: PlatformKeyCommand::Create { name },
+        } => create_platform_key(&config, &name).await,
         Command::Token {
             workspace: _,
             user,
@@ -123,7 +158,7 @@ async fn main() -> ExitCode {
             let now = Utc::now();
             match Keys::from_config(&config) {
                 Some(keys) => {
-                    println!("{}", keys.issue(user, now, now + ttl));
+                    println!("{}", keys.issue_for(&user, now, now + ttl));
                     Ok(())
                 }
                 None => Err(anyhow::anyhow!(
@@ -154,7 +189,7 @@ async fn create_workspace(
     config: &Config,
     name: &str,
     tier: Tier,
-    owner: Option<UserId>,
+    owner: Option<String>,
 ) -> anyhow::Result<()> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 200 {
@@ -166,8 +201,21 @@ async fn create_workspace(
     let id = WorkspaceId::new();
     workspace::ensure_workspace(&**client, id, name, tier).await?;
     if let Some(owner) = owner {
-        workspace::add_member(&**client, id, owner, Role::Admin).await?;
+        workspace::put_member(&**client, id, &owner, None, Role::Admin).await?;
     }
     println!("{id}");
+    Ok(())
+}
+
+async fn create_platform_key(config: &Config, name: &str) -> anyhow::Result<()> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        anyhow::bail!("--name must be 1 to 200 characters");
+    }
+    let pool = db::pool(&config.database_url, 1)?;
+    db::check_schema(&pool).await?;
+    let client = pool.get().await?;
+    let (_, secret) = offload::platform::create_key(&**client, name).await?;
+    println!("{secret}");
     Ok(())
 }

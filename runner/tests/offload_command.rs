@@ -281,12 +281,48 @@ async fn migrate_workspace_and_token_print_what_a_script_needs() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("gold"), "{err}");
+    // Any identity provider's subject is a user.
+    let (code, out, _) = run(
+        &[
+            "token",
+            "--workspace",
+            &ws.to_string(),
+            "--user",
+            "auth0|bob",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0);
+    let signed_for = offload::auth::Verifier::secret(offload::config::DEV_JWT_SECRET)
+        .verify(out.trim())
+        .await
+        .expect("a token the API accepts");
+    assert_eq!(signed_for.subject, "auth0|bob");
     let (code, _, err) = run(
-        &["token", "--workspace", &ws.to_string(), "--user", "bob"],
+        &["token", "--workspace", &ws.to_string(), "--user", ""],
         &env,
     );
     assert_ne!(code, 0);
     assert!(err.contains("--user"), "{err}");
+
+    // A platform key, printed once, stored hashed.
+    let (code, out, err) = run(&["platform-key", "create", "--name", "acme web app"], &env);
+    assert_eq!(code, 0, "{err}");
+    let key = out.trim();
+    assert!(key.starts_with("ofp_") && key.len() > 40, "{key}");
+    let stored: String = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT prefix FROM platform_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(key.starts_with(&stored) && stored.len() < 12, "{stored}");
+    let (code, _, err) = run(&["platform-key", "create", "--name", ""], &env);
+    assert_ne!(code, 0);
+    assert!(err.contains("--name"), "{err}");
 }
 
 #[test]
@@ -393,5 +429,5 @@ async fn the_operator_commands_start_from_secret_arns_alone() {
         .verify(&token)
         .await
         .expect("signed with the secret from Secrets Manager");
-    assert_eq!(signed_for, user);
+    assert_eq!(signed_for.subject, user.to_string());
 }

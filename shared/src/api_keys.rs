@@ -36,8 +36,19 @@ pub fn is_api_key(token: &str) -> bool {
     token.starts_with(PREFIX)
 }
 
-fn hash(secret: &str) -> Vec<u8> {
+/// What is kept of a secret: its SHA-256.
+pub(crate) fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// A new secret: `prefix` and 32 random bytes in URL-safe base64.
+pub(crate) fn new_secret(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 fn role(s: &str) -> Role {
@@ -70,12 +81,7 @@ pub async fn create(
     role: Role,
     created_by: UserId,
 ) -> Result<(ApiKey, String), DbError> {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    let secret = format!(
-        "{PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    );
+    let secret = new_secret(PREFIX);
     let row = db
         .query_one(
             &format!(
@@ -124,7 +130,8 @@ pub async fn revoke(
     Ok(n == 1)
 }
 
-/// The key whose secret this is, if any, noting its use (at most once a
+/// The key whose secret this is, if any (none while its workspace is
+/// being deleted), noting its use (at most once a
 /// minute per key, so a busy server does not write on every request).
 pub async fn authenticate(
     db: &deadpool_postgres::Object,
@@ -132,7 +139,9 @@ pub async fn authenticate(
 ) -> Result<Option<ApiKey>, DbError> {
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM api_keys WHERE secret_hash = $1"
+            "SELECT {COLUMNS} FROM api_keys WHERE secret_hash = $1 AND NOT EXISTS \
+             (SELECT 1 FROM workspaces w WHERE w.id = api_keys.workspace_id \
+              AND w.deleting_at IS NOT NULL)"
         ))
         .await?;
     let Some(row) = db.query_opt(&stmt, &[&hash(secret)]).await? else {

@@ -6,7 +6,9 @@
 //! HS256 tokens are accepted only when a shared secret is configured (local
 //! use, `offload token`, Supabase's legacy secret). A token's `alg` must be
 //! one its key can verify; `exp` and `sub` are required, `nbf` is honoured,
-//! and `iss`/`aud` are checked when configured.
+//! and `iss`/`aud` are checked when configured. What a verified token names
+//! is an [`Identity`]: its issuer and subject exactly as the provider wrote
+//! them (`auth0|65f…`, `user_2ab…`, a Firebase id, a UUID).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -48,7 +50,7 @@ const ASYMMETRIC: [Algorithm; 9] = [
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
-    /// The user's id (a UUID).
+    /// The user, as the identity provider names them.
     pub sub: String,
     pub exp: i64,
     pub iat: i64,
@@ -101,10 +103,15 @@ impl Keys {
         })
     }
 
-    /// A token for `user` valid until `expires`.
+    /// A token for `user` (its id as the subject) valid until `expires`.
     pub fn issue(&self, user: UserId, now: DateTime<Utc>, expires: DateTime<Utc>) -> String {
+        self.issue_for(&user.to_string(), now, expires)
+    }
+
+    /// A token whose subject is `subject`, valid until `expires`.
+    pub fn issue_for(&self, subject: &str, now: DateTime<Utc>, expires: DateTime<Utc>) -> String {
         let claims = Claims {
-            sub: user.to_string(),
+            sub: subject.to_string(),
             exp: expires.timestamp(),
             iat: now.timestamp(),
             iss: self.issuer.clone(),
@@ -169,6 +176,20 @@ struct Discovery {
 #[derive(Deserialize)]
 struct Subject {
     sub: String,
+    #[serde(default)]
+    iss: Option<String>,
+}
+
+/// The longest issuer or subject a member can have.
+pub const MAX_IDENTITY_CHARS: usize = 255;
+
+/// Who a verified token names: the user `subject` of `issuer` (absent when
+/// the token carries no `iss`). The same subject under two issuers is two
+/// users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub issuer: Option<String>,
+    pub subject: String,
 }
 
 impl Verifier {
@@ -230,8 +251,8 @@ impl Verifier {
         self
     }
 
-    /// Verifies a token and returns its user.
-    pub async fn verify(&self, token: &str) -> Result<UserId, AuthError> {
+    /// Verifies a token and returns whom it names.
+    pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("unreadable header: {e}")))?;
         let inner = &self.0;
@@ -265,10 +286,10 @@ impl Verifier {
                 header.alg
             )));
         };
-        user_from_sub(&sub)
+        identity(sub)
     }
 
-    fn decode(&self, token: &str, key: &DecodingKey, alg: Algorithm) -> Result<String, AuthError> {
+    fn decode(&self, token: &str, key: &DecodingKey, alg: Algorithm) -> Result<Subject, AuthError> {
         let inner = &self.0;
         let mut v = Validation::new(alg);
         v.leeway = LEEWAY_SECS;
@@ -286,7 +307,7 @@ impl Verifier {
         }
         v.set_required_spec_claims(&required);
         jsonwebtoken::decode::<Subject>(token, key, &v)
-            .map(|d| d.claims.sub)
+            .map(|d| d.claims)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 ErrorKind::ImmatureSignature => {
@@ -472,9 +493,26 @@ fn set_key(jwk: &Jwk) -> Option<SetKey> {
 }
 
 /// The user named by a `sub` claim.
-pub fn user_from_sub(sub: &str) -> Result<UserId, AuthError> {
-    sub.parse()
-        .map_err(|_| AuthError::Invalid(format!("`sub` must be a user id (UUID), got {sub:?}")))
+/// The identity of verified claims: any subject of 1 to 255 characters
+/// (the issuer likewise, when there is one).
+fn identity(claims: Subject) -> Result<Identity, AuthError> {
+    let fits =
+        |s: &str| !s.is_empty() && s.chars().count() <= MAX_IDENTITY_CHARS && !s.contains('\0');
+    if !fits(&claims.sub) {
+        return Err(AuthError::Invalid(format!(
+            "`sub` must be 1 to {MAX_IDENTITY_CHARS} characters"
+        )));
+    }
+    let issuer = claims.iss.filter(|i| !i.is_empty());
+    if issuer.as_deref().is_some_and(|i| !fits(i)) {
+        return Err(AuthError::Invalid(format!(
+            "`iss` must be 1 to {MAX_IDENTITY_CHARS} characters"
+        )));
+    }
+    Ok(Identity {
+        issuer,
+        subject: claims.sub,
+    })
 }
 
 #[cfg(test)]
@@ -489,7 +527,10 @@ mod tests {
         let user = UserId::new();
         let now = Utc::now();
         let t = keys.issue(user, now, now + Duration::hours(1));
-        assert_eq!(verifier.verify(&t).await, Ok(user));
+        assert_eq!(
+            verifier.verify(&t).await.map(|i| i.subject),
+            Ok(user.to_string())
+        );
 
         let old = keys.issue(user, now - Duration::hours(2), now - Duration::hours(1));
         assert_eq!(verifier.verify(&old).await, Err(AuthError::Expired));

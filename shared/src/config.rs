@@ -130,6 +130,13 @@ pub struct Config {
     /// (`worker` outside Lambda).
     pub instance_name: String,
     pub bind: SocketAddr,
+    /// `OFFLOAD_BROWSER_TOKEN_SECRET`: the key browser tokens are signed
+    /// with (32 characters or more). Without it (or its ARN), a process
+    /// outside Lambda generates one at start; inside Lambda browser tokens
+    /// are refused, since each instance would have its own.
+    pub browser_token_secret: Option<String>,
+    /// `OFFLOAD_BROWSER_TOKEN_SECRET_ARN`: a secret holding it (key `secret`).
+    pub browser_token_secret_arn: Option<String>,
     /// `OFFLOAD_JWT_SECRET`: the HS256 secret; `None` refuses HS256 tokens.
     pub jwt_secret: Option<String>,
     /// No verification was configured outside Lambda: `jwt_secret` is the
@@ -224,6 +231,17 @@ impl Config {
         })
     }
 
+    /// The key browser tokens are signed with: the configured one, or one
+    /// generated for this process outside Lambda; `None` inside Lambda
+    /// without one.
+    pub fn browser_keys(&self) -> Option<crate::browser_token::BrowserKeys> {
+        match &self.browser_token_secret {
+            Some(s) => Some(crate::browser_token::BrowserKeys::new(s.as_bytes())),
+            None if self.in_lambda => None,
+            None => Some(crate::browser_token::BrowserKeys::generated()),
+        }
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|k| std::env::var(k).ok())
@@ -302,6 +320,15 @@ impl Config {
             None if in_lambda => (None, false),
             None => (Some(DEV_JWT_SECRET.to_string()), true),
         };
+
+        let browser_token_secret = var("OFFLOAD_BROWSER_TOKEN_SECRET");
+        if let Some(s) = browser_token_secret.as_ref().filter(|s| s.len() < 32) {
+            return Err(ConfigError {
+                variable: "OFFLOAD_BROWSER_TOKEN_SECRET",
+                reason: format!("must be at least 32 characters, got {}", s.len()),
+            });
+        }
+        let browser_token_secret_arn = var("OFFLOAD_BROWSER_TOKEN_SECRET_ARN");
 
         let queue = match var("OFFLOAD_QUEUE").as_deref() {
             None | Some("postgres") => QueueBackend::Postgres,
@@ -390,6 +417,8 @@ impl Config {
             bind,
             jwt_secret,
             jwt_secret_is_default,
+            browser_token_secret,
+            browser_token_secret_arn,
             jwks_url,
             jwt_issuer,
             jwt_audience,

@@ -339,6 +339,18 @@ pub async fn migrate(url: &str) -> Result<Vec<String>, DbError> {
         .collect())
 }
 
+/// Applies the migrations up to `version` and no further: tests of a
+/// migration run it on a database holding the rows of the schema before.
+#[cfg(feature = "testing")]
+pub async fn migrate_to(url: &str, version: i32) -> Result<(), DbError> {
+    let mut client = connect(url).await?;
+    embedded::migrations::runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(&mut client)
+        .await?;
+    Ok(())
+}
+
 /// The schema version this build was compiled against.
 pub fn required_version() -> i64 {
     embedded::migrations::runner()

@@ -287,7 +287,9 @@ pub struct Job {
     /// Its place among its parent's children (0-based).
     #[serde(skip)]
     pub child_index: Option<i32>,
-    #[serde(skip)]
+    /// The member (or API key) that created it: a member's `id` as
+    /// `GET …/members` lists it; null for jobs the system made.
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub created_by: Option<UserId>,
     #[serde(skip)]
     pub idempotency_key: Option<String>,

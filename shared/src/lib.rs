@@ -14,6 +14,7 @@
 pub mod api;
 pub mod api_keys;
 pub mod auth;
+pub mod browser_token;
 pub mod clock;
 pub mod config;
 pub mod db;
@@ -23,6 +24,7 @@ pub mod event_source;
 pub mod handlers;
 pub mod ids;
 pub mod job;
+pub mod platform;
 pub mod queue;
 pub mod ratelimit;
 pub mod redact;

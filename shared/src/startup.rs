@@ -72,7 +72,10 @@ pub struct Services {
 /// URL) from Secrets Manager into it, once, at start; returns how the pool
 /// reads the database's again when the password it holds is refused.
 pub async fn resolve_secrets(config: &mut Config) -> Result<Option<db::Refresh>, StartupError> {
-    if config.database_secret_arn.is_none() && config.jwt_secret_arn.is_none() {
+    if config.database_secret_arn.is_none()
+        && config.jwt_secret_arn.is_none()
+        && config.browser_token_secret_arn.is_none()
+    {
         return Ok(None);
     }
     let client =
@@ -93,6 +96,24 @@ pub async fn resolve_secrets(config: &mut Config) -> Result<Option<db::Refresh>,
         }
         config.jwt_secret = Some(value);
         config.jwt_secret_is_default = false;
+    }
+    if let Some(arn) = &config.browser_token_secret_arn {
+        let secret = Secret::new(
+            client.clone(),
+            "OFFLOAD_BROWSER_TOKEN_SECRET_ARN",
+            arn,
+            "secret",
+        );
+        let value = secret.fetch().await?;
+        if value.len() < 32 {
+            return Err(SecretError {
+                variable: secret.variable,
+                arn: arn.clone(),
+                reason: format!("must be at least 32 characters, got {}", value.len()),
+            }
+            .into());
+        }
+        config.browser_token_secret = Some(value);
     }
     let Some(arn) = &config.database_secret_arn else {
         return Ok(None);
@@ -171,7 +192,13 @@ impl Services {
     /// The API's state; an error when no token verification is configured
     /// inside Lambda.
     pub fn api_state(&self) -> Result<AppState, crate::config::ConfigError> {
+        let watch = crate::api::watch::Watch::new(
+            Some(self.config.database_url.clone()),
+            self.config.max_waiting_per_workspace,
+            self.config.max_streams_per_workspace,
+        );
         Ok(AppState {
+            realtime: crate::api::realtime::Realtime::new(watch.clone(), self.store.clone()),
             store: self.store.clone(),
             queue: self.queue.clone(),
             registry: self.registry.clone(),
@@ -179,11 +206,8 @@ impl Services {
             clock: self.clock.clone(),
             settings: ApiSettings::from(&self.config),
             storage: self.storage.clone(),
-            watch: crate::api::watch::Watch::new(
-                Some(self.config.database_url.clone()),
-                self.config.max_waiting_per_workspace,
-                self.config.max_streams_per_workspace,
-            ),
+            watch,
+            browser: self.config.browser_keys(),
         })
     }
 

@@ -244,6 +244,29 @@ impl Storage {
         }
     }
 
+    /// Removes up to `at_most` objects under `prefix` (a folder such as
+    /// [`workspace_prefix`]); the number removed, 0 once none is left.
+    pub async fn delete_under(&self, prefix: &str, at_most: usize) -> Result<u64, StorageError> {
+        use futures::TryStreamExt;
+        let folder = Path::from(prefix.trim_end_matches('/'));
+        let keys: Vec<Path> = self
+            .store
+            .list(Some(&folder))
+            .map_ok(|m| m.location)
+            .take(at_most)
+            .try_collect()
+            .await?;
+        let mut n = 0;
+        for key in keys {
+            match self.store.delete(&key).await {
+                Ok(()) => n += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(n)
+    }
+
     /// The object's bytes as they arrive (never the whole object in memory).
     pub async fn get_stream(
         &self,

@@ -160,6 +160,23 @@ async fn retry_in_use(client: &tokio_postgres::Client, sql: &str) {
     panic!("{sql}: database stayed in use");
 }
 
+/// A database of this test's own at schema `version` (migrations up to it
+/// applied, none after); its URL.
+pub async fn database_at(version: i32) -> String {
+    let server = server_url();
+    let name = format!("offload_v{version}_{}", uuid::Uuid::new_v4().simple());
+    let admin = db::connect(&with_db(&server, "postgres"))
+        .await
+        .expect("connect to postgres");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    let url = with_db(&server, &name);
+    db::migrate_to(&url, version).await.expect("migrate");
+    url
+}
+
 /// A fresh, migrated database of this test's own.
 pub struct TestDb {
     pub url: String,
@@ -283,7 +300,13 @@ impl TestDb {
     }
 
     pub fn api_state(&self, queue: Arc<dyn Queue>) -> AppState {
+        let watch = crate::api::watch::Watch::new(
+            Some(self.url.clone()),
+            crate::config::Config::defaults().max_waiting_per_workspace,
+            crate::config::Config::defaults().max_streams_per_workspace,
+        );
         AppState {
+            realtime: crate::api::realtime::Realtime::new(watch.clone(), self.store.clone()),
             store: self.store.clone(),
             queue,
             registry: Arc::new(Registry::builtin()),
@@ -291,11 +314,10 @@ impl TestDb {
             clock: Clock::System,
             settings: ApiSettings::default(),
             storage: self.storage(),
-            watch: crate::api::watch::Watch::new(
-                Some(self.url.clone()),
-                crate::config::Config::defaults().max_waiting_per_workspace,
-                crate::config::Config::defaults().max_streams_per_workspace,
-            ),
+            watch,
+            browser: Some(crate::browser_token::BrowserKeys::new(
+                TEST_SECRET.as_bytes(),
+            )),
         }
     }
 }
@@ -527,7 +549,7 @@ pub fn new_job(workspace: WorkspaceId, job_type: &str, payload: Value) -> NewJob
 }
 
 /// The fields of DESIGN.md's job object, in its order.
-pub const JOB_FIELDS: [&str; 21] = [
+pub const JOB_FIELDS: [&str; 22] = [
     "id",
     "workspace_id",
     "type",
@@ -549,6 +571,7 @@ pub const JOB_FIELDS: [&str; 21] = [
     "updated_at",
     "parent_id",
     "wait",
+    "created_by",
 ];
 
 /// Checks that `resp` is an error of `status` with a problem body (stable

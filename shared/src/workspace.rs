@@ -130,27 +130,131 @@ pub async fn add_member(
     Ok(())
 }
 
-/// The user's role in the workspace, or `None` when they are not a member
-/// (or the workspace does not exist: the two are indistinguishable on purpose).
+/// A member of a workspace: `id` is what their jobs' `created_by` holds;
+/// `issuer` is `None` for "any issuer this deployment accepts".
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct MemberRecord {
+    #[schema(value_type = uuid::Uuid)]
+    pub id: UserId,
+    pub subject: String,
+    pub issuer: Option<String>,
+    #[schema(value_type = String, example = "member")]
+    pub role: Role,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+const MEMBER_COLUMNS: &str = "user_id, subject, issuer, role, created_at";
+
+fn member_from_row(r: &tokio_postgres::Row) -> MemberRecord {
+    let issuer: String = r.get("issuer");
+    MemberRecord {
+        id: UserId(r.get("user_id")),
+        subject: r.get("subject"),
+        issuer: (!issuer.is_empty()).then_some(issuer),
+        role: role_of(r.get("role")),
+        created_at: r.get("created_at"),
+    }
+}
+
+fn role_of(s: &str) -> Role {
+    if s == "admin" {
+        Role::Admin
+    } else {
+        Role::Member
+    }
+}
+
+/// Makes `subject` of `issuer` (`None`: any issuer) a member of `workspace`
+/// with `role`, or gives an existing member that role; `true` when the
+/// member is new.
+pub async fn put_member(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+    subject: &str,
+    issuer: Option<&str>,
+    role: Role,
+) -> Result<(MemberRecord, bool), DbError> {
+    let row = db
+        .query_one(
+            &format!(
+                "INSERT INTO workspace_members (workspace_id, user_id, subject, issuer, role) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (workspace_id, subject, issuer) DO UPDATE SET role = EXCLUDED.role \
+                 RETURNING {MEMBER_COLUMNS}, (xmax = 0) AS inserted"
+            ),
+            &[
+                &workspace.0,
+                &uuid::Uuid::now_v7(),
+                &subject,
+                &issuer.unwrap_or_default(),
+                &role.as_str(),
+            ],
+        )
+        .await?;
+    Ok((member_from_row(&row), row.get("inserted")))
+}
+
+/// The workspace's members, oldest first.
+pub async fn members(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+) -> Result<Vec<MemberRecord>, DbError> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {MEMBER_COLUMNS} FROM workspace_members WHERE workspace_id = $1 \
+                 ORDER BY created_at, user_id"
+            ),
+            &[&workspace.0],
+        )
+        .await?;
+    Ok(rows.iter().map(member_from_row).collect())
+}
+
+/// Removes a member; `false` when the workspace has none with that id.
+pub async fn remove_member(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+    id: UserId,
+) -> Result<bool, DbError> {
+    let n = db
+        .execute(
+            "DELETE FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
+            &[&workspace.0, &id.0],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// The member a verified token names in the workspace, with their role, or
+/// `None` when they are not one (or the workspace does not exist, or is
+/// being deleted: all indistinguishable on purpose). A member added for
+/// one issuer is found before one added for any issuer.
 pub async fn member_role(
     db: &deadpool_postgres::Object,
     workspace: WorkspaceId,
-    user: UserId,
-) -> Result<Option<Role>, DbError> {
+    who: &crate::auth::Identity,
+) -> Result<Option<(UserId, Role)>, DbError> {
     // Asked on every request: prepared once per connection.
     let stmt = db
         .prepare_cached(
-            "SELECT role FROM workspace_members WHERE workspace_id = $1 AND user_id = $2",
+            "SELECT m.user_id, m.role FROM workspace_members m \
+             JOIN workspaces w ON w.id = m.workspace_id AND w.deleting_at IS NULL \
+             WHERE m.workspace_id = $1 AND m.subject = $2 AND m.issuer IN ($3, '') \
+             ORDER BY m.issuer DESC LIMIT 1",
         )
         .await?;
-    let row = db.query_opt(&stmt, &[&workspace.0, &user.0]).await?;
-    Ok(row.map(|r| {
-        if r.get::<_, &str>(0) == "admin" {
-            Role::Admin
-        } else {
-            Role::Member
-        }
-    }))
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &workspace.0,
+                &who.subject,
+                &who.issuer.as_deref().unwrap_or_default(),
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| (UserId(r.get(0)), role_of(r.get(1)))))
 }
 
 /// The limits in force for a workspace: its tier's, with its overrides.

@@ -678,6 +678,11 @@ async fn the_openapi_document_describes_every_route_with_the_job_shape() {
         ("/api/workspaces/{ws}/jobs/{id}/logs", vec!["get"]),
         ("/api/workspaces/{ws}/stats", vec!["get"]),
         ("/api/workspaces/{ws}/schedules", vec!["get", "post"]),
+        ("/api/workspaces", vec!["get", "post"]),
+        ("/api/workspaces/{ws}", vec!["get", "patch", "delete"]),
+        ("/api/workspaces/{ws}/members", vec!["get", "post"]),
+        ("/api/workspaces/{ws}/members/{id}", vec!["delete"]),
+        ("/api/workspaces/{ws}/browser-tokens", vec!["post"]),
         (
             "/api/workspaces/{ws}/schedules/{id}",
             vec!["get", "put", "delete"],

@@ -170,6 +170,19 @@ impl Provider {
     }
 }
 
+/// The user a token names, its subject being a UUID in these tests.
+trait VerifyUser {
+    async fn verify_user(&self, token: &str) -> Result<UserId, AuthError>;
+}
+
+impl VerifyUser for Verifier {
+    async fn verify_user(&self, token: &str) -> Result<UserId, AuthError> {
+        self.verify(token)
+            .await
+            .map(|i| i.subject.parse().expect("these tests' subjects are UUIDs"))
+    }
+}
+
 fn invalid(r: Result<UserId, AuthError>, says: &str) {
     match r {
         Err(AuthError::Invalid(m)) => assert!(m.contains(says), "{m:?} should say {says:?}"),
@@ -183,8 +196,11 @@ async fn rs256_and_es256_tokens_from_the_issuers_key_set_are_accepted() {
     let idp = Provider::serve(&[rsa_key(), &ec]).await;
     let v = idp.verifier();
     let user = UserId::new();
-    assert_eq!(v.verify(&rsa_key().sign(&idp.claims(user))).await, Ok(user));
-    assert_eq!(v.verify(&ec.sign(&idp.claims(user))).await, Ok(user));
+    assert_eq!(
+        v.verify_user(&rsa_key().sign(&idp.claims(user))).await,
+        Ok(user)
+    );
+    assert_eq!(v.verify_user(&ec.sign(&idp.claims(user))).await, Ok(user));
     assert_eq!(
         idp.fetches.load(Ordering::SeqCst),
         1,
@@ -200,14 +216,20 @@ async fn a_key_published_after_rotation_is_fetched_and_accepted() {
     let v = idp.verifier();
     // A verifier that may fetch again at once, as one does a minute later.
     let fast = idp.verifier().refetching_after(Duration::ZERO);
-    assert_eq!(v.verify(&old.sign(&idp.claims(user))).await, Ok(user));
-    assert_eq!(fast.verify(&old.sign(&idp.claims(user))).await, Ok(user));
+    assert_eq!(v.verify_user(&old.sign(&idp.claims(user))).await, Ok(user));
+    assert_eq!(
+        fast.verify_user(&old.sign(&idp.claims(user))).await,
+        Ok(user)
+    );
 
     // The provider rotates: tokens signed with the new key arrive at once.
     idp.publish(&[&old, &new]);
     let rotated = new.sign(&idp.claims(user));
-    assert_eq!(fast.verify(&rotated).await, Ok(user));
-    assert_eq!(fast.verify(&old.sign(&idp.claims(user))).await, Ok(user));
+    assert_eq!(fast.verify_user(&rotated).await, Ok(user));
+    assert_eq!(
+        fast.verify_user(&old.sign(&idp.claims(user))).await,
+        Ok(user)
+    );
 
     // With the default of one fetch a minute, an unknown kid just after a
     // fetch is refused without asking again: a flood of made-up kids cannot
@@ -215,7 +237,7 @@ async fn a_key_published_after_rotation_is_fetched_and_accepted() {
     let before = idp.fetches.load(Ordering::SeqCst);
     for _ in 0..5 {
         invalid(
-            v.verify(&rotated).await,
+            v.verify_user(&rotated).await,
             "\"2026-12\" is not in the issuer's key set",
         );
     }
@@ -235,31 +257,31 @@ async fn wrong_issuer_audience_times_and_kids_are_refused_by_name() {
         key.sign(&c)
     };
     invalid(
-        v.verify(&with("iss", json!("https://evil.example/auth/v1")))
+        v.verify_user(&with("iss", json!("https://evil.example/auth/v1")))
             .await,
         "issuer (iss)",
     );
     invalid(
-        v.verify(&with("aud", json!("service_role"))).await,
+        v.verify_user(&with("aud", json!("service_role"))).await,
         "audience (aud)",
     );
     assert_eq!(
-        v.verify(&with("exp", json!(now - 120))).await,
+        v.verify_user(&with("exp", json!(now - 120))).await,
         Err(AuthError::Expired)
     );
     // Within the leeway, a clock a few seconds apart is no reason to refuse.
-    assert_eq!(v.verify(&with("exp", json!(now - 5))).await, Ok(user));
+    assert_eq!(v.verify_user(&with("exp", json!(now - 5))).await, Ok(user));
     invalid(
-        v.verify(&with("nbf", json!(now + 600))).await,
+        v.verify_user(&with("nbf", json!(now + 600))).await,
         "not valid yet",
     );
     let mut no_aud = idp.claims(user);
     no_aud.as_object_mut().unwrap().remove("aud");
-    invalid(v.verify(&key.sign(&no_aud)).await, "no `aud` claim");
+    invalid(v.verify_user(&key.sign(&no_aud)).await, "no `aud` claim");
 
     let stranger = TestKey::ec("not-published");
     invalid(
-        v.verify(&stranger.sign(&idp.claims(user))).await,
+        v.verify_user(&stranger.sign(&idp.claims(user))).await,
         "\"not-published\" is not in the issuer's key set",
     );
     // A published kid with another key's signature.
@@ -267,7 +289,10 @@ async fn wrong_issuer_audience_times_and_kids_are_refused_by_name() {
         kid: key.kid.clone(),
         ..TestKey::ec("x")
     };
-    invalid(v.verify(&forged.sign(&idp.claims(user))).await, "RS256");
+    invalid(
+        v.verify_user(&forged.sign(&idp.claims(user))).await,
+        "RS256",
+    );
 }
 
 #[tokio::test]
@@ -285,7 +310,7 @@ async fn hs256_signed_with_the_public_key_is_refused() {
     let token = forge(&rsa_key().public_pem);
     // No shared secret configured: HS256 is not accepted at all.
     invalid(
-        idp.verifier().verify(&token).await,
+        idp.verifier().verify_user(&token).await,
         "HS256 tokens are not accepted",
     );
     // With one (Supabase's legacy secret beside its new keys), HS256 is
@@ -293,9 +318,9 @@ async fn hs256_signed_with_the_public_key_is_refused() {
     let both =
         Verifier::from_config(&idp.config(Some("the-projects-legacy-secret-32-characters!")))
             .unwrap();
-    invalid(both.verify(&token).await, "signature");
+    invalid(both.verify_user(&token).await, "signature");
     let ec = TestKey::ec("ec-confusion");
-    invalid(both.verify(&forge(&ec.public_pem)).await, "signature");
+    invalid(both.verify_user(&forge(&ec.public_pem)).await, "signature");
 }
 
 #[tokio::test]
@@ -341,5 +366,79 @@ async fn an_explicit_jwks_url_is_used_without_discovery() {
     };
     let v = Verifier::from_config(&config).unwrap();
     let user = UserId::new();
-    assert_eq!(v.verify(&rsa_key().sign(&idp.claims(user))).await, Ok(user));
+    assert_eq!(
+        v.verify_user(&rsa_key().sign(&idp.claims(user))).await,
+        Ok(user)
+    );
+}
+
+#[tokio::test]
+async fn a_member_provisioned_by_subject_opens_the_workspace_with_the_providers_token() {
+    let db = TestDb::new().await;
+    let (_, platform_key) = {
+        let conn = db.pool.get().await.unwrap();
+        offload::platform::create_key(&**conn, "acme web app")
+            .await
+            .unwrap()
+    };
+    let idp = Provider::serve(&[rsa_key()]).await;
+    let verifier = idp.verifier();
+    let queue: Arc<dyn offload::queue::Queue> = Arc::new(db.pg_queue(5));
+    let app = TestApp::spawn_state(db, queue, Tier::Standard, |s| s.auth = verifier).await;
+    let ws: Value = app
+        .client
+        .post(format!("{}/api/workspaces", app.base))
+        .bearer_auth(&platform_key)
+        .json(&json!({"name": "Acme", "external_id": "org_acme"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ws = ws["id"].as_str().unwrap().to_string();
+    let subject = "auth0|65f0c2b9e4a1d2c3b4a5f6e7";
+    let added = app
+        .client
+        .post(format!("{}/api/workspaces/{ws}/members", app.base))
+        .bearer_auth(&platform_key)
+        .json(&json!({"subject": subject, "issuer": idp.issuer, "role": "member"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), StatusCode::CREATED);
+    let member: Value = added.json().await.unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let token = rsa_key().sign(&json!({"sub": subject, "iss": idp.issuer, "aud": AUDIENCE,
+                                       "iat": now, "exp": now + 3600}));
+    let jobs = format!("{}/api/workspaces/{ws}/jobs", app.base);
+    let resp = app
+        .client
+        .get(&jobs)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let removed = app
+        .client
+        .delete(format!(
+            "{}/api/workspaces/{ws}/members/{}",
+            app.base,
+            member["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&platform_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), StatusCode::NO_CONTENT);
+    let resp = app
+        .client
+        .get(&jobs)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(resp, StatusCode::NOT_FOUND).await;
 }

@@ -167,10 +167,14 @@ async fn tokens_of_every_wrong_kind_are_refused() {
             ),
         ),
         (
-            "sub not a user id",
+            "sub longer than 255 characters",
             format!(
                 "Bearer {}",
-                hmac_token(json!({"alg": "HS256"}), claims("' OR 1=1 --"), TEST_SECRET)
+                hmac_token(
+                    json!({"alg": "HS256"}),
+                    claims(&"u".repeat(256)),
+                    TEST_SECRET
+                )
             ),
         ),
         ("huge", format!("Bearer {}", "A".repeat(64 * 1024))),
@@ -193,6 +197,17 @@ async fn tokens_of_every_wrong_kind_are_refused() {
             problem(resp, StatusCode::UNAUTHORIZED).await;
         }
     }
+    // Any subject is a user's, and one that is no member's opens nothing:
+    // 404, as for a workspace that does not exist.
+    let stranger = hmac_token(json!({"alg": "HS256"}), claims("' OR 1=1 --"), TEST_SECRET);
+    let resp = app
+        .client
+        .get(app.jobs_url())
+        .header("authorization", format!("Bearer {stranger}"))
+        .send()
+        .await
+        .unwrap();
+    problem(resp, StatusCode::NOT_FOUND).await;
     // The same token, properly presented, gets in: the refusals above are
     // about the tokens, not about this workspace.
     let resp = app

@@ -7,10 +7,10 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::api_keys;
 use crate::auth::AuthError;
 use crate::ids::{UserId, WorkspaceId};
 use crate::workspace::{self, Role};
+use crate::{api_keys, browser_token, platform};
 
 /// The caller, proven a member of the workspace named in the path: a user
 /// by a verified token, or a server by one of the workspace's API keys
@@ -74,36 +74,191 @@ impl FromRequestParts<AppState> for Member {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts)?.to_owned();
         let workspace = path_workspace(parts, state).await?;
-        if api_keys::is_api_key(&token) {
-            let db = state.db().await?;
-            let key = api_keys::authenticate(&db, &token).await?.ok_or_else(|| {
-                ApiError::unauthorized("the API key is not valid: revoked, or never issued")
-            })?;
-            // A key works on its own workspace's routes only; elsewhere the
-            // workspace does not exist for it.
-            if key.workspace_id != workspace {
-                return Err(ApiError::not_found("workspace"));
-            }
-            return Ok(Member {
-                user: UserId(key.id),
-                workspace,
-                role: key.role,
-            });
-        }
-        let user = state
-            .auth
-            .verify(&token)
-            .await
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        member(state, &token, workspace).await
+    }
+}
+
+/// The member `token` names in `workspace`: a user's token, or an API key
+/// of that workspace. A platform key or a browser token is refused here:
+/// neither opens the routes that take a member.
+async fn member(state: &AppState, token: &str, workspace: WorkspaceId) -> Result<Member, ApiError> {
+    if platform::is_platform_key(token) {
+        return Err(ApiError::forbidden(
+            "a platform key provisions workspaces and members; it opens no workspace's jobs \
+                 (use a member's token or the workspace's API key)",
+        ));
+    }
+    if browser_token::is_browser_token(token) {
+        return Err(ApiError::forbidden(
+            "a browser token opens only GET of the jobs it names (their logs, stream and \
+                 children) and, when granted, their cancel",
+        ));
+    }
+    if api_keys::is_api_key(token) {
         let db = state.db().await?;
-        match workspace::member_role(&db, workspace, user).await? {
-            Some(role) => Ok(Member {
-                user,
-                workspace,
-                role,
-            }),
-            None => Err(ApiError::not_found("workspace")),
+        let key = api_keys::authenticate(&db, token).await?.ok_or_else(|| {
+            ApiError::unauthorized("the API key is not valid: revoked, or never issued")
+        })?;
+        // A key works on its own workspace's routes only; elsewhere the
+        // workspace does not exist for it.
+        if key.workspace_id != workspace {
+            return Err(ApiError::not_found("workspace"));
         }
+        return Ok(Member {
+            user: UserId(key.id),
+            workspace,
+            role: key.role,
+        });
+    }
+    let who = state
+        .auth
+        .verify(token)
+        .await
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let db = state.db().await?;
+    match workspace::member_role(&db, workspace, &who).await? {
+        Some((user, role)) => Ok(Member {
+            user,
+            workspace,
+            role,
+        }),
+        None => Err(ApiError::not_found("workspace")),
+    }
+}
+
+/// Who reads a job: a member, or a browser token naming the job. A route
+/// taking a `Viewer` checks [`Viewer::sees`] on the job it read and answers
+/// 404 when it does not.
+#[derive(Clone, Debug)]
+pub enum Viewer {
+    Member(Member),
+    Browser(std::sync::Arc<browser_token::Grant>),
+}
+
+impl Viewer {
+    pub fn workspace(&self) -> WorkspaceId {
+        match self {
+            Viewer::Member(m) => m.workspace,
+            Viewer::Browser(g) => g.workspace,
+        }
+    }
+
+    /// Whether the job is the viewer's to see.
+    pub fn sees(&self, job: &crate::job::Job) -> bool {
+        match self {
+            Viewer::Member(m) => job.workspace_id == m.workspace,
+            Viewer::Browser(g) => g.sees(job),
+        }
+    }
+
+    /// 404 unless the viewer sees the job.
+    pub fn check(&self, job: Option<crate::job::Job>) -> Result<crate::job::Job, ApiError> {
+        job.filter(|j| self.sees(j))
+            .ok_or_else(|| ApiError::not_found("job"))
+    }
+
+    /// 403 for a browser token without the `cancel` scope.
+    pub fn require_cancel(&self) -> Result<(), ApiError> {
+        match self {
+            Viewer::Browser(g) if !g.may_cancel() => Err(ApiError::forbidden(
+                "this browser token may read its jobs, not cancel them (ask for the `cancel` scope)",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Viewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?.to_owned();
+        let workspace = path_workspace(parts, state).await?;
+        viewer(state, &token, workspace).await
+    }
+}
+
+/// The viewer `token` names in `workspace`.
+pub async fn viewer(
+    state: &AppState,
+    token: &str,
+    workspace: WorkspaceId,
+) -> Result<Viewer, ApiError> {
+    if !browser_token::is_browser_token(token) {
+        return member(state, token, workspace).await.map(Viewer::Member);
+    }
+    let grant = browser_grant(state, token)?;
+    if grant.workspace != workspace {
+        return Err(ApiError::not_found("workspace"));
+    }
+    Ok(Viewer::Browser(std::sync::Arc::new(grant)))
+}
+
+/// The grant of a browser token, verified without the database.
+pub fn browser_grant(state: &AppState, token: &str) -> Result<browser_token::Grant, ApiError> {
+    let keys = state.browser.as_ref().ok_or_else(|| {
+        ApiError::unauthorized(
+            "browser tokens are not accepted here: no OFFLOAD_BROWSER_TOKEN_SECRET is configured",
+        )
+    })?;
+    keys.verify(token)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))
+}
+
+/// A web app's server, by a platform key (`ofp_…`): it provisions
+/// workspaces and members, nothing else.
+#[derive(Clone, Copy, Debug)]
+pub struct Platform {
+    pub key: uuid::Uuid,
+}
+
+impl FromRequestParts<AppState> for Platform {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?.to_owned();
+        platform_key(state, &token).await
+    }
+}
+
+async fn platform_key(state: &AppState, token: &str) -> Result<Platform, ApiError> {
+    if !platform::is_platform_key(token) {
+        return Err(ApiError::forbidden(
+            "only a platform key (`ofp_…`, made by `offload platform-key create`) provisions \
+             workspaces",
+        ));
+    }
+    let db = state.db().await?;
+    platform::authenticate(&db, token)
+        .await?
+        .map(|key| Platform { key })
+        .ok_or_else(|| ApiError::unauthorized("the platform key is not valid: never issued"))
+}
+
+/// Who manages a workspace's members: a platform key, or an admin of the
+/// workspace in the path.
+#[derive(Clone, Copy, Debug)]
+pub struct MemberAdmin {
+    pub workspace: WorkspaceId,
+}
+
+impl FromRequestParts<AppState> for MemberAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)?.to_owned();
+        let workspace = path_workspace(parts, state).await?;
+        if platform::is_platform_key(&token) {
+            platform_key(state, &token).await?;
+            let db = state.db().await?;
+            return match platform::workspace(&**db, workspace).await? {
+                Some(w) if w.deleting_at.is_none() => Ok(MemberAdmin { workspace }),
+                _ => Err(ApiError::not_found("workspace")),
+            };
+        }
+        let m = member(state, &token, workspace).await?;
+        m.require_admin()?;
+        Ok(MemberAdmin { workspace })
     }
 }
 

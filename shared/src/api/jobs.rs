@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{from_text, Bounded, Ids, JsonBody, Member, Params, Rfc3339, WsPath};
+use super::extract::{from_text, Bounded, Ids, JsonBody, Member, Params, Rfc3339, Viewer, WsPath};
 use super::AppState;
 use crate::enqueue;
 use crate::ids::{JobId, WorkspaceId};
@@ -514,7 +514,7 @@ fn etag(job: &Job) -> String {
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
-    member: Member,
+    viewer: Viewer,
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<WaitParams>,
     headers: HeaderMap,
@@ -524,11 +524,7 @@ pub async fn get_one(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let mut job = state
-        .store
-        .get(member.workspace, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job"))?;
+    let mut job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
     let baseline = if_none_match.clone().unwrap_or_else(|| etag(&job));
     if wait > 0 && etag(&job) == baseline {
         // Wait on a notification for this job (no reads while nothing
@@ -538,7 +534,7 @@ pub async fn get_one(
             .watch
             .wait_for(
                 &state.store,
-                member.workspace,
+                viewer.workspace(),
                 id,
                 Duration::from_secs(wait),
             )
@@ -558,11 +554,7 @@ pub async fn get_one(
             }
         };
         // What changed before the watch was in place.
-        job = state
-            .store
-            .get(member.workspace, id)
-            .await?
-            .ok_or_else(|| ApiError::not_found("job"))?;
+        job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
         // Read again after each notification, once a moment after the watch
         // was in place, and once at the deadline. A writer whose statement
         // looked for watchers just before this one registered, and committed
@@ -574,11 +566,7 @@ pub async fn get_one(
         while etag(&job) == baseline {
             let until = recheck.take().map_or(deadline, |r| r.min(deadline));
             let woke = waiter.changed(until).await;
-            job = state
-                .store
-                .get(member.workspace, id)
-                .await?
-                .ok_or_else(|| ApiError::not_found("job"))?;
+            job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
             if !woke && tokio::time::Instant::now() >= deadline {
                 break;
             }
@@ -614,19 +602,26 @@ pub async fn get_one(
     security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
-    member: Member,
+    viewer: Viewer,
     Ids(JobPath { id, .. }): Ids<JobPath>,
 ) -> Result<Response, ApiError> {
+    let ws = viewer.workspace();
+    if let Viewer::Browser(_) = viewer {
+        // A browser token cancels only the jobs it sees, and only with the
+        // scope: checked on the job before anything changes.
+        viewer.check(state.store.get(ws, id).await?)?;
+        viewer.require_cancel()?;
+    }
     match state
         .store
-        .request_cancel(member.workspace, id, state.clock.now())
+        .request_cancel(ws, id, state.clock.now())
         .await?
     {
         Some(job) if job.status == JobStatus::Running => {
             Ok((StatusCode::ACCEPTED, Json(job)).into_response())
         }
         Some(job) => Ok((StatusCode::OK, Json(job)).into_response()),
-        None => match state.store.get(member.workspace, id).await? {
+        None => match state.store.get(ws, id).await? {
             Some(job) => Err(ApiError::conflict(format!(
                 "the job is already {}; only pending, queued or running jobs can be cancelled",
                 job.status
@@ -764,18 +759,16 @@ impl<'de> Deserialize<'de> for LogCursor {
     security(("bearer" = [])))]
 pub async fn logs(
     State(state): State<AppState>,
-    member: Member,
+    viewer: Viewer,
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<LogParams>,
 ) -> Result<Json<LogPage>, ApiError> {
-    if state.store.get(member.workspace, id).await?.is_none() {
-        return Err(ApiError::not_found("job"));
-    }
+    viewer.check(state.store.get(viewer.workspace(), id).await?)?;
     let after = q.cursor.map_or(0, |c| c.0);
     let limit = q.limit.map_or(100, |l| l.0);
     let rows = state
         .store
-        .logs(member.workspace, id, after, limit + 1)
+        .logs(viewer.workspace(), id, after, limit + 1)
         .await?;
     let more = rows.len() as i64 > limit;
     let rows = &rows[..rows.len().min(limit as usize)];
@@ -831,13 +824,11 @@ impl<'de> Deserialize<'de> for ChildCursor {
     security(("bearer" = [])))]
 pub async fn children(
     State(state): State<AppState>,
-    member: Member,
+    viewer: Viewer,
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<ChildrenParams>,
 ) -> Result<Json<JobList>, ApiError> {
-    if state.store.get(member.workspace, id).await?.is_none() {
-        return Err(ApiError::not_found("job"));
-    }
+    viewer.check(state.store.get(viewer.workspace(), id).await?)?;
     let limit = q.limit.map_or(50, |l| l.0);
     let mut jobs = state
         .store

@@ -2,13 +2,16 @@
 //! runs through `lambda_http` and the local runner serves directly.
 
 mod api_keys;
+mod browser_tokens;
 pub mod crm;
 pub mod dashboard;
 mod error;
 mod extract;
 pub mod jobs;
 mod limits;
+mod platform;
 pub mod providers;
+pub mod realtime;
 mod schedules;
 mod stats;
 mod stream;
@@ -50,6 +53,10 @@ pub struct AppState {
     pub storage: crate::storage::Storage,
     /// The process's long-polls.
     pub watch: Arc<watch::Watch>,
+    /// The key browser tokens are signed with; `None` refuses them.
+    pub browser: Option<crate::browser_token::BrowserKeys>,
+    /// The process's realtime (WebSocket) connections.
+    pub realtime: Arc<realtime::Realtime>,
 }
 
 impl AppState {
@@ -115,8 +122,10 @@ impl utoipa::Modify for Doc {
                     .bearer_format("JWT or API key")
                     .description(Some(
                         "A JWT from the identity provider (RS/ES, verified against its JWKS; \
-                         HS256 where a shared secret is configured), `sub` the user id; or a \
-                         workspace API key `ofk_…` on that workspace's routes",
+                         HS256 where a shared secret is configured), its `iss` and `sub` naming \
+                         a member; a workspace API key `ofk_…` on that workspace's routes; a \
+                         platform key `ofp_…` on the provisioning routes; or a browser token \
+                         `ofb_…` on the job reads it names",
                     ))
                     .build(),
             ),
@@ -136,6 +145,7 @@ impl utoipa::Modify for Doc {
     (name = "enrichment", description = "The data providers enrichment jobs call (admins)"),
     (name = "crm", description = "The CRMs sync_crm keeps in sync (admins), and the conflicts it parks for review"),
     (name = "uploads", description = "Short-lived URLs to send files (CSV imports) to"),
+    (name = "platform", description = "Provisioning by a web app's server with a platform key: workspaces, and their members (admins too)"),
     (name = "health", description = "Liveness"),
 ))]
 struct ApiDoc;
@@ -168,6 +178,15 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(crm::conflicts))
         .routes(routes!(crm::resolve))
         .routes(routes!(uploads::create))
+        .routes(routes!(platform::create, platform::list))
+        .routes(routes!(
+            platform::get_one,
+            platform::update,
+            platform::delete
+        ))
+        .routes(routes!(platform::put_member, platform::list_members))
+        .routes(routes!(platform::remove_member))
+        .routes(routes!(browser_tokens::create))
         .routes(routes!(schedules::list, schedules::create))
         .routes(routes!(
             schedules::get_one,
@@ -260,6 +279,9 @@ pub fn router(state: AppState) -> Router {
             "/api/workspaces/{ws}/uploads/{id}/{name}",
             axum::routing::put(uploads::receive).layer(axum::extract::DefaultBodyLimit::disable()),
         )
+        // The realtime channel: a WebSocket, outside the document (OpenAPI
+        // describes no WebSocket); DESIGN.md gives its messages.
+        .route("/api/realtime", get(realtime::connect))
         .route("/", get(dashboard::index))
         .route("/assets/{name}", get(dashboard::asset))
         .fallback(not_found)
@@ -283,7 +305,13 @@ pub fn router(state: AppState) -> Router {
         app = app.layer(
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(origins))
-                .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+                .allow_methods([
+                    Method::GET,
+                    Method::POST,
+                    Method::PUT,
+                    Method::PATCH,
+                    Method::DELETE,
+                ])
                 .allow_headers([
                     axum::http::header::AUTHORIZATION,
                     axum::http::header::CONTENT_TYPE,

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use utoipa::IntoParams;
 
 use super::error::{ApiError, Problem};
-use super::extract::{from_text, Ids, Member, Params};
+use super::extract::{from_text, Ids, Params, Viewer};
 use super::jobs::JobPath;
 use super::watch::{FeedItem, Full};
 use super::AppState;
@@ -70,7 +70,7 @@ impl<'de> Deserialize<'de> for StreamCursor {
     security(("bearer" = [])))]
 pub async fn stream(
     State(state): State<AppState>,
-    member: Member,
+    viewer: Viewer,
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<StreamParams>,
     headers: HeaderMap,
@@ -91,22 +91,21 @@ pub async fn stream(
     let cursor = from_header.or(q.cursor.map(|c| c.0)).unwrap_or(0);
     // Taken before anything is read: a crowd beyond the cap costs the
     // database nothing.
-    let place = state.watch.stream_place(member.workspace).map_err(|Full| {
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-many-streams",
-            "Too many streams",
-            "this workspace has too many job streams open at once; retry, or follow \
+    let place = state
+        .watch
+        .stream_place(viewer.workspace())
+        .map_err(|Full| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                "Too many streams",
+                "this workspace has too many job streams open at once; retry, or follow \
                  fewer jobs at a time",
-        );
-        e.retry_after = Some(1);
-        e
-    })?;
-    let job = state
-        .store
-        .get(member.workspace, id)
-        .await?
-        .ok_or_else(|| ApiError::not_found("job"))?;
+            );
+            e.retry_after = Some(1);
+            e
+        })?;
+    let job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
     // A finished job's stream is complete in the database: no feed.
     let (feed, rx) = if job.status.is_terminal() {
         (None, None)

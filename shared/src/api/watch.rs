@@ -196,6 +196,19 @@ impl Watch {
         })
     }
 
+    /// Every job id notified from now on (the listener started if it was
+    /// not): the realtime channel's feed of changes.
+    pub fn changes(&self) -> broadcast::Receiver<JobId> {
+        let rx = self.changed.subscribe();
+        self.start_listener();
+        rx
+    }
+
+    /// Whether notifications arrive now (the listener is connected).
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::SeqCst)
+    }
+
     /// A place for one stream connection of `workspace`, or `Full`.
     pub fn stream_place(self: &Arc<Self>, workspace: WorkspaceId) -> Result<StreamPlace, Full> {
         if !self.streaming.take(workspace) {

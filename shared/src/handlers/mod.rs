@@ -21,6 +21,7 @@ mod sequence_subscription;
 mod sleep;
 mod sync_crm;
 mod webhook;
+mod workspace_delete;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -55,6 +56,7 @@ pub use sync_crm::{
 };
 pub(crate) use webhook::http_url;
 pub use webhook::{is_internal, Webhook};
+pub use workspace_delete::WorkspaceDelete;
 
 use crate::db::DbError;
 use crate::ids::WorkspaceId;
@@ -190,6 +192,11 @@ pub trait JobHandler: Send + Sync + 'static {
     /// destructive work such as `bulk_delete`.
     const ADMIN_ONLY: bool = false;
 
+    /// Runs only in the platform's own workspace
+    /// ([`crate::platform::PLATFORM_WORKSPACE`]): work on whole workspaces,
+    /// which no tenant may create.
+    const PLATFORM_ONLY: bool = false;
+
     /// Checks what serde cannot (ranges, sizes); runs at creation and before
     /// each run.
     fn validate(&self, _payload: &Self::Payload) -> Result<(), PayloadError> {
@@ -257,6 +264,7 @@ impl<H: JobHandler> ErasedHandler for H {
     }
 
     fn validate(&self, payload: &Value, workspace: WorkspaceId) -> Result<(), PayloadError> {
+        platform_only::<H>(workspace)?;
         let typed: H::Payload = parse_payload(payload)?;
         JobHandler::validate(self, &typed)?;
         own_objects(self, &typed, workspace)
@@ -265,6 +273,7 @@ impl<H: JobHandler> ErasedHandler for H {
     async fn run(&self, payload: &Value, ctx: &mut JobContext) -> Result<Outcome, JobError> {
         // A payload that passed validation at creation but fails now (the
         // type changed under it) will never pass: a permanent error.
+        platform_only::<H>(ctx.workspace_id()).map_err(|e| JobError::Permanent(e.message))?;
         let typed: H::Payload = parse_payload(payload)
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
         JobHandler::validate(self, &typed)
@@ -272,6 +281,21 @@ impl<H: JobHandler> ErasedHandler for H {
             .map_err(|e| JobError::Permanent(format!("invalid payload: {e}")))?;
         JobHandler::run(self, typed, ctx).await
     }
+}
+
+/// Refuses a platform-only type anywhere but the platform's workspace.
+fn platform_only<H: JobHandler>(workspace: WorkspaceId) -> Result<(), PayloadError> {
+    if H::PLATFORM_ONLY && workspace != crate::platform::PLATFORM_WORKSPACE {
+        return Err(PayloadError {
+            field: None,
+            message: format!(
+                "{} jobs are made by the platform (e.g. DELETE /api/workspaces/{{ws}}), not created \
+                 in a workspace",
+                H::TYPE
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// An error naming the first storage key of the payload outside the
@@ -328,6 +352,7 @@ impl Registry {
             .with(EnrichAccount::default())
             .with(SendEmailBatch::local())
             .with(SyncCrm::default())
+            .with(WorkspaceDelete)
     }
 
     /// The built-in types as configured for this deployment.

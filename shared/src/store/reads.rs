@@ -54,6 +54,23 @@ impl Store {
         Ok(row.as_ref().map(Job::from_row).transpose()?)
     }
 
+    /// The jobs of `ids` that exist, in no particular order: one read for
+    /// every job a notification names.
+    pub async fn get_many(&self, ids: &[JobId]) -> Result<Vec<Job>, DbError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+        let db = Conn::get(&self.pool).await?;
+        let rows = db
+            .query(
+                concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ANY($1)"),
+                &[&raw],
+            )
+            .await?;
+        Ok(rows.iter().map(Job::from_row).collect::<Result<_, _>>()?)
+    }
+
     /// A page of a workspace's jobs, newest first, after `filter.before`.
     pub async fn list(
         &self,

@@ -1,0 +1,881 @@
+//! `GET /api/realtime?token=…`: live job changes pushed over a WebSocket
+//! (DESIGN.md "The API"). A client subscribes to jobs by id or by tag:
+//!
+//! - client `{"action": "subscribe", "workspace": ws, "jobs": [ids]}` (or
+//!   `"tags": [tags]`; `"stream": true` adds the jobs' new stream chunks),
+//!   `{"action": "unsubscribe", …}` the same way;
+//! - server `{"type": "job", "job": <the job JSON>}` once at subscribe (so a
+//!   reconnect never misses a final state) and on every change it reads,
+//!   `{"type": "chunk", "job_id", "cursor", "data"}`, and
+//!   `{"type": "error", "detail"}`.
+//!
+//! One hub per process holds every connection's subscriptions. A watched
+//! job has one row in `job_watches` (a tag, one in `job_tag_watches`) for
+//! the whole process, however many connections follow it; the statement
+//! that changes it notifies (V10, V17), the hub reads the job once and
+//! sends the same text to every subscriber. While nothing changes, no
+//! viewer costs a statement: the only one is the process's extension of
+//! its rows, once a minute. States are sent in order; a state replaced
+//! before the hub read it is passed over for the newer one (a progress bar
+//! wants the latest; stream chunks, which must all arrive, go through the
+//! job's feed and its cursor).
+//!
+//! The token is a browser token (its jobs and tags only), a user's token or
+//! an API key (the workspaces it is a member of, checked at each subscribe).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::extract::{browser_grant, viewer, Viewer};
+use super::watch::{FeedItem, Watch};
+use super::AppState;
+use crate::db::{self, DbError};
+use crate::ids::{JobId, WorkspaceId};
+use crate::job::Job;
+use crate::store::Store;
+
+/// How long the process's watch rows live past a round; extended each round.
+const ROUND: Duration = Duration::from_secs(55);
+const SLACK: Duration = Duration::from_secs(5);
+/// A subscription reads its jobs once more this long after its rows are in
+/// place: a change whose statement looked for watchers just before the row
+/// was committed sent no notification.
+const RECHECK: Duration = Duration::from_secs(1);
+/// Messages waiting for one connection; a connection this far behind is
+/// closed (the client reconnects and gets the current state first).
+const OUTBOX: usize = 1024;
+/// Jobs one subscribe may name, and one connection follow in all.
+const MAX_JOBS_PER_MESSAGE: usize = 100;
+const MAX_JOBS_PER_CONNECTION: usize = 1000;
+const MAX_TAGS_PER_CONNECTION: usize = 20;
+/// The largest message a client may send.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// What the hub sends one connection.
+#[derive(Clone, Debug)]
+enum Out {
+    /// A job's state, as text, with the time it was written (a state older
+    /// than one already sent is not sent).
+    Job {
+        id: JobId,
+        updated_at: DateTime<Utc>,
+        text: Arc<str>,
+    },
+    Text(Arc<str>),
+    /// The connection fell too far behind: closed with this reason.
+    Close(&'static str),
+}
+
+struct Conn {
+    tx: mpsc::Sender<Out>,
+    viewers: HashMap<WorkspaceId, Viewer>,
+    jobs: HashSet<JobId>,
+    tags: HashSet<(WorkspaceId, String)>,
+}
+
+#[derive(Default)]
+struct Subs {
+    conns: HashMap<u64, Conn>,
+    by_job: HashMap<JobId, HashSet<u64>>,
+    by_tag: HashMap<(WorkspaceId, String), HashSet<u64>>,
+    /// Connections that asked for a job's chunks, and the task passing the
+    /// job's feed on to them.
+    streams: HashMap<JobId, (HashSet<u64>, tokio::task::JoinHandle<()>)>,
+}
+
+/// The realtime hub of one API process.
+pub struct Realtime {
+    watch: Arc<Watch>,
+    store: Store,
+    /// The `watcher` of this process's rows.
+    watcher: Uuid,
+    subs: Mutex<Subs>,
+    next_conn: AtomicU64,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientMessage {
+    action: Action,
+    workspace: String,
+    #[serde(default)]
+    jobs: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum Action {
+    Subscribe,
+    Unsubscribe,
+}
+
+#[derive(Deserialize)]
+pub struct RealtimeQuery {
+    token: Option<String>,
+}
+
+/// Who the connection's token names, checked before the upgrade.
+#[derive(Clone)]
+enum Bearer {
+    Browser(Arc<crate::browser_token::Grant>),
+    /// A user's token or an API key: membership is checked per workspace.
+    Token(String),
+}
+
+fn error_text(detail: &str) -> Arc<str> {
+    json!({"type": "error", "detail": detail})
+        .to_string()
+        .into()
+}
+
+/// `GET /api/realtime?token=…` (WebSocket)
+pub async fn connect(
+    State(state): State<AppState>,
+    Query(q): Query<RealtimeQuery>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let token = q
+        .token
+        .or_else(|| {
+            headers
+                .get(axum::http::header::AUTHORIZATION)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .map(str::to_string)
+        })
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "no token: connect to /api/realtime?token=<a browser token, user token or API key>",
+            )
+        })?;
+    let bearer = if crate::browser_token::is_browser_token(&token) {
+        Bearer::Browser(Arc::new(browser_grant(&state, &token)?))
+    } else if crate::platform::is_platform_key(&token) {
+        return Err(ApiError::forbidden(
+            "a platform key opens no workspace's jobs",
+        ));
+    } else if crate::api_keys::is_api_key(&token) {
+        let conn = state.db().await?;
+        crate::api_keys::authenticate(&conn, &token)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the API key is not valid"))?;
+        Bearer::Token(token)
+    } else {
+        state
+            .auth
+            .verify(&token)
+            .await
+            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        Bearer::Token(token)
+    };
+    let upgrade = upgrade.map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::UPGRADE_REQUIRED,
+            "upgrade-required",
+            "WebSocket required",
+            format!("connect with a WebSocket client: {e}"),
+        )
+    })?;
+    let hub = state.realtime.clone();
+    Ok(upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move { hub.serve(state, bearer, socket).await })
+        .into_response())
+}
+
+impl Realtime {
+    pub fn new(watch: Arc<Watch>, store: Store) -> Arc<Realtime> {
+        Arc::new(Realtime {
+            watch,
+            store,
+            watcher: Uuid::new_v4(),
+            subs: Mutex::default(),
+            next_conn: AtomicU64::new(0),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// Connections open in this process.
+    pub fn connections(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subs> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the task passing changes on, at the first connection.
+    fn start(self: &Arc<Self>) {
+        let mut task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+        if task.is_none() {
+            let changes = self.watch.changes();
+            *task = Some(tokio::spawn(run_hub(Arc::downgrade(self), changes)));
+        }
+    }
+
+    async fn serve(self: Arc<Self>, state: AppState, bearer: Bearer, socket: WebSocket) {
+        self.start();
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel::<Out>(OUTBOX);
+        self.lock().conns.insert(
+            id,
+            Conn {
+                tx: tx.clone(),
+                viewers: HashMap::new(),
+                jobs: HashSet::new(),
+                tags: HashSet::new(),
+            },
+        );
+        let (mut sink, mut stream) = futures::StreamExt::split(socket);
+        let writer = tokio::spawn(async move {
+            use futures::SinkExt;
+            // The newest state sent of each job: an older one read later
+            // (a subscribe's first read racing a change), or the same one
+            // read twice, is not sent.
+            let mut sent: HashMap<JobId, DateTime<Utc>> = HashMap::new();
+            while let Some(out) = rx.recv().await {
+                let text = match out {
+                    Out::Job {
+                        id,
+                        updated_at,
+                        text,
+                    } => {
+                        if sent.get(&id).is_some_and(|t| *t >= updated_at) {
+                            continue;
+                        }
+                        sent.insert(id, updated_at);
+                        text
+                    }
+                    Out::Text(t) => t,
+                    Out::Close(reason) => {
+                        let _ = sink
+                            .send(Message::Text(error_text(reason).to_string().into()))
+                            .await;
+                        let _ = sink.close().await;
+                        return;
+                    }
+                };
+                if sink
+                    .send(Message::Text(text.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        while let Some(Ok(msg)) = futures::StreamExt::next(&mut stream).await {
+            let text = match msg {
+                Message::Text(t) => t.to_string(),
+                Message::Close(_) => break,
+                Message::Binary(_) => {
+                    let _ = tx
+                        .send(Out::Text(error_text("send messages as JSON text")))
+                        .await;
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Err(detail) = self.handle(&state, &bearer, id, &tx, &text).await {
+                if tx.send(Out::Text(error_text(&detail))).await.is_err() {
+                    break;
+                }
+            }
+            if writer.is_finished() {
+                break;
+            }
+        }
+        self.leave(id).await;
+        drop(tx);
+        let _ = writer.await;
+    }
+
+    /// One client message; an error is the `detail` sent back.
+    async fn handle(
+        self: &Arc<Self>,
+        state: &AppState,
+        bearer: &Bearer,
+        conn: u64,
+        tx: &mpsc::Sender<Out>,
+        text: &str,
+    ) -> Result<(), String> {
+        let msg: ClientMessage = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "not a message this channel takes ({e}); send {{\"action\": \"subscribe\", \
+                 \"workspace\": ws, \"jobs\": [ids]}} or with \"tags\""
+            )
+        })?;
+        let ws: WorkspaceId = msg
+            .workspace
+            .parse()
+            .map_err(|_| format!("workspace {:?} is not a UUID", msg.workspace))?;
+        let mut jobs = Vec::new();
+        for j in &msg.jobs {
+            jobs.push(
+                j.parse::<JobId>()
+                    .map_err(|_| format!("job id {j:?} is not a UUID"))?,
+            );
+        }
+        if jobs.len() > MAX_JOBS_PER_MESSAGE {
+            return Err(format!("at most {MAX_JOBS_PER_MESSAGE} jobs per message"));
+        }
+        if let Some(t) = msg.tags.iter().find(|t| t.is_empty() || t.len() > 200) {
+            return Err(format!("tag {t:?} is not 1 to 200 bytes"));
+        }
+        if msg.action == Action::Unsubscribe {
+            self.unsubscribe(conn, ws, &jobs, &msg.tags).await;
+            return Ok(());
+        }
+        if jobs.is_empty() && msg.tags.is_empty() {
+            return Err("name the jobs (or tags) to follow".into());
+        }
+        let viewer = self.viewer(state, bearer, conn, ws).await?;
+        if let Viewer::Browser(g) = &viewer {
+            if let Some(t) = msg.tags.iter().find(|t| !g.tags.contains(t)) {
+                return Err(format!("this browser token does not open the tag {t:?}"));
+            }
+        }
+        {
+            let subs = self.lock();
+            let c = subs.conns.get(&conn).ok_or("the connection is closing")?;
+            let new_jobs = jobs.iter().filter(|j| !c.jobs.contains(j)).count();
+            if c.jobs.len() + new_jobs > MAX_JOBS_PER_CONNECTION {
+                return Err(format!(
+                    "a connection follows at most {MAX_JOBS_PER_CONNECTION} jobs"
+                ));
+            }
+            let new_tags = msg
+                .tags
+                .iter()
+                .filter(|t| !c.tags.contains(&(ws, (*t).clone())))
+                .count();
+            if c.tags.len() + new_tags > MAX_TAGS_PER_CONNECTION {
+                return Err(format!(
+                    "a connection follows at most {MAX_TAGS_PER_CONNECTION} tags"
+                ));
+            }
+        }
+        // The jobs as they are now; those the viewer may not see are
+        // refused as if they did not exist.
+        let found = self
+            .store
+            .get_many(&jobs)
+            .await
+            .map_err(|e| e.to_string())?;
+        let visible: HashMap<JobId, Job> = found
+            .into_iter()
+            .filter(|j| viewer.sees(j))
+            .map(|j| (j.id, j))
+            .collect();
+        if let Some(missing) = jobs.iter().find(|j| !visible.contains_key(j)) {
+            return Err(format!("no job {missing} in workspace {ws} for this token"));
+        }
+        // Registered first, then the rows, then the read: a change after
+        // the row notifies, one before it is in the read.
+        let (new_jobs, new_tags) = self.register(conn, ws, &jobs, &msg.tags, msg.stream);
+        self.insert_rows(ws, &new_jobs, &new_tags)
+            .await
+            .map_err(|e| format!("cannot watch now: {e}"))?;
+        let now = self
+            .store
+            .get_many(&jobs)
+            .await
+            .map_err(|e| e.to_string())?;
+        for job in now.iter().filter(|j| visible.contains_key(&j.id)) {
+            send_job(tx, job).await;
+        }
+        if !msg.tags.is_empty() {
+            // The tag's jobs as they are (the newest 100 of each tag).
+            for tag in &msg.tags {
+                let filter = crate::store::ListFilter {
+                    tag: Some(tag.clone()),
+                    limit: 100,
+                    ..Default::default()
+                };
+                let list = self
+                    .store
+                    .list(ws, &filter)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for job in list.iter().filter(|j| viewer.sees(j)) {
+                    send_job(tx, job).await;
+                }
+            }
+        }
+        if !jobs.is_empty() {
+            let (hub, jobs, tx) = (self.clone(), jobs.clone(), tx.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(RECHECK).await;
+                if let Ok(list) = hub.store.get_many(&jobs).await {
+                    for job in &list {
+                        send_job(&tx, job).await;
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// The connection's viewer of `ws`, checked at its first subscribe
+    /// there (a user's membership, an API key's workspace).
+    async fn viewer(
+        &self,
+        state: &AppState,
+        bearer: &Bearer,
+        conn: u64,
+        ws: WorkspaceId,
+    ) -> Result<Viewer, String> {
+        if let Some(v) = self
+            .lock()
+            .conns
+            .get(&conn)
+            .and_then(|c| c.viewers.get(&ws))
+        {
+            return Ok(v.clone());
+        }
+        let v = match bearer {
+            Bearer::Browser(g) if g.workspace == ws => Viewer::Browser(g.clone()),
+            Bearer::Browser(_) => {
+                return Err(format!("this token opens nothing in workspace {ws}"))
+            }
+            Bearer::Token(token) => viewer(state, token, ws).await.map_err(|e| e.detail)?,
+        };
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.viewers.insert(ws, v.clone());
+        }
+        Ok(v)
+    }
+
+    /// Adds the subscriptions; returns the jobs and tags this process did
+    /// not watch before.
+    fn register(
+        self: &Arc<Self>,
+        conn: u64,
+        ws: WorkspaceId,
+        jobs: &[JobId],
+        tags: &[String],
+        stream: bool,
+    ) -> (Vec<JobId>, Vec<String>) {
+        let mut subs = self.lock();
+        let Subs {
+            conns,
+            by_job,
+            by_tag,
+            streams,
+        } = &mut *subs;
+        let Some(c) = conns.get_mut(&conn) else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut new_jobs = Vec::new();
+        for j in jobs {
+            c.jobs.insert(*j);
+            let set = by_job.entry(*j).or_default();
+            if set.is_empty() {
+                new_jobs.push(*j);
+            }
+            set.insert(conn);
+            if stream {
+                let entry = streams
+                    .entry(*j)
+                    .or_insert_with(|| (HashSet::new(), self.forward_stream(*j)));
+                entry.0.insert(conn);
+            }
+        }
+        let mut new_tags = Vec::new();
+        for t in tags {
+            let key = (ws, t.clone());
+            c.tags.insert(key.clone());
+            let set = by_tag.entry(key).or_default();
+            if set.is_empty() {
+                new_tags.push(t.clone());
+            }
+            set.insert(conn);
+        }
+        (new_jobs, new_tags)
+    }
+
+    /// Passes the job's new stream chunks to the connections that asked.
+    fn forward_stream(self: &Arc<Self>, job: JobId) -> tokio::task::JoinHandle<()> {
+        let (feed, mut rx) = self.watch.feed(&self.store, job);
+        let hub = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let _feed = feed;
+            loop {
+                let item = match rx.recv().await {
+                    Ok(i) => i,
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let FeedItem::Chunks { chunks, .. } = item else {
+                    return;
+                };
+                let Some(hub) = hub.upgrade() else { return };
+                let targets: Vec<mpsc::Sender<Out>> = {
+                    let subs = hub.lock();
+                    subs.streams
+                        .get(&job)
+                        .map(|(conns, _)| {
+                            conns
+                                .iter()
+                                .filter_map(|c| subs.conns.get(c).map(|c| c.tx.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                for (cursor, data) in chunks.iter() {
+                    let text: Arc<str> = json!({"type": "chunk", "job_id": job, "cursor": cursor.to_string(), "data": data})
+                        .to_string()
+                        .into();
+                    for tx in &targets {
+                        offer(tx, Out::Text(text.clone()));
+                    }
+                }
+            }
+        })
+    }
+
+    async fn unsubscribe(&self, conn: u64, ws: WorkspaceId, jobs: &[JobId], tags: &[String]) {
+        let (gone_jobs, gone_tags) = {
+            let mut subs = self.lock();
+            let mut gone_jobs = Vec::new();
+            let mut gone_tags = Vec::new();
+            for j in jobs {
+                if let Some(c) = subs.conns.get_mut(&conn) {
+                    c.jobs.remove(j);
+                }
+                if drop_from(&mut subs.by_job, j, conn) {
+                    gone_jobs.push(*j);
+                }
+                drop_stream(&mut subs.streams, j, conn);
+            }
+            for t in tags {
+                let key = (ws, t.clone());
+                if let Some(c) = subs.conns.get_mut(&conn) {
+                    c.tags.remove(&key);
+                }
+                if drop_from(&mut subs.by_tag, &key, conn) {
+                    gone_tags.push(key);
+                }
+            }
+            (gone_jobs, gone_tags)
+        };
+        self.delete_rows(&gone_jobs, &gone_tags).await;
+    }
+
+    /// The connection closed: its subscriptions go, and the rows no other
+    /// connection needs.
+    async fn leave(&self, conn: u64) {
+        let Some(c) = self.lock().conns.remove(&conn) else {
+            return;
+        };
+        let jobs: Vec<JobId> = c.jobs.into_iter().collect();
+        let (gone_jobs, gone_tags) = {
+            let mut subs = self.lock();
+            let mut gone_jobs = Vec::new();
+            for j in &jobs {
+                if drop_from(&mut subs.by_job, j, conn) {
+                    gone_jobs.push(*j);
+                }
+                drop_stream(&mut subs.streams, j, conn);
+            }
+            let mut gone_tags = Vec::new();
+            for key in c.tags {
+                if drop_from(&mut subs.by_tag, &key, conn) {
+                    gone_tags.push(key);
+                }
+            }
+            (gone_jobs, gone_tags)
+        };
+        self.delete_rows(&gone_jobs, &gone_tags).await;
+    }
+
+    async fn insert_rows(
+        &self,
+        ws: WorkspaceId,
+        jobs: &[JobId],
+        tags: &[String],
+    ) -> Result<(), DbError> {
+        if jobs.is_empty() && tags.is_empty() {
+            return Ok(());
+        }
+        let db = db::Conn::get(self.store.pool()).await?;
+        let until = (ROUND + SLACK).as_secs_f64();
+        if !jobs.is_empty() {
+            let ids: Vec<Uuid> = jobs.iter().map(|j| j.0).collect();
+            db.execute(
+                "INSERT INTO job_watches (job_id, watcher, until) \
+                 SELECT j, $2, now() + make_interval(secs => $3) FROM unnest($1::uuid[]) j \
+                 ON CONFLICT (job_id, watcher) DO UPDATE SET until = EXCLUDED.until",
+                &[&ids, &self.watcher, &until],
+            )
+            .await?;
+        }
+        if !tags.is_empty() {
+            db.execute(
+                "INSERT INTO job_tag_watches (workspace_id, tag, watcher, until) \
+                 SELECT $1, t, $3, now() + make_interval(secs => $4) FROM unnest($2::text[]) t \
+                 ON CONFLICT (workspace_id, tag, watcher) DO UPDATE SET until = EXCLUDED.until",
+                &[&ws.0, &tags, &self.watcher, &until],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_rows(&self, jobs: &[JobId], tags: &[(WorkspaceId, String)]) {
+        if jobs.is_empty() && tags.is_empty() {
+            return;
+        }
+        let Ok(db) = db::Conn::get(self.store.pool()).await else {
+            // The rows expire by themselves within a round.
+            return;
+        };
+        if !jobs.is_empty() {
+            let ids: Vec<Uuid> = jobs.iter().map(|j| j.0).collect();
+            let _ = db
+                .execute(
+                    "DELETE FROM job_watches WHERE watcher = $1 AND job_id = ANY($2)",
+                    &[&self.watcher, &ids],
+                )
+                .await;
+        }
+        for (ws, tag) in tags {
+            let _ = db
+                .execute(
+                    "DELETE FROM job_tag_watches WHERE watcher = $1 AND workspace_id = $2 AND tag = $3",
+                    &[&self.watcher, &ws.0, tag],
+                )
+                .await;
+        }
+    }
+
+    /// Moves every row of this process a round further: one statement per
+    /// table per round, however many viewers.
+    async fn extend_rows(&self) -> Result<(), DbError> {
+        let (any_job, any_tag) = {
+            let subs = self.lock();
+            (!subs.by_job.is_empty(), !subs.by_tag.is_empty())
+        };
+        let db = db::Conn::get(self.store.pool()).await?;
+        let until = (ROUND + SLACK).as_secs_f64();
+        if any_job {
+            db.execute(
+                "UPDATE job_watches SET until = now() + make_interval(secs => $2) WHERE watcher = $1",
+                &[&self.watcher, &until],
+            )
+            .await?;
+        }
+        if any_tag {
+            db.execute(
+                "UPDATE job_tag_watches SET until = now() + make_interval(secs => $2) WHERE watcher = $1",
+                &[&self.watcher, &until],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the changed jobs that anyone here follows, once each, and
+    /// sends each state to its subscribers.
+    async fn publish(&self, ids: &[JobId]) {
+        let wanted: Vec<JobId> = {
+            let subs = self.lock();
+            if subs.by_tag.is_empty() {
+                ids.iter()
+                    .filter(|j| subs.by_job.contains_key(j))
+                    .copied()
+                    .collect()
+            } else {
+                ids.to_vec()
+            }
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let jobs = match self.store.get_many(&wanted).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "realtime: changed jobs could not be read; their viewers get the next change");
+                return;
+            }
+        };
+        for job in jobs {
+            let text: Arc<str> = json!({"type": "job", "job": &job}).to_string().into();
+            let targets: Vec<mpsc::Sender<Out>> = {
+                let subs = self.lock();
+                let mut conns: HashSet<u64> = subs.by_job.get(&job.id).cloned().unwrap_or_default();
+                for t in &job.tags {
+                    if let Some(set) = subs.by_tag.get(&(job.workspace_id, t.clone())) {
+                        conns.extend(set);
+                    }
+                }
+                conns
+                    .iter()
+                    .filter_map(|c| subs.conns.get(c))
+                    .filter(|c| {
+                        c.viewers
+                            .get(&job.workspace_id)
+                            .is_some_and(|v| v.sees(&job))
+                    })
+                    .map(|c| c.tx.clone())
+                    .collect()
+            };
+            for tx in &targets {
+                offer(
+                    tx,
+                    Out::Job {
+                        id: job.id,
+                        updated_at: job.updated_at,
+                        text: text.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Every followed job read again: after notifications were missed (a
+    /// lost listener connection, a lagging receiver).
+    async fn publish_all(&self) {
+        let ids: Vec<JobId> = self.lock().by_job.keys().copied().collect();
+        for chunk in ids.chunks(1000) {
+            self.publish(chunk).await;
+        }
+    }
+}
+
+/// Queues a message for a connection without waiting; a connection whose
+/// queue is full is told to go (it reconnects and starts from the current
+/// state).
+fn offer(tx: &mpsc::Sender<Out>, out: Out) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(out) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Out::Close(
+                    "this connection fell too far behind; reconnect and subscribe again",
+                ))
+                .await;
+        });
+    }
+}
+
+async fn send_job(tx: &mpsc::Sender<Out>, job: &Job) {
+    let text: Arc<str> = json!({"type": "job", "job": job}).to_string().into();
+    let _ = tx
+        .send(Out::Job {
+            id: job.id,
+            updated_at: job.updated_at,
+            text,
+        })
+        .await;
+}
+
+/// Removes `conn` from `key`'s set; `true` when the set is now empty (and
+/// removed).
+fn drop_from<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, HashSet<u64>>,
+    key: &K,
+    conn: u64,
+) -> bool {
+    let Some(set) = map.get_mut(key) else {
+        return false;
+    };
+    set.remove(&conn);
+    if set.is_empty() {
+        map.remove(key);
+        return true;
+    }
+    false
+}
+
+fn drop_stream(
+    streams: &mut HashMap<JobId, (HashSet<u64>, tokio::task::JoinHandle<()>)>,
+    job: &JobId,
+    conn: u64,
+) {
+    if let Some((conns, task)) = streams.get_mut(job) {
+        conns.remove(&conn);
+        if conns.is_empty() {
+            task.abort();
+            streams.remove(job);
+        }
+    }
+}
+
+/// Passes notified changes on; extends the rows each round; reads every
+/// followed job again when notifications may have been missed.
+async fn run_hub(hub: std::sync::Weak<Realtime>, mut changes: broadcast::Receiver<JobId>) {
+    let mut round = tokio::time::interval(ROUND);
+    round.tick().await;
+    let mut was_listening = true;
+    let mut fallback = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            got = changes.recv() => {
+                let Some(h) = hub.upgrade() else { return };
+                let mut ids = Vec::new();
+                match got {
+                    Ok(id) => ids.push(id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        h.publish_all().await;
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+                // Everything already notified goes in the same read.
+                while ids.len() < 1000 {
+                    match changes.try_recv() {
+                        Ok(id) => ids.push(id),
+                        Err(_) => break,
+                    }
+                }
+                ids.sort();
+                ids.dedup();
+                h.publish(&ids).await;
+            }
+            _ = round.tick() => {
+                let Some(h) = hub.upgrade() else { return };
+                if let Err(e) = h.extend_rows().await {
+                    tracing::warn!(error = %e, "realtime: watch rows not extended; retrying next round");
+                }
+            }
+            _ = fallback.tick() => {
+                let Some(h) = hub.upgrade() else { return };
+                let listening = h.watch.is_listening();
+                // Down: read every second; back up: once, for what was missed.
+                if !listening || !was_listening {
+                    h.publish_all().await;
+                }
+                was_listening = listening;
+            }
+        }
+    }
+}

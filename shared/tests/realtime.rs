@@ -1,0 +1,318 @@
+//! The realtime channel (`/api/realtime`, WebSocket): subscribers get a
+//! job's state at once and every change after, in order; idle subscribers
+//! cost the database nothing; tokens open only what they name.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use offload::testing::TestApp;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Room for a thousand sockets on each side, whatever the shell's default.
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max.min(65_536);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn connect(app: &TestApp, token: &str) -> Socket {
+    let url = format!(
+        "{}/api/realtime?token={token}",
+        app.base.replace("http://", "ws://")
+    );
+    tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect")
+        .0
+}
+
+async fn send(ws: &mut Socket, msg: Value) {
+    ws.send(Message::Text(msg.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next message, as JSON; fails the test after 20 s.
+async fn next(ws: &mut Socket) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message within 20 s")
+            .expect("the connection open")
+            .expect("a message");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// Nothing arrives for `wait`.
+async fn silent(ws: &mut Socket, wait: Duration) {
+    if let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(wait, ws.next()).await {
+        panic!("expected nothing, got {t}");
+    }
+}
+
+async fn browser_token(app: &TestApp, body: Value) -> String {
+    let resp = app
+        .req("POST", "/browser-tokens")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    let b: Value = resp.json().await.unwrap();
+    b["token"].as_str().unwrap().to_string()
+}
+
+async fn create(app: &TestApp, body: Value) -> String {
+    let resp = app.create_job(body).await;
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
+    let j: Value = resp.json().await.unwrap();
+    j["id"].as_str().unwrap().to_string()
+}
+
+/// A progress write as the worker makes it.
+async fn progress(app: &TestApp, job: &str, processed: i64) {
+    let conn = app.db.pool.get().await.unwrap();
+    let p = serde_json::to_value(offload::job::Progress::of(processed as u64, 20)).unwrap();
+    conn.execute(
+        "UPDATE jobs SET progress = $2, updated_at = clock_timestamp() WHERE id = $1::text::uuid",
+        &[&job, &p],
+    )
+    .await
+    .unwrap();
+}
+
+/// Statements the database has run for this test's database so far
+/// (pg_stat_statements, which the scripts preload), leaving out this count.
+async fn statements(app: &TestApp) -> i64 {
+    let conn = app.db.pool.get().await.unwrap();
+    conn.query_one(
+        "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements \
+         WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND query NOT LIKE '%pg_stat_statements%'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_get_every_change_in_order_and_cost_nothing_while_idle() {
+    raise_open_files();
+    let app = TestApp::spawn().await;
+    {
+        let conn = app.db.pool.get().await.unwrap();
+        conn.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await
+            .expect("pg_stat_statements (scripts/lib.sh preloads it)");
+        conn.query_one("SELECT count(*) FROM pg_stat_statements", &[])
+            .await
+            .expect("pg_stat_statements loaded: shared_preload_libraries (scripts/lib.sh sets it)");
+    }
+    let job = create(&app, json!({"type": "sleep", "payload": {"ms": 60000}})).await;
+    let token = browser_token(&app, json!({"jobs": [job]})).await;
+    let subscribe = json!({"action": "subscribe", "workspace": app.workspace, "jobs": [job]});
+    let mut clients = Vec::new();
+    for i in 0..1000 {
+        // Most with the page's browser token, some with the user's own.
+        let t = if i % 10 == 0 {
+            app.token.clone()
+        } else {
+            token.clone()
+        };
+        let mut ws = connect(&app, &t).await;
+        send(&mut ws, subscribe.clone()).await;
+        clients.push(ws);
+    }
+    for ws in clients.iter_mut() {
+        let first = next(ws).await;
+        assert_eq!(first["type"], "job", "{first}");
+        assert_eq!(first["job"]["id"], job.as_str());
+        assert_eq!(first["job"]["status"], "queued");
+    }
+    // The subscriptions' re-read a moment after, then quiet.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = statements(&app).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = statements(&app).await;
+    assert_eq!(
+        after - before,
+        0,
+        "1 000 idle subscribers made the database run statements"
+    );
+
+    // Every change, in order: the writer goes on once the first client has
+    // the change (a person's pace, not a burst).
+    let (sentinel, rest) = clients.split_first_mut().unwrap();
+    let processed = |m: &Value| m["job"]["progress"]["processed"].as_i64();
+    for k in 1..=20 {
+        progress(&app, &job, k).await;
+        loop {
+            let m = next(sentinel).await;
+            if processed(&m) == Some(k) {
+                break;
+            }
+            assert!(processed(&m) < Some(k), "out of order: {m}");
+        }
+    }
+    for ws in rest.iter_mut() {
+        let mut seen = Vec::new();
+        while seen.last() != Some(&20) {
+            let m = next(ws).await;
+            assert_eq!(m["type"], "job", "{m}");
+            if let Some(p) = processed(&m) {
+                if seen.last() != Some(&p) {
+                    seen.push(p);
+                }
+            }
+        }
+        assert_eq!(seen, (1..=20).collect::<Vec<_>>());
+    }
+
+    // A client that reconnects gets the state it missed first: the final one.
+    let mut ws = clients.pop().unwrap();
+    ws.close(None).await.unwrap();
+    drop(clients);
+    app.db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = now(), updated_at = now() \
+             WHERE id = $1::text::uuid",
+            &[&job],
+        )
+        .await
+        .unwrap();
+    let mut again = connect(&app, &token).await;
+    send(&mut again, subscribe).await;
+    let first = next(&mut again).await;
+    assert_eq!(first["job"]["status"], "cancelled", "{first}");
+}
+
+#[tokio::test]
+async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
+    let app = TestApp::spawn().await;
+    let a = create(&app, json!({"type": "sleep", "payload": {"ms": 60000}})).await;
+    let b = create(
+        &app,
+        json!({"type": "sleep", "payload": {"ms": 60000}, "tags": ["import:9"]}),
+    )
+    .await;
+    let only_a = browser_token(&app, json!({"jobs": [a]})).await;
+    let mut ws = connect(&app, &only_a).await;
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [b]}),
+    )
+    .await;
+    let m = next(&mut ws).await;
+    assert_eq!(m["type"], "error");
+    assert!(m["detail"].as_str().unwrap().contains(&b), "{m}");
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "workspace": app.workspace, "tags": ["import:9"]}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "error");
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "workspace": offload::ids::WorkspaceId::new(), "jobs": [a]}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "error");
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let m = next(&mut ws).await;
+    assert!(m["detail"].as_str().unwrap().contains("subscribe"), "{m}");
+    // Changes of a job it does not follow never reach it.
+    progress(&app, &b, 3).await;
+    silent(&mut ws, Duration::from_millis(700)).await;
+
+    // By tag: the tagged job at once, its changes, nothing of the other.
+    let by_tag = browser_token(&app, json!({"tags": ["import:9"]})).await;
+    let mut tagged = connect(&app, &by_tag).await;
+    send(
+        &mut tagged,
+        json!({"action": "subscribe", "workspace": app.workspace, "tags": ["import:9"]}),
+    )
+    .await;
+    let m = next(&mut tagged).await;
+    assert_eq!(m["job"]["id"], b.as_str());
+    progress(&app, &b, 4).await;
+    let m = next(&mut tagged).await;
+    assert_eq!(m["job"]["progress"]["processed"], 4);
+    progress(&app, &a, 4).await;
+    silent(&mut tagged, Duration::from_millis(700)).await;
+    // Unsubscribed: quiet.
+    send(
+        &mut tagged,
+        json!({"action": "unsubscribe", "workspace": app.workspace, "tags": ["import:9"]}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    progress(&app, &b, 5).await;
+    silent(&mut tagged, Duration::from_millis(700)).await;
+
+    // Stream chunks, for a subscription that asks.
+    let mut member = connect(&app, &app.token).await;
+    send(
+        &mut member,
+        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [a], "stream": true}),
+    )
+    .await;
+    assert_eq!(next(&mut member).await["type"], "job");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let conn = app.db.pool.get().await.unwrap();
+        conn.execute(
+            "WITH ins AS (INSERT INTO job_stream (job_id, workspace_id, data) \
+               VALUES ($1::text::uuid, $2, '{\"token\": \"Hello\"}') RETURNING id) \
+             SELECT pg_notify('offload_jobs', $1) FROM ins",
+            &[&a, &app.workspace.0],
+        )
+        .await
+        .unwrap();
+    }
+    let chunk = loop {
+        let m = next(&mut member).await;
+        if m["type"] == "chunk" {
+            break m;
+        }
+    };
+    assert_eq!(chunk["job_id"], a.as_str());
+    assert_eq!(chunk["data"]["token"], "Hello");
+    assert!(chunk["cursor"].as_str().unwrap().parse::<i64>().unwrap() > 0);
+
+    // No token, a made-up one, a platform key: refused before the upgrade.
+    let url = format!("{}/api/realtime", app.base);
+    let resp = app.client.get(&url).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let resp = app
+        .client
+        .get(format!("{url}?token=ofb_nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let bad = format!(
+        "{}/api/realtime?token=ofb_nope",
+        app.base.replace("http://", "ws://")
+    );
+    assert!(tokio_tungstenite::connect_async(bad).await.is_err());
+}

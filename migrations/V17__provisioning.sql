@@ -69,12 +69,53 @@ CREATE UNLOGGED TABLE job_tag_watches (
     PRIMARY KEY (workspace_id, tag, watcher)
 );
 
+-- Live progress in AWS, where no process holds a LISTEN connection: browsers connect to
+-- the stack's API Gateway WebSocket API; the realtime function keeps each connection
+-- (who it is: a member's identity, an API key, a browser token's grant) and what it
+-- follows. A statement that changes a followed job queues its id in the outbox (a
+-- stream chunk of a job followed with `stream`, the chunk's id too); the function that
+-- made the change (worker, api, scheduler) sends the queue's jobs to their
+-- subscribers. With no connection anywhere, the trigger's extra cost is one look at an
+-- empty table.
+CREATE TABLE realtime_connections (
+    connection_id text PRIMARY KEY,
+    bearer        jsonb NOT NULL,
+    connected_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE realtime_subscriptions (
+    connection_id text NOT NULL REFERENCES realtime_connections (connection_id) ON DELETE CASCADE,
+    workspace_id  uuid NOT NULL,
+    job_id        uuid,
+    tag           text,
+    stream        boolean NOT NULL DEFAULT false,
+    CHECK ((job_id IS NULL) <> (tag IS NULL))
+);
+CREATE UNIQUE INDEX realtime_subscriptions_job ON realtime_subscriptions (job_id, connection_id)
+    WHERE job_id IS NOT NULL;
+CREATE UNIQUE INDEX realtime_subscriptions_tag ON realtime_subscriptions (workspace_id, tag, connection_id)
+    WHERE tag IS NOT NULL;
+CREATE INDEX realtime_subscriptions_connection ON realtime_subscriptions (connection_id);
+
+CREATE UNLOGGED TABLE realtime_outbox (
+    id       bigserial PRIMARY KEY,
+    job_id   uuid NOT NULL,
+    chunk_id bigint
+);
+
 CREATE OR REPLACE FUNCTION jobs_notify_watchers() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     r record;
     by_job boolean := EXISTS (SELECT 1 FROM job_watches);
     by_tag boolean := EXISTS (SELECT 1 FROM job_tag_watches);
 BEGIN
+    IF EXISTS (SELECT 1 FROM realtime_subscriptions) THEN
+        INSERT INTO realtime_outbox (job_id)
+        SELECT n.id FROM changed_new n
+        WHERE EXISTS (SELECT 1 FROM realtime_subscriptions s WHERE s.job_id = n.id)
+           OR EXISTS (SELECT 1 FROM realtime_subscriptions s
+                      WHERE s.workspace_id = n.workspace_id AND s.tag = ANY (n.tags));
+    END IF;
     IF NOT by_job AND NOT by_tag THEN
         RETURN NULL;
     END IF;

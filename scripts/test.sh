@@ -41,10 +41,10 @@ scripts/e2e.sh
 
 say "Lambda builds: cargo lambda build --release --arm64, as sam build makes them"
 ensure_lambda_tools
-cargo lambda build --release --arm64 --locked --bin api --bin worker --bin scheduler --bin migrate
+cargo lambda build --release --arm64 --locked --bin api --bin worker --bin scheduler --bin migrate --bin realtime
 python3 - <<'PY'
 import os, sys
-for f in ("api", "worker", "scheduler", "migrate"):
+for f in ("api", "worker", "scheduler", "migrate", "realtime"):
     path = f"target/lambda/{f}/bootstrap"
     with open(path, "rb") as b:
         head = b.read(20)

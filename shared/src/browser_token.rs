@@ -76,9 +76,11 @@ impl Grant {
     }
 
     /// Whether the token opens `job`: named by id, carrying one of its
-    /// tags, or a child of a job it names.
+    /// tags, or a child of a job it names; and not expired (a WebSocket
+    /// opened with it stops receiving once it is).
     pub fn sees(&self, job: &Job) -> bool {
-        job.workspace_id == self.workspace
+        self.exp + LEEWAY_SECS as i64 > Utc::now().timestamp()
+            && job.workspace_id == self.workspace
             && (self.jobs.contains(&job.id)
                 || job.parent_id.is_some_and(|p| self.jobs.contains(&p))
                 || job.tags.iter().any(|t| self.tags.contains(t)))

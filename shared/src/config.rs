@@ -137,6 +137,10 @@ pub struct Config {
     pub browser_token_secret: Option<String>,
     /// `OFFLOAD_BROWSER_TOKEN_SECRET_ARN`: a secret holding it (key `secret`).
     pub browser_token_secret_arn: Option<String>,
+    /// `OFFLOAD_REALTIME_ENDPOINT`: the management endpoint of the stack's
+    /// WebSocket API (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`),
+    /// where changes of followed jobs are sent; unset locally.
+    pub realtime_endpoint: Option<String>,
     /// `OFFLOAD_JWT_SECRET`: the HS256 secret; `None` refuses HS256 tokens.
     pub jwt_secret: Option<String>,
     /// No verification was configured outside Lambda: `jwt_secret` is the
@@ -329,6 +333,18 @@ impl Config {
             });
         }
         let browser_token_secret_arn = var("OFFLOAD_BROWSER_TOKEN_SECRET_ARN");
+        let realtime_endpoint = var("OFFLOAD_REALTIME_ENDPOINT");
+        if let Some(e) = realtime_endpoint.as_ref().filter(|e| {
+            !(e.starts_with("https://") || e.starts_with("http://"))
+                || reqwest::Url::parse(e).is_err()
+        }) {
+            return Err(ConfigError {
+                variable: "OFFLOAD_REALTIME_ENDPOINT",
+                reason: format!(
+                    "{e:?} is not a URL such as https://abc123.execute-api.us-east-1.amazonaws.com/live"
+                ),
+            });
+        }
 
         let queue = match var("OFFLOAD_QUEUE").as_deref() {
             None | Some("postgres") => QueueBackend::Postgres,
@@ -419,6 +435,7 @@ impl Config {
             jwt_secret_is_default,
             browser_token_secret,
             browser_token_secret_arn,
+            realtime_endpoint,
             jwks_url,
             jwt_issuer,
             jwt_audience,

@@ -27,6 +27,7 @@ pub mod job;
 pub mod platform;
 pub mod queue;
 pub mod ratelimit;
+pub mod realtime;
 pub mod redact;
 pub mod schedule;
 pub mod scheduler;

@@ -180,7 +180,12 @@ impl Services {
         .map_err(StartupError::Storage)?;
         Ok(Services {
             storage,
-            store: Store::new(pool),
+            store: Store::new(pool).with_push(
+                config
+                    .realtime_endpoint
+                    .as_deref()
+                    .map(|e| Arc::new(crate::realtime::Pusher::new(e, &config.aws_region))),
+            ),
             queue,
             registry: Arc::new(registry),
             clock: Clock::System,

@@ -236,6 +236,8 @@ impl Worker {
             inv.start(job, lease, Some(record));
         }
         inv.run().await;
+        // The jobs' ends, to whoever follows them over WebSockets (AWS).
+        self.store.push_changes().await;
         response(inv.failures)
     }
 

@@ -21,6 +21,9 @@ pub struct Budget {
     pub pool_size: u64,
     /// The API function's reserved concurrency.
     pub api: u64,
+    /// The realtime function's reserved concurrency (0 for a stack made
+    /// before it existed).
+    pub realtime: u64,
     /// The worker's maximum concurrency per queue, and how many queues it
     /// reads (each event source mapping scales on its own).
     pub worker_per_queue: u64,
@@ -51,6 +54,10 @@ impl Budget {
             limit: num("DatabaseMaxConnections")?,
             pool_size: num("PoolSize")?,
             api: num("ApiConcurrency")?,
+            realtime: match b.get("RealtimeConcurrency") {
+                None => 0,
+                Some(_) => num("RealtimeConcurrency")?,
+            },
             worker_per_queue: num("WorkerConcurrencyPerQueue")?,
             worker_queues: num("WorkerQueues")?,
             via_proxy: match b.get("ViaProxy") {
@@ -62,19 +69,20 @@ impl Budget {
     }
 
     /// The most connections the functions can hold at once: every instance
-    /// of the API, the worker on every queue and the one scheduler with a
-    /// full pool, and this function's single connection.
+    /// of the API, the realtime function, the worker on every queue and the
+    /// one scheduler with a full pool, and this function's single connection.
     pub fn demand(&self) -> u64 {
-        let instances = self.api + self.worker_per_queue * self.worker_queues + 1;
+        let instances = self.api + self.realtime + self.worker_per_queue * self.worker_queues + 1;
         self.pool_size * instances + 1
     }
 
     /// How the demand is made up, for messages.
     pub fn explain(&self) -> String {
         format!(
-            "pool {} x (api {} + worker {} queues x {} + scheduler 1) + migrate 1 = {}",
+            "pool {} x (api {} + realtime {} + worker {} queues x {} + scheduler 1) + migrate 1 = {}",
             self.pool_size,
             self.api,
+            self.realtime,
             self.worker_queues,
             self.worker_per_queue,
             self.demand()
@@ -95,7 +103,7 @@ impl Budget {
             return Err(format!(
                 "connection budget exceeded: the functions can hold {} connections ({}) \
                  but DatabaseMaxConnections is {}; lower ApiMaxConcurrency, \
-                 WorkerMaxConcurrency or DatabasePoolSize, raise DatabaseMaxConnections, \
+                 RealtimeMaxConcurrency, WorkerMaxConcurrency or DatabasePoolSize, raise DatabaseMaxConnections, \
                  or put RDS Proxy in front (DatabaseProxyTarget)",
                 self.demand(),
                 self.explain(),
@@ -143,6 +151,7 @@ mod tests {
             limit,
             pool_size: 2,
             api,
+            realtime: 0,
             worker_per_queue: worker,
             worker_queues: 3,
             via_proxy: false,
@@ -164,7 +173,9 @@ mod tests {
         let err = budget(100, 10, 20).check(None).unwrap_err();
         assert!(
             err.contains("can hold 143 connections")
-                && err.contains("pool 2 x (api 10 + worker 3 queues x 20 + scheduler 1)")
+                && err.contains(
+                    "pool 2 x (api 10 + realtime 0 + worker 3 queues x 20 + scheduler 1)"
+                )
                 && err.contains("DatabaseMaxConnections is 100"),
             "{err}"
         );
@@ -189,6 +200,12 @@ mod tests {
             Budget::from_properties(&json!({"CodeVersion": "3"})).unwrap(),
             None
         );
+        let mut with_realtime = p.clone();
+        with_realtime["ConnectionBudget"]["RealtimeConcurrency"] = json!("2");
+        let b = Budget::from_properties(&with_realtime).unwrap().unwrap();
+        assert_eq!(b.realtime, 2);
+        // 2 x (10 + 2 + 3 x 10 + 1) + 1
+        assert_eq!(b.demand(), 87);
         let bad = json!({"ConnectionBudget": {"DatabaseMaxConnections": "lots"}});
         assert_eq!(
             Budget::from_properties(&bad).unwrap_err(),

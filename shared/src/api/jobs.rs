@@ -612,11 +612,13 @@ pub async fn cancel(
         viewer.check(state.store.get(ws, id).await?)?;
         viewer.require_cancel()?;
     }
-    match state
+    let cancelled = state
         .store
         .request_cancel(ws, id, state.clock.now())
-        .await?
-    {
+        .await?;
+    // The change, to whoever follows the job over WebSockets (AWS).
+    state.store.push_changes().await;
+    match cancelled {
         Some(job) if job.status == JobStatus::Running => {
             Ok((StatusCode::ACCEPTED, Json(job)).into_response())
         }
@@ -686,6 +688,7 @@ pub async fn retry(
     if sent.is_ok_and(|s| s.sent.contains(&job.id)) {
         job.status = JobStatus::Queued;
     }
+    state.store.push_changes().await;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 

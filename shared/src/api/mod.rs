@@ -32,7 +32,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::timeout::TimeoutLayer;
 
 pub use error::ApiError;
-pub use extract::{JsonBody, Member};
+pub use extract::{JsonBody, Member, Viewer};
 
 use crate::auth::Verifier;
 use crate::clock::Clock;

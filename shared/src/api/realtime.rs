@@ -45,6 +45,7 @@ use super::AppState;
 use crate::db::{self, DbError};
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::Job;
+use crate::realtime::{MAX_JOBS_PER_CONNECTION, MAX_TAGS_PER_CONNECTION};
 use crate::store::Store;
 
 /// How long the process's watch rows live past a round; extended each round.
@@ -57,10 +58,6 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// Messages waiting for one connection; a connection this far behind is
 /// closed (the client reconnects and gets the current state first).
 const OUTBOX: usize = 1024;
-/// Jobs one subscribe may name, and one connection follow in all.
-const MAX_JOBS_PER_MESSAGE: usize = 100;
-const MAX_JOBS_PER_CONNECTION: usize = 1000;
-const MAX_TAGS_PER_CONNECTION: usize = 20;
 /// The largest message a client may send.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
@@ -113,26 +110,6 @@ impl Drop for Realtime {
             t.abort();
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClientMessage {
-    action: Action,
-    workspace: String,
-    #[serde(default)]
-    jobs: Vec<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    stream: bool,
-}
-
-#[derive(Debug, Deserialize, PartialEq)]
-#[serde(rename_all = "snake_case")]
-enum Action {
-    Subscribe,
-    Unsubscribe,
 }
 
 #[derive(Deserialize)]
@@ -327,35 +304,11 @@ impl Realtime {
         tx: &mpsc::Sender<Out>,
         text: &str,
     ) -> Result<(), String> {
-        let msg: ClientMessage = serde_json::from_str(text).map_err(|e| {
-            format!(
-                "not a message this channel takes ({e}); send {{\"action\": \"subscribe\", \
-                 \"workspace\": ws, \"jobs\": [ids]}} or with \"tags\""
-            )
-        })?;
-        let ws: WorkspaceId = msg
-            .workspace
-            .parse()
-            .map_err(|_| format!("workspace {:?} is not a UUID", msg.workspace))?;
-        let mut jobs = Vec::new();
-        for j in &msg.jobs {
-            jobs.push(
-                j.parse::<JobId>()
-                    .map_err(|_| format!("job id {j:?} is not a UUID"))?,
-            );
-        }
-        if jobs.len() > MAX_JOBS_PER_MESSAGE {
-            return Err(format!("at most {MAX_JOBS_PER_MESSAGE} jobs per message"));
-        }
-        if let Some(t) = msg.tags.iter().find(|t| t.is_empty() || t.len() > 200) {
-            return Err(format!("tag {t:?} is not 1 to 200 bytes"));
-        }
-        if msg.action == Action::Unsubscribe {
+        let msg = crate::realtime::parse(text)?;
+        let (ws, jobs) = (msg.workspace, msg.jobs.clone());
+        if !msg.subscribe {
             self.unsubscribe(conn, ws, &jobs, &msg.tags).await;
             return Ok(());
-        }
-        if jobs.is_empty() && msg.tags.is_empty() {
-            return Err("name the jobs (or tags) to follow".into());
         }
         let viewer = self.viewer(state, bearer, conn, ws).await?;
         if let Viewer::Browser(g) = &viewer {
@@ -728,7 +681,7 @@ impl Realtime {
             }
         };
         for job in jobs {
-            let text: Arc<str> = json!({"type": "job", "job": &job}).to_string().into();
+            let text: Arc<str> = crate::realtime::job_text(&job).into();
             let targets: Vec<mpsc::Sender<Out>> = {
                 let subs = self.lock();
                 let mut conns: HashSet<u64> = subs.by_job.get(&job.id).cloned().unwrap_or_default();
@@ -788,7 +741,7 @@ fn offer(tx: &mpsc::Sender<Out>, out: Out) {
 }
 
 async fn send_job(tx: &mpsc::Sender<Out>, job: &Job) {
-    let text: Arc<str> = json!({"type": "job", "job": job}).to_string().into();
+    let text: Arc<str> = crate::realtime::job_text(job).into();
     let _ = tx
         .send(Out::Job {
             id: job.id,

@@ -416,6 +416,7 @@ impl JobContext {
         }
         self.progress_written_at = Some(Instant::now());
         self.progress_dirty = false;
+        self.store.push_changes_soon();
         Ok(())
     }
 

@@ -172,6 +172,9 @@ impl Scheduler {
                 scheduled = report.scheduled, sent = report.sent, dead_lettered = report.dead_lettered, pruned = report.pruned, released = report.released,
                 errors = ?report.errors, "scheduler run with errors");
         }
+        // Rescues, dead letters and released waits, to whoever follows
+        // those jobs over WebSockets (AWS).
+        self.store.push_changes().await;
         report
     }
 }

@@ -162,11 +162,45 @@ pub struct LogLine {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// Where changes of followed jobs go in AWS (the WebSocket API's
+    /// connections); `None` locally, where the API pushes them itself.
+    push: Option<std::sync::Arc<crate::realtime::Pusher>>,
 }
 
 impl Store {
     pub fn new(pool: Pool) -> Self {
-        Store { pool }
+        Store { pool, push: None }
+    }
+
+    /// The same store, sending changes of followed jobs to `pusher`'s
+    /// connections when [`Store::push_changes`] is called.
+    pub fn with_push(mut self, pusher: Option<std::sync::Arc<crate::realtime::Pusher>>) -> Self {
+        self.push = pusher;
+        self
+    }
+
+    pub fn pusher(&self) -> Option<&std::sync::Arc<crate::realtime::Pusher>> {
+        self.push.as_ref()
+    }
+
+    /// Sends the changes of followed jobs queued so far to their
+    /// WebSocket subscribers (AWS); nothing without a pusher, or while
+    /// nobody is connected. A failure is logged: the job's next change
+    /// sends its state again.
+    pub async fn push_changes(&self) {
+        let Some(p) = &self.push else { return };
+        if let Err(e) = p.drain(self).await {
+            tracing::warn!(error = %e, "realtime: queued changes not sent; the next change sends them");
+        }
+    }
+
+    /// [`Store::push_changes`] without waiting for it (a handler's progress
+    /// write goes on at once).
+    pub fn push_changes_soon(&self) {
+        if self.push.is_some() {
+            let store = self.clone();
+            tokio::spawn(async move { store.push_changes().await });
+        }
     }
 
     pub fn pool(&self) -> &Pool {

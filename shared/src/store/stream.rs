@@ -9,8 +9,9 @@ use crate::db::{storable_json, Conn, DbError};
 use crate::ids::{JobId, WorkspaceId};
 
 impl Store {
-    /// Appends `data` to the stream of the job `lease` holds and notifies
-    /// its watchers (if any). Returns the chunk's id (its cursor), or
+    /// Appends `data` to the stream of the job `lease` holds, notifies its
+    /// watchers (if any) and queues it for its WebSocket subscribers (if
+    /// any, in AWS). Returns the chunk's id (its cursor), or
     /// `None` when the lease is lost (nothing was written).
     pub async fn append_stream(
         &self,
@@ -27,7 +28,10 @@ impl Store {
                      WHERE id = $1 AND status = 'running' AND attempts = $2 AND worker_id = $3) \
                    RETURNING id), \
                  told AS (SELECT pg_notify('offload_jobs', $1::text) FROM ins \
-                   WHERE EXISTS (SELECT 1 FROM job_watches WHERE job_id = $1)) \
+                   WHERE EXISTS (SELECT 1 FROM job_watches WHERE job_id = $1)), \
+                 pushed AS (INSERT INTO realtime_outbox (job_id, chunk_id) SELECT $1, id FROM ins \
+                   WHERE EXISTS (SELECT 1 FROM realtime_subscriptions \
+                     WHERE job_id = $1 AND stream)) \
                  SELECT (SELECT id FROM ins), (SELECT count(*) FROM told)",
                 &[
                     &lease.job_id.0,

@@ -78,3 +78,5 @@ cargo run -q -p offload-bench -- --only sustained --sustained-secs 10 --sustaine
 cargo run -q -p offload-bench -- --only stats --stats-jobs 2000 --out target/bench-smoke-stats.json
 cargo run -q -p offload-bench -- --only workflows --fan-out-children 200 --repeat 1 \
   --stream-readers 20 --stream-chunks 20 --token-waits 10 --out target/bench-smoke-workflows.json
+cargo run -q -p offload-bench -- --only realtime --realtime-viewers 50 --realtime-writes 5 \
+  --realtime-interval-ms 20 --realtime-idle-secs 3 --realtime-pollers 5 --out target/bench-smoke-realtime.json

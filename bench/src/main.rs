@@ -28,6 +28,7 @@ mod coldstart;
 mod crm;
 mod email;
 mod enrich;
+mod realtime;
 mod sustained;
 mod workflows;
 
@@ -58,7 +59,8 @@ struct Args {
     /// Figures to measure (comma-separated): tiers, drain, latency, cost, api, enqueue, sqs,
     /// import, neighbour, backlog, sustained (the last three are long: not in the default set),
     /// coldstart (after `cargo build --release --bins`), stats (1 000 000 retained jobs),
-    /// workflows (fan-out overhead and wait-token latency).
+    /// workflows (fan-out overhead and wait-token latency), realtime (WebSocket push
+    /// against long-polls).
     #[arg(
         long,
         default_value = "tiers,drain,latency,cost,api,enqueue,sqs,import,enrich,email,crm",
@@ -72,6 +74,32 @@ struct Args {
         value_delimiter = ','
     )]
     tiers: Vec<Tier>,
+    /// WebSocket viewers of one job in the realtime figure (comma-separated).
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    realtime_viewers: Vec<usize>,
+    /// (Internal) run as the realtime figure's helper: viewers of this URL.
+    #[arg(long, hide = true)]
+    realtime_client: Option<String>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    realtime_client_count: usize,
+    #[arg(long, hide = true, default_value = "")]
+    realtime_subscribe: String,
+    /// Progress writes the followed job makes in the realtime figure.
+    #[arg(long, default_value_t = 100)]
+    realtime_writes: u64,
+    /// Milliseconds between them.
+    #[arg(long, default_value_t = 100)]
+    realtime_interval_ms: u64,
+    /// Seconds nothing changes while the statements of idle viewers are counted.
+    #[arg(long, default_value_t = 60)]
+    realtime_idle_secs: u64,
+    /// Long-polling viewers for the comparison.
+    #[arg(long, default_value_t = 100)]
+    realtime_pollers: usize,
+    /// Changes of the followed job per hour in the AWS cost (a job reporting
+    /// progress once a second for the whole hour).
+    #[arg(long, default_value_t = 3600.0)]
+    realtime_changes_per_hour: f64,
     /// Children of the parent in the workflows figure.
     #[arg(long, default_value_t = 10_000)]
     fan_out_children: usize,
@@ -1190,6 +1218,9 @@ where
 async fn main() -> anyhow::Result<()> {
     offload::telemetry::init(false);
     let args = Args::parse();
+    if let Some(url) = &args.realtime_client {
+        return realtime::client_process(&args, url).await;
+    }
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| offload::config::DEFAULT_DATABASE_URL.into());
     let mut figures: Vec<Figure> = Vec::new();
@@ -1430,6 +1461,9 @@ async fn main() -> anyhow::Result<()> {
         report("neighbour_start_p50", p50, "ms");
         report("neighbour_start_p99", p99, "ms");
         report("neighbour_busy_drain", busy, "jobs/s");
+    }
+    if want("realtime") {
+        realtime::run(&args, &server, &mut report).await?;
     }
     if want("workflows") {
         eprintln!(

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -69,9 +69,9 @@ enum Out {
     Job {
         id: JobId,
         updated_at: DateTime<Utc>,
-        text: Arc<str>,
+        text: Utf8Bytes,
     },
-    Text(Arc<str>),
+    Text(Utf8Bytes),
     /// The connection fell too far behind: closed with this reason.
     Close(&'static str),
 }
@@ -125,7 +125,7 @@ enum Bearer {
     Token(String),
 }
 
-fn error_text(detail: &str) -> Arc<str> {
+fn error_text(detail: &str) -> Utf8Bytes {
     json!({"type": "error", "detail": detail})
         .to_string()
         .into()
@@ -253,18 +253,12 @@ impl Realtime {
                     }
                     Out::Text(t) => t,
                     Out::Close(reason) => {
-                        let _ = sink
-                            .send(Message::Text(error_text(reason).to_string().into()))
-                            .await;
+                        let _ = sink.send(Message::Text(error_text(reason))).await;
                         let _ = sink.close().await;
                         return;
                     }
                 };
-                if sink
-                    .send(Message::Text(text.to_string().into()))
-                    .await
-                    .is_err()
-                {
+                if sink.send(Message::Text(text)).await.is_err() {
                     return;
                 }
             }
@@ -504,7 +498,7 @@ impl Realtime {
                         .unwrap_or_default()
                 };
                 for (cursor, data) in chunks.iter() {
-                    let text: Arc<str> = json!({"type": "chunk", "job_id": job, "cursor": cursor.to_string(), "data": data})
+                    let text: Utf8Bytes = json!({"type": "chunk", "job_id": job, "cursor": cursor.to_string(), "data": data})
                         .to_string()
                         .into();
                     for tx in &targets {
@@ -681,7 +675,7 @@ impl Realtime {
             }
         };
         for job in jobs {
-            let text: Arc<str> = crate::realtime::job_text(&job).into();
+            let text: Utf8Bytes = crate::realtime::job_text(&job).into();
             let targets: Vec<mpsc::Sender<Out>> = {
                 let subs = self.lock();
                 let mut conns: HashSet<u64> = subs.by_job.get(&job.id).cloned().unwrap_or_default();
@@ -741,7 +735,7 @@ fn offer(tx: &mpsc::Sender<Out>, out: Out) {
 }
 
 async fn send_job(tx: &mpsc::Sender<Out>, job: &Job) {
-    let text: Arc<str> = crate::realtime::job_text(job).into();
+    let text: Utf8Bytes = crate::realtime::job_text(job).into();
     let _ = tx
         .send(Out::Job {
             id: job.id,

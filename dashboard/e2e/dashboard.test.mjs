@@ -5,6 +5,7 @@
 // saved as a PNG under SCREENSHOTS.
 
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { createServer } from "node:http";
 import { mkdirSync } from "node:fs";
 import { after, before, test } from "node:test";
@@ -52,6 +53,36 @@ async function tabTo(pattern) {
     if (pattern.test(label)) return;
   }
   assert.fail(`no focusable element matching ${pattern} within 80 tabs`);
+}
+
+/**
+ * Appends a chunk to a job's stream as a handler's `ctx.stream` does, and
+ * notifies its watchers as that statement does: no job type `offload dev`
+ * runs writes a stream. The database is scripts/e2e.sh's `offload_e2e`, on
+ * the server of the DATABASE_URL it exports.
+ */
+function appendStream(jobId, text) {
+  assert.ok(process.env.DATABASE_URL, "run through scripts/e2e.sh (DATABASE_URL)");
+  const db = `${process.env.DATABASE_URL.replace(/\/[^/]*$/, "")}/offload_e2e`;
+  execFileSync("psql", [db, "-qAt", "-v", "ON_ERROR_STOP=1", "-v", `job=${jobId}`, "-v", `ws=${WS}`, "-v", `text=${text}`], {
+    input:
+      "INSERT INTO job_stream (job_id, workspace_id, data, created_at) " +
+      "VALUES (:'job', :'ws', jsonb_build_object('line', :'text'::text), now());\n" +
+      "SELECT pg_notify('offload_jobs', :'job');\n",
+  });
+}
+
+/** Runs `fn` with the dashboard signed in with `token`, then signs back in as before. */
+async function signedInAs(token, fn) {
+  const saved = await page.evaluate(() => sessionStorage.getItem("offload.session"));
+  await page.evaluate((s) => sessionStorage.setItem("offload.session", s), JSON.stringify({ workspace: WS, token }));
+  try {
+    await fn();
+  } finally {
+    await page.evaluate((s) => sessionStorage.setItem("offload.session", s), saved);
+    await page.goto(`${URL_}/#/`);
+    await page.reload();
+  }
 }
 
 const shot = (name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
@@ -267,6 +298,222 @@ browserTest("a schedule is created with its next run in its time zone, then dele
   await row.getByRole("button", { name: "Delete schedule nightly e2e" }).click();
   await row.waitFor({ state: "detached" });
   assert.deepEqual((await api("GET", "/schedules")).schedules, []);
+});
+
+browserTest("a job page follows its job over the WebSocket: progress, and its stream, live without a reload", async () => {
+  const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 6000, steps: 12 } });
+  await untilStatus(job.id, "running");
+  appendStream(job.id, "written before the page opened");
+  const sockets = [];
+  const polls = [];
+  const onSocket = (ws) => {
+    const s = { url: ws.url(), frames: [] };
+    ws.on("framereceived", (f) => s.frames.push(String(f.payload)));
+    sockets.push(s);
+  };
+  const onRequest = (r) => {
+    if (r.url().includes(`/jobs/${job.id}`) && !/\/(logs|stream)\b/.test(r.url())) polls.push(r.url());
+  };
+  page.on("websocket", onSocket);
+  page.on("request", onRequest);
+  try {
+    await page.goto(`${URL_}/#/jobs/${job.id}`);
+    await page.evaluate(() => (window.e2eSameDocument = true));
+    await page.locator(".live-open", { hasText: "live" }).waitFor();
+    const lines = page.locator("ol.stream li");
+    await lines.first().waitFor();
+    appendStream(job.id, "written while the page watched");
+    await page.waitForFunction(() => document.querySelectorAll("ol.stream li").length === 2);
+    const bar = page.getByRole("progressbar", { name: "Job progress" });
+    const seen = new Set();
+    for (let i = 0; i < 300 && !seen.has(100); i++) {
+      const v = await bar.getAttribute("value");
+      if (v !== null) seen.add(Number(v));
+      await page.waitForTimeout(40);
+    }
+    assert.ok([...seen].some((v) => v > 0 && v < 100), `saw it move: ${[...seen]}`);
+    await page.locator(".badge", { hasText: "completed" }).first().waitFor();
+    await page.getByText("12 of 12 processed").waitFor();
+    assert.deepEqual(await lines.allInnerTexts(), [
+      '{"line":"written before the page opened"}',
+      '{"line":"written while the page watched"}',
+    ]);
+    assert.equal(await page.evaluate(() => window.e2eSameDocument), true, "the page was not reloaded");
+    const realtime = sockets.filter((s) => s.url.startsWith(`${URL_.replace(/^http/, "ws")}/api/realtime?token=`));
+    assert.equal(realtime.length, 1, `one WebSocket to /api/realtime: ${sockets.map((s) => s.url.split("?")[0])}`);
+    const frames = realtime[0].frames.map((f) => JSON.parse(f));
+    assert.ok(frames.some((f) => f.type === "job" && f.job.status === "completed"), "the final state came over it");
+    assert.ok(frames.some((f) => f.type === "chunk" && f.data.line === "written while the page watched"), "so did the new chunk");
+    assert.deepEqual(polls, [], "no long-poll of the job");
+    // Created by: the admin viewing resolves the member to their subject.
+    const members = (await api("GET", "/members")).members;
+    const creator = members.find((m) => m.id === job.created_by);
+    assert.ok(creator, `created_by ${job.created_by} is a member`);
+    // (The demo admin's subject is their id: the key's jobs, below, show a name that is not.)
+    await page.locator(".created-by", { hasText: `Created by ${creator.subject}` }).waitFor();
+    await shot("job-live");
+  } finally {
+    page.off("websocket", onSocket);
+    page.off("request", onRequest);
+  }
+});
+
+browserTest("where the WebSocket upgrade is refused (as on AWS Lambda), a job page follows its job by long-polls", async () => {
+  const job = await api("POST", "/jobs", { type: "sleep", payload: { ms: 3000, steps: 6 } });
+  // A page of its own, signed in, whose WebSocket never opens: each one fails as a refused upgrade does.
+  const lambda = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  try {
+    await lambda.addInitScript(([workspace, token]) => {
+      sessionStorage.setItem("offload.session", JSON.stringify({ workspace, token }));
+      window.e2eRefused = 0;
+      window.WebSocket = class {
+        constructor() {
+          window.e2eRefused += 1;
+          setTimeout(() => (this.onerror?.({}), this.onclose?.({ code: 1006 })), 5);
+        }
+        send() {}
+        close() {}
+      };
+    }, [WS, TOKEN]);
+    const polls = [];
+    lambda.on("request", (r) => /\?wait=/.test(r.url()) && polls.push(r.url()));
+    await lambda.goto(`${URL_}/#/jobs/${job.id}`);
+    await lambda.locator(".live-polling", { hasText: "live (long-polls)" }).waitFor();
+    await lambda.locator(".badge", { hasText: "completed" }).first().waitFor({ timeout: 15_000 });
+    await lambda.getByText("6 of 6 processed").waitFor();
+    assert.equal(await lambda.evaluate(() => window.e2eRefused), 3, "three refusals, then the long-polls");
+    assert.ok(polls.some((u) => u.includes(`/jobs/${job.id}?wait=`)), `long-polls of the job: ${polls}`);
+    await lambda.screenshot({ path: `${SHOTS}/job-long-polls.png`, fullPage: true });
+  } finally {
+    await lambda.close();
+  }
+});
+
+browserTest("a fan_out job's page lists its children with their status, 50 a page, each linked to its page", async () => {
+  const parent = await api("POST", "/jobs", {
+    type: "fan_out",
+    payload: { jobs: Array.from({ length: 55 }, () => ({ type: "noop" })) },
+  });
+  await untilStatus(parent.id, "completed");
+  const first = await api("GET", `/jobs/${parent.id}/children?limit=50`);
+  const second = await api("GET", `/jobs/${parent.id}/children?limit=50&cursor=${first.next_cursor}`);
+  await page.goto(`${URL_}/#/jobs/${parent.id}`);
+  const ids = () => page.locator("table.children tbody tr[data-job]").evaluateAll((trs) => trs.map((tr) => tr.dataset.job));
+  await page.waitForFunction(() => document.querySelectorAll("table.children tbody tr[data-job]").length === 50);
+  assert.deepEqual(await ids(), first.jobs.map((j) => j.id), "in the order created");
+  assert.equal(await page.locator("table.children .badge", { hasText: "completed" }).count(), 50);
+  await shot("fan-out");
+  await page.getByRole("navigation", { name: "Pages of children" }).getByRole("button", { name: "Next" }).click();
+  await page.waitForFunction(() => document.querySelectorAll("table.children tbody tr[data-job]").length === 5);
+  assert.deepEqual(await ids(), second.jobs.map((j) => j.id));
+  const child = second.jobs[0];
+  await page.locator(`tr[data-job="${child.id}"] a`).click();
+  await page.getByRole("heading", { name: new RegExp(`noop ${child.id}`) }).waitFor();
+  await page.locator(".created-by a", { hasText: parent.id }).click();
+  await page.getByRole("heading", { name: new RegExp(`fan_out ${parent.id}`) }).waitFor();
+});
+
+browserTest("an approval job is approved from its page and completes with the approval", async () => {
+  const job = await api("POST", "/jobs", { type: "approval", payload: { name: "e2e release", timeout_s: 600 } });
+  await page.goto(`${URL_}/#/jobs/${job.id}`);
+  await page.getByRole("heading", { name: "Waiting for a person to complete its wait token" }).waitFor({ timeout: 15_000 });
+  await page.getByText("Approve e2e release?").waitFor();
+  const waiting = await api("GET", `/jobs/${job.id}`);
+  assert.equal(waiting.wait.kind, "token");
+  await page.locator(`time[datetime="${waiting.wait.until}"]`).waitFor();
+  await page.getByText(waiting.wait.token).waitFor();
+  await shot("approval");
+  await page.getByRole("button", { name: "Approve" }).click();
+  await page.locator(".badge", { hasText: "completed" }).first().waitFor({ timeout: 15_000 });
+  assert.deepEqual((await api("GET", `/jobs/${job.id}`)).result, { data: { approved: true } });
+  await page.locator(".json", { hasText: "approved" }).waitFor();
+});
+
+browserTest("an admin adds a member, changes their role, and removes them", async () => {
+  const asked = [];
+  const onDialog = (d) => asked.push(d.message());
+  page.on("dialog", onDialog);
+  try {
+    await page.goto(`${URL_}/#/members`);
+    await page.getByRole("heading", { name: "Members" }).waitFor();
+    await page.getByLabel("Subject (the token's sub)").fill("auth0|someone");
+    await page.getByRole("button", { name: "Add member" }).click();
+    const row = page.locator("tr", { hasText: "auth0|someone" });
+    await row.waitFor();
+    const find = async () => (await api("GET", "/members")).members.find((m) => m.subject === "auth0|someone");
+    const added = await find();
+    assert.equal(added.role, "member");
+    assert.equal(added.issuer, null);
+    await shot("members");
+    await row.getByLabel("Role of auth0|someone").selectOption("admin");
+    await page.getByRole("status").filter({ hasText: "auth0|someone is now admin" }).waitFor();
+    const changed = await find();
+    assert.deepEqual([changed.id, changed.role], [added.id, "admin"], "the same member, with the new role");
+    await row.getByRole("button", { name: "Remove member auth0|someone" }).click();
+    await row.waitFor({ state: "detached" });
+    assert.equal(await find(), undefined);
+    assert.equal(asked.length, 1);
+    assert.match(asked[0], /Remove auth0\|someone\?/);
+  } finally {
+    page.off("dialog", onDialog);
+  }
+});
+
+browserTest("an admin creates an API key, sees its secret once, copies it, and revokes it", async () => {
+  await page.context().grantPermissions(["clipboard-read", "clipboard-write"], { origin: URL_ });
+  await page.goto(`${URL_}/#/api-keys`);
+  await page.getByRole("heading", { name: "API keys" }).waitFor();
+  await page.getByLabel("Name").fill("e2e key");
+  await page.getByRole("button", { name: "Create key" }).click();
+  const key = await page.getByLabel("Secret").inputValue();
+  assert.match(key, /^ofk_/);
+  const stats = (k) => fetch(`${URL_}/api/workspaces/${WS}/stats`, { headers: { Authorization: `Bearer ${k}` } });
+  assert.equal((await stats(key)).status, 200, "the key shown works");
+  await page.getByRole("button", { name: "Copy" }).click();
+  await page.getByText("Copied.").waitFor();
+  assert.equal(await page.evaluate(() => navigator.clipboard.readText()), key);
+  const row = page.locator("tr", { hasText: "e2e key" });
+  await row.waitFor();
+  const prefix = (await row.locator("td.mono").innerText()).replace("…", "");
+  assert.ok(prefix.length > 4 && key.startsWith(prefix), `the list shows the key's start (${prefix})`);
+  await shot("api-keys");
+  await page.getByRole("button", { name: "Done" }).click();
+  await page.goto(`${URL_}/#/`);
+  await page.goto(`${URL_}/#/api-keys`);
+  await row.waitFor();
+  assert.ok(!(await page.content()).includes(key), "the secret is not shown again");
+  await row.getByRole("button", { name: "Revoke key e2e key" }).click();
+  await row.waitFor({ state: "detached" });
+  assert.ok(!(await api("GET", "/api-keys")).api_keys.some((k) => k.name === "e2e key"));
+  assert.equal((await stats(key)).status, 401, "a revoked key opens nothing");
+});
+
+browserTest("a member who is not an admin is told only admins manage members and keys, and sees creators as ids", async () => {
+  const created = await api("POST", "/api-keys", { name: "e2e member key", role: "member" });
+  try {
+    const job = await (
+      await fetch(`${URL_}/api/workspaces/${WS}/jobs`, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${created.key}`, "Content-Type": "application/json" },
+        body: JSON.stringify({ type: "noop" }),
+      })
+    ).json();
+    assert.equal(job.created_by, created.id, "a key's job names the key");
+    await signedInAs(created.key, async () => {
+      await page.goto(`${URL_}/#/members`);
+      await page.reload();
+      await page.getByText("Only the workspace's admins manage its members.").waitFor();
+      await shot("members-not-admin");
+      await page.goto(`${URL_}/#/api-keys`);
+      await page.getByText("Only the workspace's admins manage its API keys.").waitFor();
+      await page.goto(`${URL_}/#/jobs/${job.id}`);
+      await page.locator(".created-by", { hasText: `Created by ${created.id}` }).waitFor();
+    });
+    await page.goto(`${URL_}/#/jobs/${job.id}`);
+    await page.locator(".created-by", { hasText: "Created by API key “e2e member key”" }).waitFor();
+  } finally {
+    await api("DELETE", `/api-keys/${created.id}`);
+  }
 });
 
 browserTest("an expired token returns to sign-in", async () => {

@@ -12,6 +12,16 @@ export const ago = (iso: string | null | undefined): string => {
   return new Date(iso).toLocaleString();
 };
 
+/** A time to come as "in 5 min" (or as `ago` once it has passed). */
+export const fromNow = (iso: string): string => {
+  const s = Math.round((Date.parse(iso) - Date.now()) / 1000);
+  if (s <= 0) return ago(iso);
+  if (s < 60) return `in ${s} s`;
+  if (s < 3600) return `in ${Math.round(s / 60)} min`;
+  if (s < 86400) return `in ${Math.round(s / 3600)} h`;
+  return new Date(iso).toLocaleString();
+};
+
 export const ms = (v: number | null | undefined): string => {
   if (v == null) return "—";
   if (v < 1000) return `${Math.round(v)} ms`;

@@ -1,6 +1,6 @@
 // The dashboard: a hash-routed single page over the public JSON API, through
 // the generated client. Screens: overview, jobs, job detail, dead jobs,
-// schedules, sign-in.
+// schedules, members, API keys, sign-in.
 
 import { render } from "preact";
 import { html } from "htm/preact";
@@ -13,6 +13,7 @@ import { Jobs } from "./jobs";
 import { JobDetail } from "./job";
 import { DeadJobs } from "./dead";
 import { Schedules } from "./schedules";
+import { ApiKeys, Members } from "./admin";
 
 function useRoute(): string {
   const [route, setRoute] = useState(location.hash.slice(1) || "/");
@@ -63,6 +64,8 @@ const NAV: [string, string][] = [
   ["/jobs", "Jobs"],
   ["/dead", "Dead jobs"],
   ["/schedules", "Schedules"],
+  ["/members", "Members"],
+  ["/api-keys", "API keys"],
 ];
 
 function Shell({ api, route, onSignOut }: { api: Offload; route: string; onSignOut: () => void }) {
@@ -74,6 +77,8 @@ function Shell({ api, route, onSignOut }: { api: Offload; route: string; onSignO
   else if (path === "/jobs") screen = html`<${Jobs} api=${api} params=${params} />`;
   else if (path === "/dead") screen = html`<${DeadJobs} api=${api} />`;
   else if (path === "/schedules") screen = html`<${Schedules} api=${api} />`;
+  else if (path === "/members") screen = html`<${Members} api=${api} />`;
+  else if (path === "/api-keys") screen = html`<${ApiKeys} api=${api} />`;
   else screen = html`<${Overview} api=${api} />`;
   const current = jobMatch ? "/jobs" : path;
   return html`<div class="shell">

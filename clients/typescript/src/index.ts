@@ -3,6 +3,7 @@
 
 import createClient, { type Client } from "openapi-fetch";
 import type { components, paths } from "./schema.js";
+import { Follower, later, type Host } from "./realtime.js";
 
 export type { components, paths };
 type Schemas = components["schemas"];
@@ -15,6 +16,22 @@ export type Stats = Schemas["Stats"];
 export type Schedule = Schemas["Schedule"];
 export type ScheduleBody = Schemas["ScheduleBody"];
 export type Problem = Schemas["Problem"];
+export type Wait = Schemas["Wait"];
+export type WaitKind = Schemas["WaitKind"];
+export type CreateBrowserToken = Schemas["CreateBrowserToken"];
+export type BrowserToken = Schemas["BrowserToken"];
+export type Scope = Schemas["Scope"];
+export type CompletedToken = Schemas["CompletedToken"];
+export type Member = Schemas["MemberRecord"];
+export type PutMember = Schemas["PutMember"];
+export type ApiKey = Schemas["ApiKeyView"];
+export type CreateApiKey = Schemas["CreateApiKey"];
+export type Workspace = Schemas["WorkspaceRecord"];
+export type WorkspaceList = Schemas["WorkspaceList"];
+export type CreateWorkspace = Schemas["CreateWorkspace"];
+export type UpdateWorkspace = Schemas["UpdateWorkspace"];
+export type LimitOverrides = Schemas["LimitOverrides"];
+export type WorkspaceDeletion = Schemas["Deletion"];
 
 /** Statuses a job never leaves (unless someone retries it). */
 export const FINISHED: readonly JobStatus[] = ["completed", "cancelled", "dead"];
@@ -48,6 +65,12 @@ export interface OffloadOptions {
   token: string | (() => string | Promise<string>);
   /** A `fetch` to use instead of the global one (it is given a `Request`). */
   fetch?: (request: Request) => Promise<Response>;
+  /**
+   * Where `subscribe` connects: by default `<baseUrl>/api/realtime` (ws/wss);
+   * in AWS, the stack's WebSocket API (its `RealtimeUrl` output,
+   * `wss://….execute-api.….amazonaws.com/live`).
+   */
+  realtimeUrl?: string;
 }
 
 export interface JobFilter {
@@ -78,6 +101,67 @@ export interface WatchUpdate {
   etag: string | undefined;
 }
 
+/** A chunk of a job's output stream; `cursor` orders them (resume after it). */
+export interface StreamChunk {
+  job_id: string;
+  cursor: string;
+  data: unknown;
+}
+
+/** What one response of the stream route carries: chunks, then `end` once the job has finished. */
+export type StreamEvent = ({ type: "chunk" } & StreamChunk) | { type: "end"; job_id: string; status: JobStatus };
+
+/** The part of a WebSocket a subscription uses: the browser's, or `ws`'s in Node. */
+export interface WebSocketLike {
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+/** Jobs by id, or every job carrying one of the tags (the newest 100 of each at first). */
+export type SubscribeTarget = string[] | { tags: string[] };
+
+/**
+ * `connecting` (also between reconnects), `open` (the WebSocket is up),
+ * `polling` (no WebSocket: long-polls and the stream route), `closed`.
+ */
+export type SubscriptionStatus = "connecting" | "open" | "polling" | "closed";
+
+export interface SubscribeOptions {
+  signal?: AbortSignal;
+  /** Also pass on the jobs' stream chunks to `onChunk` (jobs named by id only). */
+  stream?: boolean;
+  /**
+   * `"now"` (default): the chunks written from the subscription on; `"start"`:
+   * every chunk, the ones written before read from the stream route first.
+   * Either way each chunk once, in order, reconnects included.
+   */
+  streamFrom?: "now" | "start";
+  onChunk?: (chunk: StreamChunk) => void;
+  /** What the server or the subscription could not do (a job the token does not open…); it goes on. */
+  onError?: (detail: string) => void;
+  onStatus?: (status: SubscriptionStatus) => void;
+  /** A WebSocket class where there is no global one (Node 20: `import { WebSocket } from "ws"`). */
+  WebSocket?: new (url: string) => WebSocketLike;
+  /** Close once every job named is finished (default false: a retried job is followed on). */
+  untilFinished?: boolean;
+  /** Connections in a row that never open before the long-polls take over (default 3). */
+  fallbackAfter?: number;
+}
+
+export interface Subscription {
+  close(): void;
+  readonly status: SubscriptionStatus;
+}
+
+/** Whether `job` is a newer state than `than` of the same job (by `updated_at`, to the microsecond). */
+export function isNewer(job: Pick<Job, "updated_at">, than: Pick<Job, "updated_at">): boolean {
+  return later(job.updated_at, than.updated_at);
+}
+
 const sleep = (ms: number, signal?: AbortSignal) =>
   new Promise<void>((resolve, reject) => {
     if (signal?.aborted) return reject(signal.reason);
@@ -104,37 +188,102 @@ async function problemOf(response: Response, error: unknown): Promise<OffloadErr
   return new OffloadError(response.status, problem, response.statusText || undefined);
 }
 
+async function ok<T>(call: Promise<{ data?: T; error?: unknown; response: Response }>): Promise<T> {
+  const { data, error, response } = await call;
+  if (!response.ok || data === undefined) throw await problemOf(response, error);
+  return data;
+}
+
+/** For the calls that answer 204: only the status counts. */
+async function done(call: Promise<{ error?: unknown; response: Response }>): Promise<void> {
+  const { error, response } = await call;
+  if (!response.ok) throw await problemOf(response, error);
+}
+
+type Token = string | (() => string | Promise<string>);
+
+function client(
+  baseUrl: string,
+  token: Token,
+  fetch: ((request: Request) => Promise<Response>) | undefined,
+): Client<paths> {
+  const api = createClient<paths>({
+    baseUrl: baseUrl.replace(/\/$/, ""),
+    fetch: fetch ?? ((req: Request) => globalThis.fetch(req)),
+  });
+  api.use({
+    async onRequest({ request }) {
+      const t = typeof token === "function" ? await token() : token;
+      request.headers.set("Authorization", `Bearer ${t}`);
+      return request;
+    },
+  });
+  return api;
+}
+
+/** Server-sent events, as they come: each with its `event`, `data` and `id`. */
+async function* serverSentEvents(body: ReadableStream<Uint8Array>) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let event = "";
+  let data: string[] = [];
+  let id: string | undefined;
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      for (let end = buffer.search(/[\r\n]/); end >= 0; end = buffer.search(/[\r\n]/)) {
+        // A CR at the end of what came may be half of a CRLF.
+        if (buffer[end] === "\r" && end === buffer.length - 1) break;
+        const line = buffer.slice(0, end);
+        buffer = buffer.slice(buffer.startsWith("\r\n", end) ? end + 2 : end + 1);
+        if (line === "") {
+          if (data.length) yield { event: event || "message", data: data.join("\n"), id };
+          event = "";
+          data = [];
+          id = undefined;
+          continue;
+        }
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let v = colon < 0 ? "" : line.slice(colon + 1);
+        if (v.startsWith(" ")) v = v.slice(1);
+        if (field === "event") event = v;
+        else if (field === "data") data.push(v);
+        else if (field === "id") id = v;
+      }
+    }
+  } finally {
+    reader.cancel().catch(() => {});
+  }
+}
+
 export class Offload {
   /** Every route of the OpenAPI document, typed: `api.GET("/api/workspaces/{ws}/stats", …)`. */
   readonly api: Client<paths>;
   readonly workspace: string;
+  private readonly baseUrl: string;
+  private readonly token: Token;
+  private readonly realtimeAt: string | undefined;
 
   constructor(options: OffloadOptions) {
     this.workspace = options.workspace;
-    const { token } = options;
-    this.api = createClient<paths>({
-      baseUrl: options.baseUrl.replace(/\/$/, ""),
-      fetch: options.fetch ?? ((req: Request) => globalThis.fetch(req)),
-    });
-    this.api.use({
-      async onRequest({ request }) {
-        const t = typeof token === "function" ? await token() : token;
-        request.headers.set("Authorization", `Bearer ${t}`);
-        return request;
-      },
-    });
+    this.realtime.workspace = options.workspace;
+    this.baseUrl = options.baseUrl.replace(/\/$/, "");
+    this.token = options.token;
+    this.realtimeAt = options.realtimeUrl;
+    this.api = client(options.baseUrl, options.token, options.fetch);
   }
 
   private get ws() {
     return { ws: this.workspace };
   }
 
-  private async ok<T>(
-    call: Promise<{ data?: T; error?: unknown; response: Response }>,
-  ): Promise<T> {
-    const { data, error, response } = await call;
-    if (!response.ok || data === undefined) throw await problemOf(response, error);
-    return data;
+  private ok<T>(call: Promise<{ data?: T; error?: unknown; response: Response }>): Promise<T> {
+    return ok(call);
   }
 
   /** Creates one job; the same `idempotencyKey` and body give the same job again. */
@@ -304,11 +453,10 @@ export class Offload {
     );
   }
 
-  async deleteSchedule(id: string): Promise<void> {
-    const { error, response } = await this.api.DELETE("/api/workspaces/{ws}/schedules/{id}", {
-      params: { path: { ...this.ws, id } },
-    });
-    if (!response.ok) throw await problemOf(response, error);
+  deleteSchedule(id: string): Promise<void> {
+    return done(
+      this.api.DELETE("/api/workspaces/{ws}/schedules/{id}", { params: { path: { ...this.ws, id } } }),
+    );
   }
 
   /**
@@ -322,6 +470,217 @@ export class Offload {
     );
     if (!response.ok || data === undefined) throw await problemOf(response, error);
     return data;
+  }
+
+  /** The jobs a job created (a `fan_out`'s children), in the order it created them, a page at a time. */
+  children(
+    id: string,
+    query: { cursor?: string; limit?: number } = {},
+    options: { signal?: AbortSignal } = {},
+  ): Promise<JobList> {
+    return this.ok(
+      this.api.GET("/api/workspaces/{ws}/jobs/{id}/children", {
+        params: { path: { ...this.ws, id }, query },
+        signal: options.signal,
+      }),
+    );
+  }
+
+  /**
+   * One response of a job's output stream (the stream route's server-sent
+   * events): the chunks after `cursor` (from the start without it), then
+   * those written while it lasts (up to 25 s), then `end` when the job has
+   * finished. Read again from the last chunk's cursor to go on.
+   */
+  async *readStream(
+    id: string,
+    options: { cursor?: string; signal?: AbortSignal } = {},
+  ): AsyncGenerator<StreamEvent> {
+    const { data, error, response } = await this.api.GET("/api/workspaces/{ws}/jobs/{id}/stream", {
+      params: { path: { ...this.ws, id }, query: options.cursor ? { cursor: options.cursor } : {} },
+      parseAs: "stream",
+      signal: options.signal,
+    });
+    if (!response.ok || !data) throw await problemOf(response, error);
+    for await (const ev of serverSentEvents(data)) {
+      if (ev.event === "chunk" && ev.id !== undefined) {
+        yield { type: "chunk", job_id: id, cursor: ev.id, data: JSON.parse(ev.data) };
+      } else if (ev.event === "end") {
+        yield { type: "end", job_id: id, status: JSON.parse(ev.data).status };
+        return;
+      }
+    }
+  }
+
+  /**
+   * Follows jobs (by id) or tags live over the realtime WebSocket: `onJob`
+   * gets each job's state at once, then every change, in order (a state no
+   * newer than the last passed on is dropped). A dropped connection is
+   * opened again with backoff (0.5 s doubling to 30 s, jittered) and
+   * subscribes again (the server sends the states first, so nothing final is
+   * missed). Where no WebSocket opens (no `WebSocket` class, or the upgrade
+   * refused `fallbackAfter` times in a row, as on AWS Lambda), jobs by id are
+   * followed by `watchJob`'s long-polls and their streams by the stream
+   * route; tags cannot be, and `onError` says so.
+   */
+  subscribe(target: SubscribeTarget, onJob: (job: Job) => void, options: SubscribeOptions = {}): Subscription {
+    return new Follower(this.realtime, target, onJob, options);
+  }
+
+  /** What subscriptions share: among it, whether the realtime route was found refused. */
+  private readonly realtime: Host = {
+    workspace: "",
+    realtimeUrl: () => this.realtimeUrl(),
+    watchJob: (id, on, o) => this.watchJob(id, on, o),
+    readStream: (id, o) => this.readStream(id, o),
+    retryable,
+    realtimeRefused: false,
+  };
+
+  /** `ws(s)://…/api/realtime?token=…` with a token got now; null where there is no origin to go by. */
+  private async realtimeUrl(): Promise<string | null> {
+    let url: URL;
+    try {
+      url = new URL(
+        this.realtimeAt ?? `${this.baseUrl}/api/realtime`,
+        (globalThis as { location?: { href: string } }).location?.href,
+      );
+    } catch {
+      return null;
+    }
+    url.protocol = url.protocol === "https:" || url.protocol === "wss:" ? "wss:" : "ws:";
+    const t = typeof this.token === "function" ? await this.token() : this.token;
+    url.searchParams.set("token", t);
+    return url.toString();
+  }
+
+  /**
+   * A token for a web page that opens only the jobs named (and their
+   * children) and the jobs carrying the tags: reading them, their logs and
+   * stream, the realtime channel, and cancelling with the `cancel` scope.
+   * Made on a server (with an API key or the user's token), handed to the page.
+   */
+  createBrowserToken(body: CreateBrowserToken = {}): Promise<BrowserToken> {
+    return this.ok(
+      this.api.POST("/api/workspaces/{ws}/browser-tokens", { params: { path: this.ws }, body }),
+    );
+  }
+
+  /** Completes a wait token (a waiting job's `wait.token`): an `approval` completes with `{data}`. */
+  completeToken(token: string, data: unknown = {}): Promise<CompletedToken> {
+    return this.ok(
+      this.api.POST("/api/workspaces/{ws}/tokens/{token}/complete", {
+        params: { path: { ...this.ws, token } },
+        body: { data: data as Record<string, unknown> },
+      }),
+    );
+  }
+
+  /** The workspace's members (admins only: 403 otherwise). */
+  async listMembers(): Promise<Member[]> {
+    return (await this.ok(this.api.GET("/api/workspaces/{ws}/members", { params: { path: this.ws } }))).members;
+  }
+
+  /** Adds a member, or gives one already there (same subject and issuer) the role. */
+  addMember(member: PutMember): Promise<Member> {
+    return this.ok(
+      this.api.POST("/api/workspaces/{ws}/members", { params: { path: this.ws }, body: member }),
+    );
+  }
+
+  removeMember(id: string): Promise<void> {
+    return done(
+      this.api.DELETE("/api/workspaces/{ws}/members/{id}", { params: { path: { ...this.ws, id } } }),
+    );
+  }
+
+  /** The workspace's API keys, without their secrets (admins only). */
+  async listApiKeys(): Promise<ApiKey[]> {
+    return (await this.ok(this.api.GET("/api/workspaces/{ws}/api-keys", { params: { path: this.ws } })))
+      .api_keys;
+  }
+
+  /** A new key; its secret is in `key`, in this answer only. */
+  async createApiKey(body: CreateApiKey): Promise<ApiKey & { key: string }> {
+    const created = await this.ok(
+      this.api.POST("/api/workspaces/{ws}/api-keys", { params: { path: this.ws }, body }),
+    );
+    return created as ApiKey & { key: string };
+  }
+
+  revokeApiKey(id: string): Promise<void> {
+    return done(
+      this.api.DELETE("/api/workspaces/{ws}/api-keys/{id}", { params: { path: { ...this.ws, id } } }),
+    );
+  }
+}
+
+export interface OffloadPlatformOptions {
+  /** Where the API is, e.g. `https://jobs.example.com`. */
+  baseUrl: string;
+  /** A platform key (`ofp_…`): it creates, changes and deletes workspaces, and manages their members. */
+  platformKey: string | (() => string | Promise<string>);
+  fetch?: (request: Request) => Promise<Response>;
+}
+
+/**
+ * The platform routes, for the server of an app that gives each of its
+ * tenants a workspace: create (idempotent by `external_id`), find, change and
+ * delete workspaces, and manage who is a member of each.
+ */
+export class OffloadPlatform {
+  readonly api: Client<paths>;
+
+  constructor(options: OffloadPlatformOptions) {
+    this.api = client(options.baseUrl, options.platformKey, options.fetch);
+  }
+
+  /** A new workspace; with an `external_id` already used, that workspace (unchanged). */
+  createWorkspace(body: CreateWorkspace): Promise<Workspace> {
+    return ok(this.api.POST("/api/workspaces", { body }));
+  }
+
+  /** The workspace with this `external_id`, or null. */
+  async findWorkspace(externalId: string): Promise<Workspace | null> {
+    const list = await ok(
+      this.api.GET("/api/workspaces", { params: { query: { external_id: externalId } } }),
+    );
+    return list.workspaces[0] ?? null;
+  }
+
+  /** One page of workspaces, oldest first; pass `next_cursor` back as `cursor` for the next. */
+  listWorkspacesPage(query: { cursor?: string; limit?: number } = {}): Promise<WorkspaceList> {
+    return ok(this.api.GET("/api/workspaces", { params: { query } }));
+  }
+
+  getWorkspace(ws: string): Promise<Workspace> {
+    return ok(this.api.GET("/api/workspaces/{ws}", { params: { path: { ws } } }));
+  }
+
+  /** Each field given replaces the stored one (`limits: {max_running: null}` goes back to the tier's). */
+  updateWorkspace(ws: string, body: UpdateWorkspace): Promise<Workspace> {
+    return ok(this.api.PATCH("/api/workspaces/{ws}", { params: { path: { ws } }, body }));
+  }
+
+  /**
+   * Closes the workspace at once to its members and keys; its jobs, files and
+   * rows are removed by the job returned (follow its `progress`).
+   */
+  deleteWorkspace(ws: string): Promise<WorkspaceDeletion> {
+    return ok(this.api.DELETE("/api/workspaces/{ws}", { params: { path: { ws } } }));
+  }
+
+  async listMembers(ws: string): Promise<Member[]> {
+    return (await ok(this.api.GET("/api/workspaces/{ws}/members", { params: { path: { ws } } }))).members;
+  }
+
+  /** Adds a member (their identity provider's `subject`, and `issuer`), or changes the role of one. */
+  addMember(ws: string, member: PutMember): Promise<Member> {
+    return ok(this.api.POST("/api/workspaces/{ws}/members", { params: { path: { ws } }, body: member }));
+  }
+
+  removeMember(ws: string, id: string): Promise<void> {
+    return done(this.api.DELETE("/api/workspaces/{ws}/members/{id}", { params: { path: { ws, id } } }));
   }
 }
 

@@ -46,10 +46,14 @@ export function takeSignOutReason(): string | null {
 
 /** A client for the session; any 401 it meets signs out. */
 export function client(s: Session): Offload {
+  // On AWS live changes come from the stack's WebSocket API, which the page names.
+  const realtimeUrl =
+    document.querySelector<HTMLMetaElement>('meta[name="offload-realtime"]')?.content || undefined;
   return new Offload({
     baseUrl: "",
     workspace: s.workspace,
     token: s.token,
+    realtimeUrl,
     fetch: async (req: Request) => {
       const resp = await fetch(req);
       if (resp.status === 401) {

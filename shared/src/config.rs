@@ -141,6 +141,10 @@ pub struct Config {
     /// WebSocket API (`https://{api}.execute-api.{region}.amazonaws.com/{stage}`),
     /// where changes of followed jobs are sent; unset locally.
     pub realtime_endpoint: Option<String>,
+    /// `OFFLOAD_REALTIME_URL`: where browsers connect for live changes when
+    /// it is not this API's own `/api/realtime` (`wss://…/live`, the stack's
+    /// WebSocket API); the dashboard is told, and its CSP allows it.
+    pub realtime_url: Option<String>,
     /// `OFFLOAD_JWT_SECRET`: the HS256 secret; `None` refuses HS256 tokens.
     pub jwt_secret: Option<String>,
     /// No verification was configured outside Lambda: `jwt_secret` is the
@@ -334,6 +338,19 @@ impl Config {
         }
         let browser_token_secret_arn = var("OFFLOAD_BROWSER_TOKEN_SECRET_ARN");
         let realtime_endpoint = var("OFFLOAD_REALTIME_ENDPOINT");
+        let realtime_url = var("OFFLOAD_REALTIME_URL");
+        if let Some(u) = realtime_url.as_ref().filter(|u| {
+            !(u.starts_with("wss://") || u.starts_with("ws://"))
+                || reqwest::Url::parse(u).is_err()
+                || u.contains(['"', '\'', ';', ' '])
+        }) {
+            return Err(ConfigError {
+                variable: "OFFLOAD_REALTIME_URL",
+                reason: format!(
+                    "{u:?} is not a WebSocket URL such as wss://abc123.execute-api.us-east-1.amazonaws.com/live"
+                ),
+            });
+        }
         if let Some(e) = realtime_endpoint.as_ref().filter(|e| {
             !(e.starts_with("https://") || e.starts_with("http://"))
                 || reqwest::Url::parse(e).is_err()
@@ -436,6 +453,7 @@ impl Config {
             browser_token_secret,
             browser_token_secret_arn,
             realtime_endpoint,
+            realtime_url,
             jwks_url,
             jwt_issuer,
             jwt_audience,
@@ -633,6 +651,13 @@ mod tests {
             ("OFFLOAD_JWT_SECRET", "short"),
             ("OFFLOAD_BATCH_SIZE", "0"),
             ("OFFLOAD_LEASE_SECS", "ten"),
+            ("OFFLOAD_BROWSER_TOKEN_SECRET", "short"),
+            ("OFFLOAD_REALTIME_ENDPOINT", "abc123.execute-api"),
+            (
+                "OFFLOAD_REALTIME_URL",
+                "https://abc123.execute-api.eu-west-1.amazonaws.com/live",
+            ),
+            ("OFFLOAD_REALTIME_URL", "wss://x/live\"><script>"),
         ];
         for (k, v) in cases {
             let err = parse(&[(k, v)]).unwrap_err();

@@ -194,6 +194,28 @@ pub async fn put_member(
     Ok((member_from_row(&row), row.get("inserted")))
 }
 
+/// Whether taking the admin role from the member `(subject, issuer)` (or
+/// the member `id`) would leave the workspace without an admin.
+pub async fn is_last_admin(
+    db: &impl GenericClient,
+    workspace: WorkspaceId,
+    member: Result<UserId, (&str, Option<&str>)>,
+) -> Result<bool, DbError> {
+    let (id, subject, issuer) = match member {
+        Ok(id) => (Some(id.0), None, None),
+        Err((s, i)) => (None, Some(s), Some(i.unwrap_or_default())),
+    };
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE role = 'admin') = 1 \
+                    AND bool_or(role = 'admin' AND (user_id = $2 OR (subject = $3 AND issuer = $4))) \
+             FROM workspace_members WHERE workspace_id = $1",
+            &[&workspace.0, &id, &subject, &issuer],
+        )
+        .await?;
+    Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+}
+
 /// The workspace's members, oldest first.
 pub async fn members(
     db: &impl GenericClient,

@@ -404,6 +404,65 @@ async fn members_of_any_identity_provider_are_users_and_a_removal_closes_the_doo
 }
 
 #[tokio::test]
+async fn an_admin_cannot_leave_the_workspace_without_one_but_the_platform_may() {
+    let p = Platform::spawn().await;
+    let ws = p
+        .json("POST", "", json!({"name": "Solo"}), StatusCode::CREATED)
+        .await;
+    let members = format!("/{}/members", ws["id"].as_str().unwrap());
+    let solo = p
+        .json(
+            "POST",
+            &members,
+            json!({"subject": "user_solo", "role": "admin"}),
+            StatusCode::CREATED,
+        )
+        .await;
+    let own = token_for("user_solo", None);
+    let demote = json!({"subject": "user_solo", "role": "member"});
+    let resp = p.send("POST", &members, &own, Some(demote.clone())).await;
+    expect_problem(resp, StatusCode::CONFLICT).await;
+    let me = format!("{members}/{}", solo["id"].as_str().unwrap());
+    expect_problem(
+        p.send("DELETE", &me, &own, None).await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    // With a second admin, either may go.
+    let resp = p
+        .send(
+            "POST",
+            &members,
+            &own,
+            Some(json!({"subject": "user_two", "role": "admin"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = p.send("POST", &members, &own, Some(demote)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The platform may leave a workspace without admins (its app decides).
+    let two: Value = p
+        .send("GET", &members, &p.key, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let two = two["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["subject"] == "user_two")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = p
+        .send("DELETE", &format!("{members}/{two}"), &p.key, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
 async fn a_deleted_workspace_closes_at_once_and_a_job_removes_its_jobs_contacts_and_files() {
     let p = Platform::spawn().await;
     let ws = p
@@ -831,4 +890,41 @@ async fn the_migration_keeps_uuid_members_and_their_jobs_without_a_step_by_hand(
         .unwrap()
         .get(0);
     assert_eq!(subject, late.to_string());
+}
+
+#[tokio::test]
+async fn the_dashboard_is_told_where_live_changes_come_from_and_may_connect_there() {
+    let db = offload::testing::TestDb::new().await;
+    let queue: std::sync::Arc<dyn offload::queue::Queue> = std::sync::Arc::new(db.pg_queue(5));
+    let url = "wss://abc123.execute-api.eu-west-1.amazonaws.com/live";
+    let app = TestApp::spawn_state(db, queue, offload::workspace::Tier::Standard, |s| {
+        s.settings.realtime_url = Some(url.into())
+    })
+    .await;
+    let resp = app
+        .client
+        .get(format!("{}/", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "the dashboard is built into the binary (scripts/test.sh builds it first)"
+    );
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        csp.contains("connect-src 'self' wss://abc123.execute-api.eu-west-1.amazonaws.com;"),
+        "{csp}"
+    );
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains(&format!(
+            "<meta name=\"offload-realtime\" content=\"{url}\"></head>"
+        )),
+        "{page}"
+    );
 }

@@ -243,6 +243,33 @@ async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
     // Changes of a job it does not follow never reach it.
     progress(&app, &b, 3).await;
     silent(&mut ws, Duration::from_millis(700)).await;
+    // A subscribe naming one job it opens and one it does not: the first
+    // is followed, the second named in an error.
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [a, b]}),
+    )
+    .await;
+    let (mut got_a, mut refused) = (false, false);
+    while !(got_a && refused) {
+        let m = next(&mut ws).await;
+        match m["type"].as_str() {
+            Some("job") => {
+                assert_eq!(m["job"]["id"], a.as_str());
+                got_a = true;
+            }
+            Some("error") => {
+                let d = m["detail"].as_str().unwrap();
+                assert!(d.contains(&b) && !d.contains(&a), "{d}");
+                refused = true;
+            }
+            _ => panic!("{m}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(100), ws.next()).await {}
+    progress(&app, &a, 2).await;
+    assert_eq!(next(&mut ws).await["job"]["progress"]["processed"], 2);
 
     // By tag: the tagged job at once, its changes, nothing of the other.
     let by_tag = browser_token(&app, json!({"tags": ["import:9"]})).await;
@@ -298,6 +325,52 @@ async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
     assert_eq!(chunk["job_id"], a.as_str());
     assert_eq!(chunk["data"]["token"], "Hello");
     assert!(chunk["cursor"].as_str().unwrap().parse::<i64>().unwrap() > 0);
+
+    // The job ends (its feed with it), is retried and streams again: a
+    // subscriber asking now gets the new chunks.
+    let set_status = |status: &'static str| {
+        let (pool, a) = (app.db.pool.clone(), a.clone());
+        async move {
+            pool.get()
+                .await
+                .unwrap()
+                .execute(
+                    "UPDATE jobs SET status = $2, updated_at = clock_timestamp() WHERE id = $1::text::uuid",
+                    &[&a, &status],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_status("cancelled").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    set_status("running").await;
+    let mut again = connect(&app, &app.token).await;
+    send(
+        &mut again,
+        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [a], "stream": true}),
+    )
+    .await;
+    assert_eq!(next(&mut again).await["type"], "job");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let conn = app.db.pool.get().await.unwrap();
+        conn.execute(
+            "WITH ins AS (INSERT INTO job_stream (job_id, workspace_id, data) \
+               VALUES ($1::text::uuid, $2, '{\"token\": \"again\"}') RETURNING id) \
+             SELECT pg_notify('offload_jobs', $1) FROM ins",
+            &[&a, &app.workspace.0],
+        )
+        .await
+        .unwrap();
+    }
+    let chunk = loop {
+        let m = next(&mut again).await;
+        if m["type"] == "chunk" {
+            break m;
+        }
+    };
+    assert_eq!(chunk["data"]["token"], "again");
 
     // No token, a made-up one, a platform key: refused before the upgrade.
     let url = format!("{}/api/realtime", app.base);

@@ -209,37 +209,45 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         .get_many(&req.jobs)
         .await
         .map_err(|e| e.to_string())?;
-    let visible: Vec<_> = jobs.into_iter().filter(|j| viewer.sees(j)).collect();
-    if let Some(missing) = req
+    // Those it may see are followed; the others are named in an error.
+    let visible: Vec<JobId> = jobs
+        .into_iter()
+        .filter(|j| viewer.sees(j))
+        .map(|j| j.id)
+        .collect();
+    let refused: Vec<String> = req
         .jobs
         .iter()
-        .find(|id| !visible.iter().any(|j| j.id == **id))
-    {
-        return Err(format!(
-            "no job {missing} in workspace {} for this token",
-            req.workspace
-        ));
-    }
+        .filter(|id| !visible.contains(id))
+        .map(|id| id.to_string())
+        .collect();
     realtime::subscribe(
         &**db,
         connection,
         req.workspace,
-        &req.jobs,
+        &visible,
         &req.tags,
         req.stream,
     )
     .await
     .map_err(|e| e.to_string())?;
+    let refusal = (!refused.is_empty()).then(|| {
+        format!(
+            "no job {} in workspace {} for this token (the others are followed)",
+            refused.join(", "),
+            req.workspace
+        )
+    });
     drop(db);
     // The current states, read after the rows are in: a change after them
     // is queued, one before them is in this read.
     let Some(pusher) = state.store.pusher() else {
-        return Ok(());
+        return refusal.map_or(Ok(()), Err);
     };
     pusher.someone_connected();
     let mut now = state
         .store
-        .get_many(&req.jobs)
+        .get_many(&visible)
         .await
         .map_err(|e| e.to_string())?;
     for tag in &req.tags {
@@ -267,5 +275,5 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
             return Ok(());
         }
     }
-    Ok(())
+    refusal.map_or(Ok(()), Err)
 }

@@ -33,9 +33,13 @@ fn file(path: &str, cache: &'static str) -> Response {
 }
 
 fn secure(h: &mut axum::http::HeaderMap) {
+    secure_with(h, CSP.to_string());
+}
+
+fn secure_with(h: &mut axum::http::HeaderMap, csp: String) {
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
+        HeaderValue::from_str(&csp).unwrap_or(HeaderValue::from_static(CSP)),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -48,8 +52,10 @@ fn secure(h: &mut axum::http::HeaderMap) {
 }
 
 /// `GET /`: the page, always revalidated (its asset names change with
-/// every build).
-pub async fn index() -> Response {
+/// every build). Where live changes come from another origin (the stack's
+/// WebSocket API), the page names it in a `<meta name="offload-realtime">`
+/// and its CSP lets it connect there.
+pub async fn index(axum::extract::State(state): axum::extract::State<super::AppState>) -> Response {
     if Assets::get("index.html").is_none() {
         let mut resp = (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -61,7 +67,31 @@ pub async fn index() -> Response {
         secure(resp.headers_mut());
         return resp;
     }
-    file("index.html", "no-cache")
+    let mut resp = file("index.html", "no-cache");
+    let Some(url) = state.settings.realtime_url.as_deref() else {
+        return resp;
+    };
+    let Some(page) = Assets::get("index.html") else {
+        return resp;
+    };
+    let origin = reqwest::Url::parse(url)
+        .map(|u| u[..url::Position::BeforePath].to_string())
+        .unwrap_or_default();
+    let html = String::from_utf8_lossy(&page.data).replacen(
+        "</head>",
+        &format!("<meta name=\"offload-realtime\" content=\"{url}\"></head>"),
+        1,
+    );
+    *resp.body_mut() = axum::body::Body::from(html);
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    secure_with(
+        resp.headers_mut(),
+        CSP.replace(
+            "connect-src 'self'",
+            &format!("connect-src 'self' {origin}"),
+        ),
+    );
+    resp
 }
 
 /// `GET /assets/{file}`: content-hashed names, cached for a year.

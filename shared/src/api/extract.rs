@@ -240,6 +240,8 @@ async fn platform_key(state: &AppState, token: &str) -> Result<Platform, ApiErro
 #[derive(Clone, Copy, Debug)]
 pub struct MemberAdmin {
     pub workspace: WorkspaceId,
+    /// A platform key rather than an admin of the workspace.
+    pub by_platform: bool,
 }
 
 impl FromRequestParts<AppState> for MemberAdmin {
@@ -252,13 +254,19 @@ impl FromRequestParts<AppState> for MemberAdmin {
             platform_key(state, &token).await?;
             let db = state.db().await?;
             return match platform::workspace(&**db, workspace).await? {
-                Some(w) if w.deleting_at.is_none() => Ok(MemberAdmin { workspace }),
+                Some(w) if w.deleting_at.is_none() => Ok(MemberAdmin {
+                    workspace,
+                    by_platform: true,
+                }),
                 _ => Err(ApiError::not_found("workspace")),
             };
         }
         let m = member(state, &token, workspace).await?;
         m.require_admin()?;
-        Ok(MemberAdmin { workspace })
+        Ok(MemberAdmin {
+            workspace,
+            by_platform: false,
+        })
     }
 }
 

@@ -76,6 +76,8 @@ pub struct ApiSettings {
     pub cors_origins: Vec<String>,
     /// How long an `Idempotency-Key` names its job.
     pub idempotency_ttl: chrono::Duration,
+    /// Where browsers connect for live changes, when not `/api/realtime`.
+    pub realtime_url: Option<String>,
 }
 
 impl ApiSettings {
@@ -96,6 +98,7 @@ impl From<&crate::config::Config> for ApiSettings {
             request_timeout: c.request_timeout,
             idempotency_ttl: chrono::Duration::from_std(c.idempotency_ttl)
                 .unwrap_or(chrono::TimeDelta::MAX),
+            realtime_url: c.realtime_url.clone(),
         }
     }
 }

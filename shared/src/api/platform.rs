@@ -321,6 +321,11 @@ pub async fn delete(
     Ok((StatusCode::ACCEPTED, Json(Deletion { workspace, job })).into_response())
 }
 
+/// An admin may not leave the workspace without one (a platform key may).
+fn last_admin() -> ApiError {
+    ApiError::conflict("this is the workspace's last admin: make another member an admin first")
+}
+
 /// `POST /api/workspaces/{ws}/members`
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -358,6 +363,7 @@ pub struct MemberPath {
     request_body = PutMember,
     responses((status = 201, description = "Added", body = MemberRecord),
               (status = 200, description = "Already a member: the role is now the one given", body = MemberRecord),
+              (status = 409, description = "An admin demoting the workspace's last admin", body = Problem, content_type = "application/problem+json"),
               (status = 403, description = "Neither a platform key nor an admin", body = Problem, content_type = "application/problem+json"),
               (status = 422, description = "Invalid field", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
@@ -371,6 +377,17 @@ pub async fn put_member(
         valid_identity("issuer", i)?;
     }
     let db = state.db().await?;
+    if !admin.by_platform
+        && body.role != Role::Admin
+        && workspace::is_last_admin(
+            &**db,
+            admin.workspace,
+            Err((&body.subject, body.issuer.as_deref())),
+        )
+        .await?
+    {
+        return Err(last_admin());
+    }
     let (member, created) = workspace::put_member(
         &**db,
         admin.workspace,
@@ -406,7 +423,8 @@ pub async fn list_members(
     params(MemberPath),
     responses((status = 204, description = "Removed: their tokens open nothing in the workspace from now on"),
               (status = 403, description = "Neither a platform key nor an admin", body = Problem, content_type = "application/problem+json"),
-              (status = 404, description = "No such member", body = Problem, content_type = "application/problem+json")),
+              (status = 404, description = "No such member", body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "An admin removing the workspace's last admin", body = Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn remove_member(
     State(state): State<AppState>,
@@ -414,6 +432,9 @@ pub async fn remove_member(
     Ids(MemberPath { id, .. }): Ids<MemberPath>,
 ) -> Result<StatusCode, ApiError> {
     let db = state.db().await?;
+    if !admin.by_platform && workspace::is_last_admin(&**db, admin.workspace, Ok(id)).await? {
+        return Err(last_admin());
+    }
     if workspace::remove_member(&**db, admin.workspace, id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

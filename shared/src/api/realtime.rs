@@ -342,9 +342,16 @@ impl Realtime {
             .filter(|j| viewer.sees(j))
             .map(|j| (j.id, j))
             .collect();
-        if let Some(missing) = jobs.iter().find(|j| !visible.contains_key(j)) {
-            return Err(format!("no job {missing} in workspace {ws} for this token"));
-        }
+        // Those it may see are followed; the others are named in an error.
+        let refused: Vec<String> = jobs
+            .iter()
+            .filter(|j| !visible.contains_key(j))
+            .map(|j| j.to_string())
+            .collect();
+        let jobs: Vec<JobId> = jobs
+            .into_iter()
+            .filter(|j| visible.contains_key(j))
+            .collect();
         // Registered first, then the rows, then the read: a change after
         // the row notifies, one before it is in the read.
         let (new_jobs, new_tags) = self.register(conn, ws, &jobs, &msg.tags, msg.stream);
@@ -388,6 +395,12 @@ impl Realtime {
                 }
             });
         }
+        if !refused.is_empty() {
+            return Err(format!(
+                "no job {} in workspace {ws} for this token (the others are followed)",
+                refused.join(", ")
+            ));
+        }
         Ok(())
     }
 
@@ -413,7 +426,13 @@ impl Realtime {
             Bearer::Browser(_) => {
                 return Err(format!("this token opens nothing in workspace {ws}"))
             }
-            Bearer::Token(token) => viewer(state, token, ws).await.map_err(|e| e.detail)?,
+            Bearer::Token(token) => viewer(state, token, ws).await.map_err(|e| {
+                if e.status == axum::http::StatusCode::NOT_FOUND {
+                    format!("this token opens nothing in workspace {ws}")
+                } else {
+                    e.detail
+                }
+            })?,
         };
         if let Some(c) = self.lock().conns.get_mut(&conn) {
             c.viewers.insert(ws, v.clone());
@@ -453,6 +472,11 @@ impl Realtime {
                 let entry = streams
                     .entry(*j)
                     .or_insert_with(|| (HashSet::new(), self.forward_stream(*j)));
+                // A feed ends with its job's run (or a failed read); a job
+                // retried since, followed again, gets a new one.
+                if entry.1.is_finished() {
+                    entry.1 = self.forward_stream(*j);
+                }
                 entry.0.insert(conn);
             }
         }
@@ -473,17 +497,46 @@ impl Realtime {
     fn forward_stream(self: &Arc<Self>, job: JobId) -> tokio::task::JoinHandle<()> {
         let (feed, mut rx) = self.watch.feed(&self.store, job);
         let hub = Arc::downgrade(self);
+        let store = self.store.clone();
         tokio::spawn(async move {
             let _feed = feed;
+            // The last chunk passed on: a page that starts after it (this
+            // task lagged behind the feed) has its gap read from the database.
+            let mut last: Option<i64> = None;
             loop {
                 let item = match rx.recv().await {
                     Ok(i) => i,
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                let FeedItem::Chunks { chunks, .. } = item else {
+                let FeedItem::Chunks { after, chunks } = item else {
                     return;
                 };
+                let mut pages = Vec::new();
+                if let Some(from) = last.filter(|l| *l < after) {
+                    let mut cursor = from;
+                    while cursor < after {
+                        let Ok(gap) = store.stream_after(job, cursor, 1000).await else {
+                            return;
+                        };
+                        let gap: Vec<_> = gap.into_iter().filter(|c| c.0 <= after).collect();
+                        let Some(end) = gap.last().map(|c| c.0) else {
+                            break;
+                        };
+                        cursor = end;
+                        pages.push(gap);
+                    }
+                }
+                let fresh: Vec<_> = chunks
+                    .iter()
+                    .filter(|c| last.is_none_or(|l| c.0 > l))
+                    .cloned()
+                    .collect();
+                pages.push(fresh);
+                let chunks: Vec<(i64, serde_json::Value)> = pages.into_iter().flatten().collect();
+                if let Some(end) = chunks.last().map(|c| c.0) {
+                    last = Some(end);
+                }
                 let Some(hub) = hub.upgrade() else { return };
                 let targets: Vec<mpsc::Sender<Out>> = {
                     let subs = hub.lock();

@@ -184,15 +184,10 @@ async fn write_progress(db: &BenchDb, job: &str, k: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What one viewer-count run measured.
-struct Push {
-    latencies_ms: Vec<f64>,
-    idle_statements_per_viewer_minute: f64,
-    idle_statements_per_minute: f64,
-}
-
-async fn push_once(args: &Args, server: &str, viewers: usize) -> anyhow::Result<Push> {
-    let db = BenchDb::with_tier(server, "realtime", Tier::Enterprise).await?;
+/// A fresh database with pg_stat_statements, the API serving it, and one
+/// hour-long job to watch.
+async fn watched_job(server: &str, tag: &str) -> anyhow::Result<(BenchDb, crate::Served, String)> {
+    let db = BenchDb::with_tier(server, tag, Tier::Enterprise).await?;
     db.pool
         .get()
         .await?
@@ -210,6 +205,18 @@ async fn push_once(args: &Args, server: &str, viewers: usize) -> anyhow::Result<
         .json()
         .await?;
     let job = created["id"].as_str().unwrap_or_default().to_string();
+    Ok((db, s, job))
+}
+
+/// What one viewer-count run measured.
+struct Push {
+    latencies_ms: Vec<f64>,
+    idle_statements_per_viewer_minute: f64,
+    idle_statements_per_minute: f64,
+}
+
+async fn push_once(args: &Args, server: &str, viewers: usize) -> anyhow::Result<Push> {
+    let (db, s, job) = watched_job(server, "realtime").await?;
     let browser: Value = s
         .client
         .post(format!("{}/browser-tokens", s.base))
@@ -334,28 +341,9 @@ async fn push_once(args: &Args, server: &str, viewers: usize) -> anyhow::Result<
 /// Requests and statements per idle long-polling viewer per minute.
 async fn long_poll_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64)> {
     let viewers = args.realtime_pollers;
-    let db = BenchDb::with_tier(server, "longpoll", Tier::Enterprise).await?;
-    db.pool
-        .get()
-        .await?
-        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        .await?;
-    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
-    let s = Arc::new(serve(&db, q).await?);
-    let created: Value = s
-        .client
-        .post(format!("{}/jobs", s.base))
-        .bearer_auth(&s.token)
-        .json(&json!({"type": "sleep", "payload": {"ms": 3_600_000}}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let url = format!(
-        "{}/jobs/{}?wait=25",
-        s.base,
-        created["id"].as_str().unwrap_or_default()
-    );
+    let (db, s, job) = watched_job(server, "longpoll").await?;
+    let s = Arc::new(s);
+    let url = format!("{}/jobs/{job}?wait=25", s.base);
     let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let window = Duration::from_secs(args.realtime_idle_secs);
     let before = statements(&db).await?;

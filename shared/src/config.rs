@@ -311,6 +311,18 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
+        if jwks_url.is_some() && jwt_issuer.is_none() && jwt_audience.is_empty() {
+            // Every project of a provider may sign with the same keys (all
+            // Firebase projects do): without `iss` or `aud` pinned, another
+            // project's token naming one of your users' subjects would pass.
+            return Err(ConfigError {
+                variable: "OFFLOAD_JWKS_URL",
+                reason: "a key set alone does not say whose tokens these are: set \
+                         OFFLOAD_JWT_ISSUER or OFFLOAD_JWT_AUDIENCE as well (your project's \
+                         issuer, or its audience)"
+                    .into(),
+            });
+        }
         let (jwt_secret, jwt_secret_is_default) = match var("OFFLOAD_JWT_SECRET") {
             Some(s) if s.len() < 32 => {
                 return Err(ConfigError {
@@ -658,6 +670,10 @@ mod tests {
                 "https://abc123.execute-api.eu-west-1.amazonaws.com/live",
             ),
             ("OFFLOAD_REALTIME_URL", "wss://x/live\"><script>"),
+            (
+                "OFFLOAD_JWKS_URL",
+                "https://idp.example/.well-known/jwks.json",
+            ),
         ];
         for (k, v) in cases {
             let err = parse(&[(k, v)]).unwrap_err();

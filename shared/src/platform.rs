@@ -311,16 +311,19 @@ pub async fn update(
     Ok(row.as_ref().map(from_row))
 }
 
-/// Marks a workspace deleted (its members and keys open nothing from this
-/// statement on); the record, or `None` when there is no such workspace.
+/// Marks a workspace deleted (its members, keys and browser tokens open
+/// nothing from this statement on) and disables its schedules in the same
+/// transaction; its removal job then stops its jobs first. The record, or
+/// `None` when there is no such workspace.
 pub async fn mark_deleting(
-    db: &impl GenericClient,
+    db: &mut deadpool_postgres::Object,
     id: WorkspaceId,
 ) -> Result<Option<WorkspaceRecord>, DbError> {
     if id == PLATFORM_WORKSPACE {
         return Ok(None);
     }
-    let row = db
+    let tx = db.transaction().await?;
+    let row = tx
         .query_opt(
             &format!(
                 "UPDATE workspaces SET deleting_at = coalesce(deleting_at, now()) \
@@ -329,6 +332,14 @@ pub async fn mark_deleting(
             &[&id.0],
         )
         .await?;
+    if row.is_some() {
+        tx.execute(
+            "UPDATE schedules SET enabled = false WHERE workspace_id = $1 AND enabled",
+            &[&id.0],
+        )
+        .await?;
+    }
+    tx.commit().await?;
     Ok(row.as_ref().map(from_row))
 }
 

@@ -314,14 +314,19 @@ impl Pusher {
         *self.gate.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), true));
     }
 
-    /// Sends what the outbox holds to its subscribers; the number of posts.
-    /// Nothing is read while nobody is connected.
-    pub async fn drain(&self, store: &Store) -> Result<usize, DbError> {
+    /// Sends what the outbox holds to its subscribers, for at most `budget`
+    /// (the rest is left for the next drain); the number of posts. Nothing
+    /// is read while nobody is connected.
+    pub async fn drain(&self, store: &Store, budget: Duration) -> Result<usize, DbError> {
         if !self.anyone(store).await? {
             return Ok(0);
         }
+        let until = Instant::now() + budget;
         let mut posts = 0;
         loop {
+            if Instant::now() >= until {
+                return Ok(posts);
+            }
             let taken = {
                 let db = crate::db::Conn::get(store.pool()).await?;
                 db.query(
@@ -345,7 +350,24 @@ impl Pusher {
             }
             jobs.sort();
             jobs.dedup();
-            posts += self.send(store, &jobs, &chunks).await?;
+            match self.send(store, &jobs, &chunks).await {
+                Ok(n) => posts += n,
+                Err(e) => {
+                    // Taken but not sent: back in the outbox for the next drain.
+                    let ids: Vec<Uuid> = taken.iter().map(|r| r.get(0)).collect();
+                    let chunk_ids: Vec<Option<i64>> = taken.iter().map(|r| r.get(1)).collect();
+                    if let Ok(db) = crate::db::Conn::get(store.pool()).await {
+                        let _ = db
+                            .execute(
+                                "INSERT INTO realtime_outbox (job_id, chunk_id) \
+                                 SELECT * FROM unnest($1::uuid[], $2::int8[])",
+                                &[&ids, &chunk_ids],
+                            )
+                            .await;
+                    }
+                    return Err(e);
+                }
+            }
             if !more {
                 return Ok(posts);
             }
@@ -383,8 +405,10 @@ impl Pusher {
                      WHERE m.workspace_id = s.workspace_id AND m.subject = c.bearer->>'subject' \
                      AND m.issuer IN (coalesce(c.bearer->>'issuer', ''), '')) \
                    WHEN 'api_key' THEN EXISTS (SELECT 1 FROM api_keys k \
+                     JOIN workspaces w ON w.id = k.workspace_id AND w.deleting_at IS NULL \
                      WHERE k.id = (c.bearer->>'id')::uuid AND k.workspace_id = s.workspace_id) \
-                   ELSE true END",
+                   ELSE EXISTS (SELECT 1 FROM workspaces w \
+                     WHERE w.id = s.workspace_id AND w.deleting_at IS NULL) END",
                 &[&ids, &tags, &wss],
             )
             .await?;

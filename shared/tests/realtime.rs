@@ -389,3 +389,97 @@ async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
     );
     assert!(tokio_tungstenite::connect_async(bad).await.is_err());
 }
+
+#[tokio::test]
+async fn a_connection_whose_token_no_longer_opens_its_jobs_is_closed_within_a_round() {
+    let db = offload::testing::TestDb::new().await;
+    let queue: std::sync::Arc<dyn offload::queue::Queue> = std::sync::Arc::new(db.pg_queue(5));
+    let mut hub = None;
+    let app = TestApp::spawn_state(db, queue, offload::workspace::Tier::Enterprise, |s| {
+        hub = Some(s.realtime.clone())
+    })
+    .await;
+    let hub = hub.unwrap();
+    let job = create(&app, json!({"type": "sleep", "payload": {"ms": 60000}})).await;
+    let user = offload::ids::UserId::new();
+    {
+        let conn = app.db.pool.get().await.unwrap();
+        offload::workspace::add_member(
+            &**conn,
+            app.workspace,
+            user,
+            offload::workspace::Role::Member,
+        )
+        .await
+        .unwrap();
+    }
+    let subscribe = json!({"action": "subscribe", "workspace": app.workspace, "jobs": [job]});
+    let mut member = connect(&app, &offload::testing::token(user)).await;
+    send(&mut member, subscribe.clone()).await;
+    assert_eq!(next(&mut member).await["type"], "job");
+    let browser = browser_token(&app, json!({"jobs": [job]})).await;
+    let mut page = connect(&app, &browser).await;
+    send(&mut page, subscribe.clone()).await;
+    assert_eq!(next(&mut page).await["type"], "job");
+
+    // Nothing changed: both stay.
+    hub.revalidate().await.unwrap();
+    silent(&mut member, Duration::from_millis(300)).await;
+    silent(&mut page, Duration::from_millis(300)).await;
+
+    // The member is removed: the next round closes their connection, and a
+    // new subscribe is refused at once.
+    app.db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "DELETE FROM workspace_members WHERE user_id = $1",
+            &[&user.0],
+        )
+        .await
+        .unwrap();
+    let mut again = connect(&app, &offload::testing::token(user)).await;
+    send(&mut again, subscribe.clone()).await;
+    assert_eq!(next(&mut again).await["type"], "error");
+    hub.revalidate().await.unwrap();
+    let m = next(&mut member).await;
+    assert_eq!(m["type"], "error", "{m}");
+    assert!(
+        m["detail"].as_str().unwrap().contains("no longer opens"),
+        "{m}"
+    );
+    silent(&mut page, Duration::from_millis(300)).await;
+
+    // The workspace is being deleted: the page's browser token goes too.
+    app.db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE workspaces SET deleting_at = now() WHERE id = $1",
+            &[&app.workspace.0],
+        )
+        .await
+        .unwrap();
+    hub.revalidate().await.unwrap();
+    let m = next(&mut page).await;
+    assert!(
+        m["detail"].as_str().unwrap().contains("no longer opens"),
+        "{m}"
+    );
+    let resp = app
+        .client
+        .get(format!("{}/{job}", app.jobs_url()))
+        .bearer_auth(&browser)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        reqwest::StatusCode::NOT_FOUND,
+        "nothing of a workspace being deleted"
+    );
+}

@@ -12,6 +12,13 @@ use offload::api::{AppState, Member, Viewer};
 use offload::ids::{JobId, UserId, WorkspaceId};
 use offload::realtime::{self, Bearer, Posted};
 
+/// What a client is told of a database failure: not the server's address
+/// or its message, which go to the log.
+fn db_detail(e: &offload::db::DbError) -> String {
+    tracing::warn!(error = %e, "realtime: database error");
+    "the service is unavailable for a moment; try again".into()
+}
+
 fn answer(status: i64, body: &str) -> ApiGatewayProxyResponse {
     let mut r = ApiGatewayProxyResponse::default();
     r.status_code = status;
@@ -76,10 +83,10 @@ async fn connect(
     };
     let db = match state.db().await {
         Ok(db) => db,
-        Err(e) => return answer(503, &e.to_string()),
+        Err(e) => return answer(503, &db_detail(&e)),
     };
     if let Err(e) = realtime::connect(&**db, connection, &bearer).await {
-        return answer(503, &e.to_string());
+        return answer(503, &db_detail(&e));
     }
     if let Some(p) = state.store.pusher() {
         p.someone_connected();
@@ -103,10 +110,10 @@ async fn bearer(state: &AppState, token: &str) -> Result<Bearer, (i64, String)> 
         return Err((403, "a platform key opens no workspace's jobs".into()));
     }
     if offload::api_keys::is_api_key(token) {
-        let db = state.db().await.map_err(|e| (503, e.to_string()))?;
+        let db = state.db().await.map_err(|e| (503, db_detail(&e)))?;
         let key = offload::api_keys::authenticate(&db, token)
             .await
-            .map_err(|e| (503, e.to_string()))?
+            .map_err(|e| (503, db_detail(&e)))?
             .ok_or((401, "the API key is not valid".to_string()))?;
         return Ok(Bearer::ApiKey {
             id: key.id,
@@ -125,10 +132,10 @@ async fn bearer(state: &AppState, token: &str) -> Result<Bearer, (i64, String)> 
 }
 
 async fn disconnect(state: &AppState, connection: &str) -> Result<(), String> {
-    let db = state.db().await.map_err(|e| e.to_string())?;
+    let db = state.db().await.map_err(|e| db_detail(&e))?;
     realtime::disconnect(&**db, connection)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| db_detail(&e))
 }
 
 /// The connection's viewer of `ws`: checked at each subscribe (a member's
@@ -140,21 +147,38 @@ async fn viewer(state: &AppState, bearer: &Bearer, ws: WorkspaceId) -> Result<Vi
             Ok(Viewer::Browser(std::sync::Arc::new(g.clone())))
         }
         Bearer::Browser(_) => Err(nothing()),
-        Bearer::ApiKey { id, workspace } if *workspace == ws => Ok(Viewer::Member(Member {
-            user: UserId(*id),
-            workspace: ws,
-            role: offload::workspace::Role::Member,
-        })),
+        Bearer::ApiKey { id, workspace } if *workspace == ws => {
+            // The key may have been revoked, or its workspace closed, since
+            // the connection opened.
+            let db = state.db().await.map_err(|e| db_detail(&e))?;
+            let open = db
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM api_keys k JOIN workspaces w \
+                     ON w.id = k.workspace_id AND w.deleting_at IS NULL WHERE k.id = $1)",
+                    &[id],
+                )
+                .await
+                .map_err(|e| db_detail(&e.into()))?
+                .get::<_, bool>(0);
+            if !open {
+                return Err(nothing());
+            }
+            Ok(Viewer::Member(Member {
+                user: UserId(*id),
+                workspace: ws,
+                role: offload::workspace::Role::Member,
+            }))
+        }
         Bearer::ApiKey { .. } => Err(nothing()),
         Bearer::User { issuer, subject } => {
-            let db = state.db().await.map_err(|e| e.to_string())?;
+            let db = state.db().await.map_err(|e| db_detail(&e))?;
             let who = offload::auth::Identity {
                 issuer: issuer.clone(),
                 subject: subject.clone(),
             };
             match offload::workspace::member_role(&db, ws, &who)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| db_detail(&e))?
             {
                 Some((user, role)) => Ok(Viewer::Member(Member {
                     user,
@@ -169,15 +193,15 @@ async fn viewer(state: &AppState, bearer: &Bearer, ws: WorkspaceId) -> Result<Vi
 
 async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), String> {
     let req = realtime::parse(text)?;
-    let db = state.db().await.map_err(|e| e.to_string())?;
+    let db = state.db().await.map_err(|e| db_detail(&e))?;
     let bearer = realtime::bearer(&**db, connection)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| db_detail(&e))?
         .ok_or("this connection is not known: connect again")?;
     if !req.subscribe {
         return realtime::unsubscribe(&**db, connection, req.workspace, &req.jobs, &req.tags)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| db_detail(&e));
     }
     let viewer = viewer(state, &bearer, req.workspace).await?;
     if let Viewer::Browser(g) = &viewer {
@@ -191,7 +215,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
             &[&connection],
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| db_detail(&e.into()))?;
     if counts.get::<_, i64>(0) as usize + req.jobs.len() > realtime::MAX_JOBS_PER_CONNECTION {
         return Err(format!(
             "a connection follows at most {} jobs",
@@ -208,7 +232,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         .store
         .get_many(&req.jobs)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| db_detail(&e))?;
     // Those it may see are followed; the others are named in an error.
     let visible: Vec<JobId> = jobs
         .into_iter()
@@ -230,7 +254,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         req.stream,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| db_detail(&e))?;
     let refusal = (!refused.is_empty()).then(|| {
         format!(
             "no job {} in workspace {} for this token (the others are followed)",
@@ -249,7 +273,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         .store
         .get_many(&visible)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| db_detail(&e))?;
     for tag in &req.tags {
         let filter = offload::store::ListFilter {
             tag: Some(tag.clone()),
@@ -260,7 +284,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
             .store
             .list(req.workspace, &filter)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| db_detail(&e))?;
         now.extend(list.into_iter().filter(|j| viewer.sees(j)));
     }
     let mut sent: Vec<JobId> = Vec::new();
@@ -270,7 +294,7 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         }
         sent.push(job.id);
         if pusher.send_job(connection, job).await? == Posted::Gone {
-            let db = state.db().await.map_err(|e| e.to_string())?;
+            let db = state.db().await.map_err(|e| db_detail(&e))?;
             let _ = realtime::disconnect(&**db, connection).await;
             return Ok(());
         }

@@ -524,7 +524,7 @@ pub async fn get_one(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let mut job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+    let mut job = viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
     let baseline = if_none_match.clone().unwrap_or_else(|| etag(&job));
     if wait > 0 && etag(&job) == baseline {
         // Wait on a notification for this job (no reads while nothing
@@ -554,7 +554,7 @@ pub async fn get_one(
             }
         };
         // What changed before the watch was in place.
-        job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+        job = viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
         // Read again after each notification, once a moment after the watch
         // was in place, and once at the deadline. A writer whose statement
         // looked for watchers just before this one registered, and committed
@@ -566,7 +566,7 @@ pub async fn get_one(
         while etag(&job) == baseline {
             let until = recheck.take().map_or(deadline, |r| r.min(deadline));
             let woke = waiter.changed(until).await;
-            job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+            job = viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
             if !woke && tokio::time::Instant::now() >= deadline {
                 break;
             }
@@ -609,7 +609,7 @@ pub async fn cancel(
     if let Viewer::Browser(_) = viewer {
         // A browser token cancels only the jobs it sees, and only with the
         // scope: checked on the job before anything changes.
-        viewer.check(state.store.get(ws, id).await?)?;
+        viewer.check(state.store.get_open(ws, id).await?)?;
         viewer.require_cancel()?;
     }
     let cancelled = state
@@ -766,7 +766,7 @@ pub async fn logs(
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<LogParams>,
 ) -> Result<Json<LogPage>, ApiError> {
-    viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+    viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
     let after = q.cursor.map_or(0, |c| c.0);
     let limit = q.limit.map_or(100, |l| l.0);
     let rows = state
@@ -831,7 +831,7 @@ pub async fn children(
     Ids(JobPath { id, .. }): Ids<JobPath>,
     Params(q): Params<ChildrenParams>,
 ) -> Result<Json<JobList>, ApiError> {
-    viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+    viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
     let limit = q.limit.map_or(50, |l| l.0);
     let mut jobs = state
         .store
@@ -845,6 +845,9 @@ pub async fn children(
     } else {
         None
     };
+    // A browser token sees the children it opens (named by their parent,
+    // or by a tag), not a tagged parent's untagged children.
+    jobs.retain(|j| viewer.sees(j));
     Ok(Json(JobList { jobs, next_cursor }))
 }
 

@@ -15,7 +15,7 @@ use super::extract::{Bounded, Ids, JsonBody, MemberAdmin, Params, Platform, WsPa
 use super::AppState;
 use crate::auth::MAX_IDENTITY_CHARS;
 use crate::ids::{UserId, WorkspaceId};
-use crate::job::Job;
+use crate::job::{Job, JobStatus};
 use crate::platform::{self, LimitOverrides, WorkspaceRecord, PLATFORM_WORKSPACE};
 use crate::store::NewJob;
 use crate::workspace::{self, MemberRecord, Role, Tier};
@@ -292,8 +292,8 @@ pub async fn delete(
     platform_key: Platform,
     Ids(WsPath { ws }): Ids<WsPath>,
 ) -> Result<Response, ApiError> {
-    let db = state.db().await?;
-    let workspace = platform::mark_deleting(&**db, ws)
+    let mut db = state.db().await?;
+    let workspace = platform::mark_deleting(&mut db, ws)
         .await?
         .ok_or_else(|| ApiError::not_found("workspace"))?;
     // Asked again, the same job answers (its key names the workspace).
@@ -315,7 +315,22 @@ pub async fn delete(
         state.settings.send_budget(),
     )
     .await?;
-    let (job, _) = created.remove(0);
+    let (mut job, _) = created.remove(0);
+    // A removal that ended dead (its retries spent) runs again when asked.
+    if matches!(job.status, JobStatus::Dead | JobStatus::Cancelled) {
+        if let Some(again) = state
+            .store
+            .manual_retry(PLATFORM_WORKSPACE, job.id, now)
+            .await?
+        {
+            crate::enqueue::send_jobs(&state.store, &*state.queue, &[&again], now).await?;
+            job = state
+                .store
+                .get(PLATFORM_WORKSPACE, job.id)
+                .await?
+                .unwrap_or(again);
+        }
+    }
     tracing::info!(workspace_id = %ws, platform_key = %platform_key.key, job_id = %job.id,
         "workspace closed; its removal is under way");
     Ok((StatusCode::ACCEPTED, Json(Deletion { workspace, job })).into_response())

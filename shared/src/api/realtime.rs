@@ -61,23 +61,44 @@ const OUTBOX: usize = 1024;
 /// The largest message a client may send.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
+/// How long a connection's socket may take to accept one message.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the hub sends one connection.
 #[derive(Clone, Debug)]
 enum Out {
     /// A job's state, as text, with the time it was written (a state older
-    /// than one already sent is not sent).
+    /// than one already sent is not sent, unless it is a final one).
     Job {
         id: JobId,
         updated_at: DateTime<Utc>,
+        terminal: bool,
         text: Utf8Bytes,
     },
     Text(Utf8Bytes),
-    /// The connection fell too far behind: closed with this reason.
-    Close(&'static str),
+}
+
+/// A connection's queue, and the switch that closes it: thrown when the
+/// queue is full (a client that stopped reading), when the token no longer
+/// opens what it follows, or when the socket is gone.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Out>,
+    kill: tokio_util::sync::CancellationToken,
+    reason: Arc<Mutex<&'static str>>,
+}
+
+impl Outbox {
+    fn close(&self, reason: &'static str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.kill.cancel();
+    }
 }
 
 struct Conn {
-    tx: mpsc::Sender<Out>,
+    tx: Outbox,
+    /// The token it opened with (checked again each round).
+    bearer: Bearer,
     viewers: HashMap<WorkspaceId, Viewer>,
     jobs: HashSet<JobId>,
     tags: HashSet<(WorkspaceId, String)>,
@@ -100,6 +121,8 @@ pub struct Realtime {
     /// The `watcher` of this process's rows.
     watcher: Uuid,
     subs: Mutex<Subs>,
+    /// How tokens are verified (the API's), for the checks each round.
+    auth: std::sync::OnceLock<crate::auth::Verifier>,
     next_conn: AtomicU64,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -195,6 +218,7 @@ impl Realtime {
             store,
             watcher: Uuid::new_v4(),
             subs: Mutex::default(),
+            auth: std::sync::OnceLock::new(),
             next_conn: AtomicU64::new(0),
             task: Mutex::new(None),
         })
@@ -219,73 +243,97 @@ impl Realtime {
     }
 
     async fn serve(self: Arc<Self>, state: AppState, bearer: Bearer, socket: WebSocket) {
+        let _ = self.auth.set(state.auth.clone());
         self.start();
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::channel::<Out>(OUTBOX);
+        let (sender, mut rx) = mpsc::channel::<Out>(OUTBOX);
+        let tx = Outbox {
+            tx: sender,
+            kill: tokio_util::sync::CancellationToken::new(),
+            reason: Arc::new(Mutex::new("the connection is closing")),
+        };
         self.lock().conns.insert(
             id,
             Conn {
                 tx: tx.clone(),
+                bearer: bearer.clone(),
                 viewers: HashMap::new(),
                 jobs: HashSet::new(),
                 tags: HashSet::new(),
             },
         );
         let (mut sink, mut stream) = futures::StreamExt::split(socket);
+        let out = tx.clone();
         let writer = tokio::spawn(async move {
             use futures::SinkExt;
             // The newest state sent of each job: an older one read later
-            // (a subscribe's first read racing a change), or the same one
-            // read twice, is not sent.
+            // (a subscribe's first read racing a change, a change written
+            // by a process whose clock is behind), or the same one read
+            // twice, is not sent; a final state always is.
             let mut sent: HashMap<JobId, DateTime<Utc>> = HashMap::new();
-            while let Some(out) = rx.recv().await {
-                let text = match out {
+            loop {
+                let next = tokio::select! {
+                    _ = out.kill.cancelled() => None,
+                    next = rx.recv() => next,
+                };
+                let Some(next) = next else {
+                    let reason = *out.reason.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        let _ = sink.send(Message::Text(error_text(reason))).await;
+                        let _ = sink.close().await;
+                    })
+                    .await;
+                    return;
+                };
+                let text = match next {
                     Out::Job {
                         id,
                         updated_at,
+                        terminal,
                         text,
                     } => {
-                        if sent.get(&id).is_some_and(|t| *t >= updated_at) {
+                        if !terminal && sent.get(&id).is_some_and(|t| *t >= updated_at) {
                             continue;
                         }
-                        sent.insert(id, updated_at);
+                        if terminal {
+                            sent.remove(&id);
+                        } else {
+                            sent.insert(id, updated_at);
+                        }
                         text
                     }
                     Out::Text(t) => t,
-                    Out::Close(reason) => {
-                        let _ = sink.send(Message::Text(error_text(reason))).await;
-                        let _ = sink.close().await;
+                };
+                match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text))).await {
+                    Ok(Ok(())) => {}
+                    _ => {
+                        out.close("the connection stopped taking messages");
                         return;
                     }
-                };
-                if sink.send(Message::Text(text)).await.is_err() {
-                    return;
                 }
             }
         });
-        while let Some(Ok(msg)) = futures::StreamExt::next(&mut stream).await {
+        loop {
+            let msg = tokio::select! {
+                _ = tx.kill.cancelled() => break,
+                msg = futures::StreamExt::next(&mut stream) => msg,
+            };
+            let Some(Ok(msg)) = msg else { break };
             let text = match msg {
                 Message::Text(t) => t.to_string(),
                 Message::Close(_) => break,
                 Message::Binary(_) => {
-                    let _ = tx
-                        .send(Out::Text(error_text("send messages as JSON text")))
-                        .await;
+                    offer(&tx, Out::Text(error_text("send messages as JSON text")));
                     continue;
                 }
                 _ => continue,
             };
             if let Err(detail) = self.handle(&state, &bearer, id, &tx, &text).await {
-                if tx.send(Out::Text(error_text(&detail))).await.is_err() {
-                    break;
-                }
-            }
-            if writer.is_finished() {
-                break;
+                offer(&tx, Out::Text(error_text(&detail)));
             }
         }
         self.leave(id).await;
-        drop(tx);
+        tx.kill.cancel();
         let _ = writer.await;
     }
 
@@ -295,7 +343,7 @@ impl Realtime {
         state: &AppState,
         bearer: &Bearer,
         conn: u64,
-        tx: &mpsc::Sender<Out>,
+        tx: &Outbox,
         text: &str,
     ) -> Result<(), String> {
         let msg = crate::realtime::parse(text)?;
@@ -336,7 +384,7 @@ impl Realtime {
             .store
             .get_many(&jobs)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| db_detail(&e))?;
         let visible: HashMap<JobId, Job> = found
             .into_iter()
             .filter(|j| viewer.sees(j))
@@ -357,14 +405,14 @@ impl Realtime {
         let (new_jobs, new_tags) = self.register(conn, ws, &jobs, &msg.tags, msg.stream);
         self.insert_rows(ws, &new_jobs, &new_tags)
             .await
-            .map_err(|e| format!("cannot watch now: {e}"))?;
+            .map_err(|e| db_detail(&e))?;
         let now = self
             .store
             .get_many(&jobs)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| db_detail(&e))?;
         for job in now.iter().filter(|j| visible.contains_key(&j.id)) {
-            send_job(tx, job).await;
+            send_job(tx, job);
         }
         if !msg.tags.is_empty() {
             // The tag's jobs as they are (the newest 100 of each tag).
@@ -378,9 +426,9 @@ impl Realtime {
                     .store
                     .list(ws, &filter)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| db_detail(&e))?;
                 for job in list.iter().filter(|j| viewer.sees(j)) {
-                    send_job(tx, job).await;
+                    send_job(tx, job);
                 }
             }
         }
@@ -390,7 +438,7 @@ impl Realtime {
                 tokio::time::sleep(RECHECK).await;
                 if let Ok(list) = hub.store.get_many(&jobs).await {
                     for job in &list {
-                        send_job(&tx, job).await;
+                        send_job(&tx, job);
                     }
                 }
             });
@@ -404,8 +452,9 @@ impl Realtime {
         Ok(())
     }
 
-    /// The connection's viewer of `ws`, checked at its first subscribe
-    /// there (a user's membership, an API key's workspace).
+    /// The connection's viewer of `ws`, checked at each subscribe (a user's
+    /// membership, an API key's workspace), and again each round by
+    /// [`Realtime::revalidate`].
     async fn viewer(
         &self,
         state: &AppState,
@@ -413,14 +462,6 @@ impl Realtime {
         conn: u64,
         ws: WorkspaceId,
     ) -> Result<Viewer, String> {
-        if let Some(v) = self
-            .lock()
-            .conns
-            .get(&conn)
-            .and_then(|c| c.viewers.get(&ws))
-        {
-            return Ok(v.clone());
-        }
         let v = match bearer {
             Bearer::Browser(g) if g.workspace == ws => Viewer::Browser(g.clone()),
             Bearer::Browser(_) => {
@@ -538,7 +579,7 @@ impl Realtime {
                     last = Some(end);
                 }
                 let Some(hub) = hub.upgrade() else { return };
-                let targets: Vec<mpsc::Sender<Out>> = {
+                let targets: Vec<Outbox> = {
                     let subs = hub.lock();
                     subs.streams
                         .get(&job)
@@ -677,28 +718,153 @@ impl Realtime {
         }
     }
 
-    /// Moves every row of this process a round further: one statement per
-    /// table per round, however many viewers.
+    /// Writes every row this process needs a round further: one statement
+    /// per table per round, however many viewers. An upsert of what the
+    /// process follows, so a row lost meanwhile (swept after a late round,
+    /// deleted by a leave racing a subscribe) is back within a round.
     async fn extend_rows(&self) -> Result<(), DbError> {
-        let (any_job, any_tag) = {
+        let (jobs, tags): (Vec<Uuid>, Vec<(WorkspaceId, String)>) = {
             let subs = self.lock();
-            (!subs.by_job.is_empty(), !subs.by_tag.is_empty())
+            (
+                subs.by_job.keys().map(|j| j.0).collect(),
+                subs.by_tag.keys().cloned().collect(),
+            )
         };
         let db = db::Conn::get(self.store.pool()).await?;
         let until = (ROUND + SLACK).as_secs_f64();
-        if any_job {
+        if !jobs.is_empty() {
             db.execute(
-                "UPDATE job_watches SET until = now() + make_interval(secs => $2) WHERE watcher = $1",
-                &[&self.watcher, &until],
+                "INSERT INTO job_watches (job_id, watcher, until) \
+                 SELECT j, $2, now() + make_interval(secs => $3) FROM unnest($1::uuid[]) j \
+                 ON CONFLICT (job_id, watcher) DO UPDATE SET until = EXCLUDED.until",
+                &[&jobs, &self.watcher, &until],
             )
             .await?;
         }
-        if any_tag {
+        if !tags.is_empty() {
+            let wss: Vec<Uuid> = tags.iter().map(|t| t.0 .0).collect();
+            let names: Vec<&str> = tags.iter().map(|t| t.1.as_str()).collect();
             db.execute(
-                "UPDATE job_tag_watches SET until = now() + make_interval(secs => $2) WHERE watcher = $1",
-                &[&self.watcher, &until],
+                "INSERT INTO job_tag_watches (workspace_id, tag, watcher, until) \
+                 SELECT w, t, $3, now() + make_interval(secs => $4) \
+                 FROM unnest($1::uuid[], $2::text[]) AS x(w, t) \
+                 ON CONFLICT (workspace_id, tag, watcher) DO UPDATE SET until = EXCLUDED.until",
+                &[&wss, &names, &self.watcher, &until],
             )
             .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connections whose token no longer opens what they follow:
+    /// an expired token, a member removed, an API key revoked, a workspace
+    /// being deleted. Tokens are verified again in memory; the database is
+    /// asked once per kind for all connections together.
+    pub async fn revalidate(&self) -> Result<(), DbError> {
+        let auth = self.auth.get().cloned();
+        let conns: Vec<(Outbox, Bearer, Vec<WorkspaceId>)> = {
+            let subs = self.lock();
+            subs.conns
+                .values()
+                .map(|c| {
+                    (
+                        c.tx.clone(),
+                        c.bearer.clone(),
+                        c.viewers.keys().copied().collect(),
+                    )
+                })
+                .collect()
+        };
+        let now = Utc::now().timestamp();
+        let mut members: Vec<(usize, Uuid, String, String)> = Vec::new();
+        let mut keys: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut open: Vec<(usize, Uuid)> = Vec::new();
+        for (i, (tx, bearer, wss)) in conns.iter().enumerate() {
+            match bearer {
+                Bearer::Browser(g) => {
+                    if g.exp + crate::auth::LEEWAY_SECS as i64 <= now {
+                        tx.close("the browser token has expired: connect with a new one");
+                        continue;
+                    }
+                    open.extend(wss.iter().map(|w| (i, w.0)));
+                }
+                Bearer::Token(t) if crate::api_keys::is_api_key(t) => {
+                    keys.push((i, crate::api_keys::hash(t)));
+                }
+                Bearer::Token(t) => {
+                    if let Some(auth) = &auth {
+                        match auth.verify(t).await {
+                            Ok(who) => members.extend(wss.iter().map(|w| {
+                                (
+                                    i,
+                                    w.0,
+                                    who.subject.clone(),
+                                    who.issuer.clone().unwrap_or_default(),
+                                )
+                            })),
+                            Err(_) => tx.close("the token has expired: connect with a new one"),
+                        }
+                    }
+                }
+            }
+        }
+        if members.is_empty() && keys.is_empty() && open.is_empty() {
+            return Ok(());
+        }
+        let db = db::Conn::get(self.store.pool()).await?;
+        let mut closed: HashSet<usize> = HashSet::new();
+        if !members.is_empty() {
+            let idx: Vec<i64> = members.iter().map(|m| m.0 as i64).collect();
+            let wss: Vec<Uuid> = members.iter().map(|m| m.1).collect();
+            let subs: Vec<&str> = members.iter().map(|m| m.2.as_str()).collect();
+            let iss: Vec<&str> = members.iter().map(|m| m.3.as_str()).collect();
+            for r in db
+                .query(
+                    "SELECT x.i FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[]) \
+                     AS x(i, w, s, iss) WHERE NOT EXISTS (SELECT 1 FROM workspace_members m \
+                     JOIN workspaces ws ON ws.id = m.workspace_id AND ws.deleting_at IS NULL \
+                     WHERE m.workspace_id = x.w AND m.subject = x.s AND m.issuer IN (x.iss, ''))",
+                    &[&idx, &wss, &subs, &iss],
+                )
+                .await?
+            {
+                closed.insert(r.get::<_, i64>(0) as usize);
+            }
+        }
+        if !keys.is_empty() {
+            let idx: Vec<i64> = keys.iter().map(|k| k.0 as i64).collect();
+            let hashes: Vec<&[u8]> = keys.iter().map(|k| k.1.as_slice()).collect();
+            for r in db
+                .query(
+                    "SELECT x.i FROM unnest($1::int8[], $2::bytea[]) AS x(i, h) \
+                     WHERE NOT EXISTS (SELECT 1 FROM api_keys k JOIN workspaces ws \
+                     ON ws.id = k.workspace_id AND ws.deleting_at IS NULL WHERE k.secret_hash = x.h)",
+                    &[&idx, &hashes],
+                )
+                .await?
+            {
+                closed.insert(r.get::<_, i64>(0) as usize);
+            }
+        }
+        if !open.is_empty() {
+            let idx: Vec<i64> = open.iter().map(|o| o.0 as i64).collect();
+            let wss: Vec<Uuid> = open.iter().map(|o| o.1).collect();
+            for r in db
+                .query(
+                    "SELECT x.i FROM unnest($1::int8[], $2::uuid[]) AS x(i, w) \
+                     WHERE NOT EXISTS (SELECT 1 FROM workspaces ws \
+                     WHERE ws.id = x.w AND ws.deleting_at IS NULL)",
+                    &[&idx, &wss],
+                )
+                .await?
+            {
+                closed.insert(r.get::<_, i64>(0) as usize);
+            }
+        }
+        for i in closed {
+            conns[i]
+                .0
+                .close("this token no longer opens what this connection follows");
         }
         Ok(())
     }
@@ -729,7 +895,7 @@ impl Realtime {
         };
         for job in jobs {
             let text: Utf8Bytes = crate::realtime::job_text(&job).into();
-            let targets: Vec<mpsc::Sender<Out>> = {
+            let targets: Vec<Outbox> = {
                 let subs = self.lock();
                 let mut conns: HashSet<u64> = subs.by_job.get(&job.id).cloned().unwrap_or_default();
                 for t in &job.tags {
@@ -749,14 +915,7 @@ impl Realtime {
                     .collect()
             };
             for tx in &targets {
-                offer(
-                    tx,
-                    Out::Job {
-                        id: job.id,
-                        updated_at: job.updated_at,
-                        text: text.clone(),
-                    },
-                );
+                offer(tx, job_out(&job, text.clone()));
             }
         }
     }
@@ -774,28 +933,31 @@ impl Realtime {
 /// Queues a message for a connection without waiting; a connection whose
 /// queue is full is told to go (it reconnects and starts from the current
 /// state).
-fn offer(tx: &mpsc::Sender<Out>, out: Out) {
-    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(out) {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Out::Close(
-                    "this connection fell too far behind; reconnect and subscribe again",
-                ))
-                .await;
-        });
+/// What a client is told of a database failure: not the server's address
+/// or its message, which go to the log.
+fn db_detail(e: &DbError) -> String {
+    tracing::warn!(error = %e, "realtime: database error");
+    "the service is unavailable for a moment; subscribe again".into()
+}
+
+fn offer(tx: &Outbox, out: Out) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.tx.try_send(out) {
+        tx.close("this connection fell too far behind; reconnect and subscribe again");
     }
 }
 
-async fn send_job(tx: &mpsc::Sender<Out>, job: &Job) {
-    let text: Utf8Bytes = crate::realtime::job_text(job).into();
-    let _ = tx
-        .send(Out::Job {
-            id: job.id,
-            updated_at: job.updated_at,
-            text,
-        })
-        .await;
+/// A job's state as the message to a connection.
+fn job_out(job: &Job, text: Utf8Bytes) -> Out {
+    Out::Job {
+        id: job.id,
+        updated_at: job.updated_at,
+        terminal: job.status.is_terminal(),
+        text,
+    }
+}
+
+fn send_job(tx: &Outbox, job: &Job) {
+    offer(tx, job_out(job, crate::realtime::job_text(job).into()));
 }
 
 /// Removes `conn` from `key`'s set; `true` when the set is now empty (and
@@ -865,6 +1027,9 @@ async fn run_hub(hub: std::sync::Weak<Realtime>, mut changes: broadcast::Receive
                 let Some(h) = hub.upgrade() else { return };
                 if let Err(e) = h.extend_rows().await {
                     tracing::warn!(error = %e, "realtime: watch rows not extended; retrying next round");
+                }
+                if let Err(e) = h.revalidate().await {
+                    tracing::warn!(error = %e, "realtime: connections not checked again; retrying next round");
                 }
             }
             _ = fallback.tick() => {

@@ -105,7 +105,7 @@ pub async fn stream(
             e.retry_after = Some(1);
             e
         })?;
-    let job = viewer.check(state.store.get(viewer.workspace(), id).await?)?;
+    let job = viewer.check(state.store.get_open(viewer.workspace(), id).await?)?;
     // A finished job's stream is complete in the database: no feed.
     let (feed, rx) = if job.status.is_terminal() {
         (None, None)

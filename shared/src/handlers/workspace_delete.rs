@@ -108,8 +108,31 @@ impl JobHandler for WorkspaceDelete {
             done.counted = true;
             ctx.save_checkpoint(&done).await?;
         }
-        // Jobs first (their logs, streams and children go with them), then
-        // contacts (their tags and enrolments go with them), then files.
+        // Its work stops first: jobs not started are cancelled, running ones
+        // asked to stop (they end at their next step), in batches.
+        loop {
+            if ctx.should_hand_off() {
+                return Ok(ctx.hand_off(&done));
+            }
+            let n = execute(
+                ctx,
+                "UPDATE jobs SET \
+                   status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END, \
+                   finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END, \
+                   cancel_requested_at = now(), updated_at = now(), parked_at = NULL, \
+                   wait_kind = NULL \
+                 WHERE id IN (SELECT id FROM jobs WHERE workspace_id = $1 \
+                   AND status IN ('pending', 'queued', 'running', 'waiting') \
+                   AND cancel_requested_at IS NULL LIMIT $2)",
+                &ws,
+            )
+            .await?;
+            if n == 0 {
+                break;
+            }
+        }
+        // Then jobs (their logs, streams and children go with them),
+        // contacts (their tags and enrolments go with them), and files.
         for (stage, sql) in [
             (
                 "jobs",
@@ -156,16 +179,31 @@ impl JobHandler for WorkspaceDelete {
             ctx.save_checkpoint(&done).await?;
             ctx.progress(done.progress("files")).await?;
         }
-        // What is left (members, keys, schedules, counters, providers) goes
-        // with the row.
+        // The end in one transaction: the workspace's row locked first (a
+        // job inserted since, such as a child of a job that was running,
+        // counts itself on that row, so it waits and then finds no
+        // workspace), the jobs made since the batches, then the row, with
+        // what goes with it (members, keys, schedules, providers).
         {
-            let db = ctx.db().get().await.map_err(DbError::from)?;
-            db.execute(
+            let mut db = ctx.db().get().await.map_err(DbError::from)?;
+            let tx = db.transaction().await.map_err(DbError::from)?;
+            tx.execute(
+                "SELECT 1 FROM workspaces WHERE id = $1 AND deleting_at IS NOT NULL FOR UPDATE",
+                &[&ws],
+            )
+            .await
+            .map_err(DbError::from)?;
+            done.jobs += tx
+                .execute("DELETE FROM jobs WHERE workspace_id = $1", &[&ws])
+                .await
+                .map_err(DbError::from)?;
+            tx.execute(
                 "DELETE FROM workspaces WHERE id = $1 AND deleting_at IS NOT NULL",
                 &[&ws],
             )
             .await
             .map_err(DbError::from)?;
+            tx.commit().await.map_err(DbError::from)?;
         }
         ctx.progress(done.progress("removed")).await?;
         ctx.log(

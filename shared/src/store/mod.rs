@@ -167,6 +167,10 @@ pub struct Store {
     push: Option<std::sync::Arc<crate::realtime::Pusher>>,
 }
 
+/// The longest one call sends queued changes (a request or a batch waits
+/// for it); what is left goes with the next call.
+const PUSH_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Store {
     pub fn new(pool: Pool) -> Self {
         Store { pool, push: None }
@@ -189,7 +193,7 @@ impl Store {
     /// sends its state again.
     pub async fn push_changes(&self) {
         let Some(p) = &self.push else { return };
-        if let Err(e) = p.drain(self).await {
+        if let Err(e) = p.drain(self, PUSH_BUDGET).await {
             tracing::warn!(error = %e, "realtime: queued changes not sent; the next change sends them");
         }
     }

@@ -41,6 +41,28 @@ impl Store {
         Ok(row.as_ref().map(Job::from_row).transpose()?)
     }
 
+    /// [`Store::get`] for readers who may hold no membership (a browser
+    /// token): nothing of a workspace being deleted.
+    pub async fn get_open(
+        &self,
+        workspace: WorkspaceId,
+        id: JobId,
+    ) -> Result<Option<Job>, DbError> {
+        let db = Conn::get(&self.pool).await?;
+        let row = db
+            .query_opt(
+                concat!(
+                    "SELECT ",
+                    job_columns!(),
+                    " FROM jobs WHERE id = $1 AND workspace_id = $2 AND EXISTS \
+                     (SELECT 1 FROM workspaces w WHERE w.id = $2 AND w.deleting_at IS NULL)"
+                ),
+                &[&id.0, &workspace.0],
+            )
+            .await?;
+        Ok(row.as_ref().map(Job::from_row).transpose()?)
+    }
+
     /// A job by id alone, for the worker and the scheduler, which act for
     /// every workspace.
     pub async fn get_any(&self, id: JobId) -> Result<Option<Job>, DbError> {

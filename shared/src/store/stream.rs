@@ -31,8 +31,9 @@ impl Store {
                    WHERE EXISTS (SELECT 1 FROM job_watches WHERE job_id = $1)), \
                  pushed AS (INSERT INTO realtime_outbox (job_id, chunk_id) SELECT $1, id FROM ins \
                    WHERE EXISTS (SELECT 1 FROM realtime_subscriptions \
-                     WHERE job_id = $1 AND stream)) \
-                 SELECT (SELECT id FROM ins), (SELECT count(*) FROM told)",
+                     WHERE job_id = $1 AND stream) RETURNING 1) \
+                 SELECT (SELECT id FROM ins), (SELECT count(*) FROM told), \
+                   (SELECT count(*) FROM pushed)",
                 &[
                     &lease.job_id.0,
                     &lease.attempt,
@@ -43,6 +44,11 @@ impl Store {
                 ],
             )
             .await?;
+        // A chunk someone follows over the WebSocket API goes out now, not
+        // with the job's next progress write.
+        if row.get::<_, i64>(2) > 0 {
+            self.push_changes_soon();
+        }
         Ok(row.get(0))
     }
 

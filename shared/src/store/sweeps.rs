@@ -94,8 +94,15 @@ impl Store {
     /// died while requests waited).
     pub async fn drop_expired_watches(&self) -> Result<u64, DbError> {
         let db = Conn::get(&self.pool).await?;
-        db.execute("DELETE FROM job_watches WHERE until < now()", &[])
-            .await
+        let jobs = db
+            .execute("DELETE FROM job_watches WHERE until < now()", &[])
+            .await?;
+        // A crashed process's tag watches too: while any row is left, every
+        // update of jobs looks for tagged jobs.
+        let tags = db
+            .execute("DELETE FROM job_tag_watches WHERE until < now()", &[])
+            .await?;
+        Ok(jobs + tags)
     }
 
     /// Folds up to `limit` rows of the stats log into the per-minute

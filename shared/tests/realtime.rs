@@ -111,6 +111,41 @@ async fn statements(app: &TestApp) -> i64 {
     .get(0)
 }
 
+/// A new connection following `job`'s stream: the chunk `{"token": word}`
+/// appended after it subscribed, as it receives it, and the connection
+/// (kept open by the caller where the test needs the feed to stay).
+async fn follow_stream(app: &TestApp, job: &str, word: &str) -> (Value, Socket) {
+    let mut ws = connect(app, &app.token).await;
+    send(
+        &mut ws,
+        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [job], "stream": true}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "job");
+    // The feed's first read is behind it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let data = json!({ "token": word });
+    app.db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "WITH ins AS (INSERT INTO job_stream (job_id, workspace_id, data) \
+               VALUES ($1::text::uuid, $2, $3) RETURNING id) \
+             SELECT pg_notify('offload_jobs', $1) FROM ins",
+            &[&job, &app.workspace.0, &data],
+        )
+        .await
+        .unwrap();
+    loop {
+        let m = next(&mut ws).await;
+        if m["type"] == "chunk" {
+            return (m, ws);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_thousand_subscribers_get_every_change_in_order_and_cost_nothing_while_idle() {
     raise_open_files();
@@ -297,31 +332,8 @@ async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
     silent(&mut tagged, Duration::from_millis(700)).await;
 
     // Stream chunks, for a subscription that asks.
-    let mut member = connect(&app, &app.token).await;
-    send(
-        &mut member,
-        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [a], "stream": true}),
-    )
-    .await;
-    assert_eq!(next(&mut member).await["type"], "job");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    {
-        let conn = app.db.pool.get().await.unwrap();
-        conn.execute(
-            "WITH ins AS (INSERT INTO job_stream (job_id, workspace_id, data) \
-               VALUES ($1::text::uuid, $2, '{\"token\": \"Hello\"}') RETURNING id) \
-             SELECT pg_notify('offload_jobs', $1) FROM ins",
-            &[&a, &app.workspace.0],
-        )
-        .await
-        .unwrap();
-    }
-    let chunk = loop {
-        let m = next(&mut member).await;
-        if m["type"] == "chunk" {
-            break m;
-        }
-    };
+    // The first follower stays connected: its feed ends with the job below.
+    let (chunk, _first) = follow_stream(&app, &a, "Hello").await;
     assert_eq!(chunk["job_id"], a.as_str());
     assert_eq!(chunk["data"]["token"], "Hello");
     assert!(chunk["cursor"].as_str().unwrap().parse::<i64>().unwrap() > 0);
@@ -345,31 +357,7 @@ async fn tokens_open_only_what_they_name_and_tags_and_streams_are_followed() {
     set_status("cancelled").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     set_status("running").await;
-    let mut again = connect(&app, &app.token).await;
-    send(
-        &mut again,
-        json!({"action": "subscribe", "workspace": app.workspace, "jobs": [a], "stream": true}),
-    )
-    .await;
-    assert_eq!(next(&mut again).await["type"], "job");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    {
-        let conn = app.db.pool.get().await.unwrap();
-        conn.execute(
-            "WITH ins AS (INSERT INTO job_stream (job_id, workspace_id, data) \
-               VALUES ($1::text::uuid, $2, '{\"token\": \"again\"}') RETURNING id) \
-             SELECT pg_notify('offload_jobs', $1) FROM ins",
-            &[&a, &app.workspace.0],
-        )
-        .await
-        .unwrap();
-    }
-    let chunk = loop {
-        let m = next(&mut again).await;
-        if m["type"] == "chunk" {
-            break m;
-        }
-    };
+    let (chunk, _) = follow_stream(&app, &a, "again").await;
     assert_eq!(chunk["data"]["token"], "again");
 
     // No token, a made-up one, a platform key: refused before the upgrade.

@@ -83,6 +83,13 @@ enum PlatformKeyCommand {
         #[arg(long)]
         name: String,
     },
+    /// List the platform keys: id, name, first characters, created, last used.
+    List,
+    /// Revoke a platform key: it answers 401 from its next request.
+    Revoke {
+        #[arg(long)]
+        id: uuid::Uuid,
+    },
 }
 
 /// A member's subject: 1 to 255 characters.
@@ -147,9 +154,7 @@ async fn main() -> ExitCode {
         Command::Workspace {
             command: WorkspaceCommand::Create { name, tier, owner },
         } => create_workspace(&config, &name, tier, owner).await,
-        Command::PlatformKey {
-            command: PlatformKeyCommand::Create { name },
-        } => create_platform_key(&config, &name).await,
+        Command::PlatformKey { command } => platform_key(&config, command).await,
         Command::Token {
             workspace: _,
             user,
@@ -207,15 +212,37 @@ async fn create_workspace(
     Ok(())
 }
 
-async fn create_platform_key(config: &Config, name: &str) -> anyhow::Result<()> {
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        anyhow::bail!("--name must be 1 to 200 characters");
-    }
+async fn platform_key(config: &Config, command: PlatformKeyCommand) -> anyhow::Result<()> {
     let pool = db::pool(&config.database_url, 1)?;
     db::check_schema(&pool).await?;
     let client = pool.get().await?;
-    let (_, secret) = offload::platform::create_key(&**client, name).await?;
-    println!("{secret}");
+    match command {
+        PlatformKeyCommand::Create { name } => {
+            let name = name.trim();
+            if name.is_empty() || name.chars().count() > 200 {
+                anyhow::bail!("--name must be 1 to 200 characters");
+            }
+            let (_, secret) = offload::platform::create_key(&**client, name).await?;
+            println!("{secret}");
+        }
+        PlatformKeyCommand::List => {
+            for (key, used) in offload::platform::list_keys(&**client).await? {
+                let used = used.map_or("never".to_string(), |t| t.to_rfc3339());
+                println!(
+                    "{}\t{}\t{}\t{}\t{used}",
+                    key.id,
+                    key.name,
+                    key.prefix,
+                    key.created_at.to_rfc3339()
+                );
+            }
+        }
+        PlatformKeyCommand::Revoke { id } => {
+            if !offload::platform::revoke_key(&**client, id).await? {
+                anyhow::bail!("no platform key {id} (offload platform-key list shows them)");
+            }
+            println!("revoked {id}");
+        }
+    }
     Ok(())
 }

@@ -323,6 +323,32 @@ async fn migrate_workspace_and_token_print_what_a_script_needs() {
     let (code, _, err) = run(&["platform-key", "create", "--name", ""], &env);
     assert_ne!(code, 0);
     assert!(err.contains("--name"), "{err}");
+
+    // Listed (never the secret), revoked, and then refused.
+    let (code, out, _) = run(&["platform-key", "list"], &env);
+    assert_eq!(code, 0);
+    let line = out.lines().next().expect("one key listed");
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(fields[1], "acme web app");
+    assert_eq!(fields[2], stored);
+    assert_eq!(fields[4], "never");
+    assert!(!out.contains(key), "the secret is never shown again");
+    let id = fields[0];
+    let conn = db.pool.get().await.unwrap();
+    assert!(offload::platform::authenticate(&conn, key)
+        .await
+        .unwrap()
+        .is_some());
+    let (code, out, _) = run(&["platform-key", "revoke", "--id", id], &env);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), format!("revoked {id}"));
+    assert!(offload::platform::authenticate(&conn, key)
+        .await
+        .unwrap()
+        .is_none());
+    let (code, _, err) = run(&["platform-key", "revoke", "--id", id], &env);
+    assert_ne!(code, 0);
+    assert!(err.contains("no platform key"), "{err}");
 }
 
 #[test]

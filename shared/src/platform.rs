@@ -64,6 +64,42 @@ pub async fn create_key(
     ))
 }
 
+/// Every platform key, oldest first, with when it was last used.
+pub async fn list_keys(
+    db: &impl GenericClient,
+) -> Result<Vec<(PlatformKey, Option<DateTime<Utc>>)>, DbError> {
+    let rows = db
+        .query(
+            "SELECT id, name, prefix, created_at, last_used_at FROM platform_keys \
+             ORDER BY created_at, id",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                PlatformKey {
+                    id: r.get(0),
+                    name: r.get(1),
+                    prefix: r.get(2),
+                    created_at: r.get(3),
+                },
+                r.get(4),
+            )
+        })
+        .collect())
+}
+
+/// Revokes a platform key: it answers 401 from its next request. `false`
+/// when there is no such key.
+pub async fn revoke_key(db: &impl GenericClient, id: Uuid) -> Result<bool, DbError> {
+    Ok(db
+        .execute("DELETE FROM platform_keys WHERE id = $1", &[&id])
+        .await?
+        == 1)
+}
+
 /// The id of the platform key whose secret this is, if any, noting its use
 /// at most once a minute.
 pub async fn authenticate(

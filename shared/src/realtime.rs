@@ -110,6 +110,78 @@ pub fn parse(text: &str) -> Result<Request, String> {
     })
 }
 
+/// What a client is told of a database failure: not the server's address
+/// or its message, which go to the log.
+pub fn db_detail(e: &DbError) -> String {
+    tracing::warn!(error = %e, "realtime: database error");
+    "the service is unavailable for a moment; try again".into()
+}
+
+/// What a subscribe may follow: the jobs the viewer sees (the others named
+/// in `refusal`). A tag a browser token does not open refuses it whole.
+pub struct Admitted {
+    pub jobs: Vec<JobId>,
+    pub refusal: Option<String>,
+}
+
+/// Checks a subscribe against its viewer, reading the jobs it names once.
+pub async fn admit(
+    store: &Store,
+    viewer: &crate::api::Viewer,
+    req: &Request,
+) -> Result<Admitted, String> {
+    if let crate::api::Viewer::Browser(g) = viewer {
+        if let Some(t) = req.tags.iter().find(|t| !g.tags.contains(t)) {
+            return Err(format!("this browser token does not open the tag {t:?}"));
+        }
+    }
+    let found = store.get_many(&req.jobs).await.map_err(|e| db_detail(&e))?;
+    let seen: HashSet<JobId> = found
+        .iter()
+        .filter(|j| viewer.sees(j))
+        .map(|j| j.id)
+        .collect();
+    let (jobs, refused): (Vec<JobId>, Vec<JobId>) = req.jobs.iter().partition(|j| seen.contains(j));
+    let refusal = (!refused.is_empty()).then(|| {
+        let names: Vec<String> = refused.iter().map(|j| j.to_string()).collect();
+        format!(
+            "no job {} in workspace {} for this token (the others are followed)",
+            names.join(", "),
+            req.workspace
+        )
+    });
+    Ok(Admitted { jobs, refusal })
+}
+
+/// The current states of what a subscription follows, each job once: its
+/// jobs, and the newest 100 of each of its tags the viewer sees. Read after
+/// the subscription is in place: a change after it is sent as a change,
+/// one before it is in this read.
+pub async fn current(
+    store: &Store,
+    viewer: &crate::api::Viewer,
+    workspace: WorkspaceId,
+    jobs: &[JobId],
+    tags: &[String],
+) -> Result<Vec<Job>, String> {
+    let mut now = store.get_many(jobs).await.map_err(|e| db_detail(&e))?;
+    for tag in tags {
+        let filter = crate::store::ListFilter {
+            tag: Some(tag.clone()),
+            limit: 100,
+            ..Default::default()
+        };
+        let list = store
+            .list(workspace, &filter)
+            .await
+            .map_err(|e| db_detail(&e))?;
+        now.extend(list.into_iter().filter(|j| viewer.sees(j)));
+    }
+    let mut once = HashSet::new();
+    now.retain(|j| once.insert(j.id));
+    Ok(now)
+}
+
 /// The text of an error message to a client.
 pub fn error_text(detail: &str) -> String {
     json!({"type": "error", "detail": detail}).to_string()

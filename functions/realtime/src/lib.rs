@@ -9,15 +9,8 @@
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::event::apigw::{ApiGatewayProxyResponse, ApiGatewayWebsocketProxyRequest};
 use offload::api::{AppState, Member, Viewer};
-use offload::ids::{JobId, UserId, WorkspaceId};
-use offload::realtime::{self, Bearer, Posted};
-
-/// What a client is told of a database failure: not the server's address
-/// or its message, which go to the log.
-fn db_detail(e: &offload::db::DbError) -> String {
-    tracing::warn!(error = %e, "realtime: database error");
-    "the service is unavailable for a moment; try again".into()
-}
+use offload::ids::{UserId, WorkspaceId};
+use offload::realtime::{self, db_detail, Bearer, Posted};
 
 fn answer(status: i64, body: &str) -> ApiGatewayProxyResponse {
     let mut r = ApiGatewayProxyResponse::default();
@@ -77,9 +70,9 @@ async fn connect(
             "no token: connect with ?token=<a browser token, user token or API key>",
         );
     };
-    let bearer = match bearer(state, &token).await {
+    let bearer = match offload::api::realtime::verify(state, &token).await {
         Ok(b) => b,
-        Err((status, detail)) => return answer(status, &detail),
+        Err(e) => return answer(i64::from(e.status.as_u16()), &e.detail),
     };
     let db = match state.db().await {
         Ok(db) => db,
@@ -92,43 +85,6 @@ async fn connect(
         p.someone_connected();
     }
     answer(200, "")
-}
-
-/// Who the token names, verified as the API verifies it.
-async fn bearer(state: &AppState, token: &str) -> Result<Bearer, (i64, String)> {
-    if offload::browser_token::is_browser_token(token) {
-        let keys = state
-            .browser
-            .as_ref()
-            .ok_or((401, "browser tokens are not accepted here".to_string()))?;
-        return keys
-            .verify(token)
-            .map(Bearer::Browser)
-            .map_err(|e| (401, e.to_string()));
-    }
-    if offload::platform::is_platform_key(token) {
-        return Err((403, "a platform key opens no workspace's jobs".into()));
-    }
-    if offload::api_keys::is_api_key(token) {
-        let db = state.db().await.map_err(|e| (503, db_detail(&e)))?;
-        let key = offload::api_keys::authenticate(&db, token)
-            .await
-            .map_err(|e| (503, db_detail(&e)))?
-            .ok_or((401, "the API key is not valid".to_string()))?;
-        return Ok(Bearer::ApiKey {
-            id: key.id,
-            workspace: key.workspace_id,
-        });
-    }
-    let who = state
-        .auth
-        .verify(token)
-        .await
-        .map_err(|e| (401, e.to_string()))?;
-    Ok(Bearer::User {
-        issuer: who.issuer,
-        subject: who.subject,
-    })
 }
 
 async fn disconnect(state: &AppState, connection: &str) -> Result<(), String> {
@@ -204,11 +160,6 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
             .map_err(|e| db_detail(&e));
     }
     let viewer = viewer(state, &bearer, req.workspace).await?;
-    if let Viewer::Browser(g) = &viewer {
-        if let Some(t) = req.tags.iter().find(|t| !g.tags.contains(t)) {
-            return Err(format!("this browser token does not open the tag {t:?}"));
-        }
-    }
     let counts = db
         .query_one(
             "SELECT count(job_id), count(tag) FROM realtime_subscriptions WHERE connection_id = $1",
@@ -228,23 +179,10 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
             realtime::MAX_TAGS_PER_CONNECTION
         ));
     }
-    let jobs = state
-        .store
-        .get_many(&req.jobs)
-        .await
-        .map_err(|e| db_detail(&e))?;
-    // Those it may see are followed; the others are named in an error.
-    let visible: Vec<JobId> = jobs
-        .into_iter()
-        .filter(|j| viewer.sees(j))
-        .map(|j| j.id)
-        .collect();
-    let refused: Vec<String> = req
-        .jobs
-        .iter()
-        .filter(|id| !visible.contains(id))
-        .map(|id| id.to_string())
-        .collect();
+    let realtime::Admitted {
+        jobs: visible,
+        refusal,
+    } = realtime::admit(&state.store, &viewer, &req).await?;
     realtime::subscribe(
         &**db,
         connection,
@@ -255,13 +193,6 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
     )
     .await
     .map_err(|e| db_detail(&e))?;
-    let refusal = (!refused.is_empty()).then(|| {
-        format!(
-            "no job {} in workspace {} for this token (the others are followed)",
-            refused.join(", "),
-            req.workspace
-        )
-    });
     drop(db);
     // The current states, read after the rows are in: a change after them
     // is queued, one before them is in this read.
@@ -269,30 +200,8 @@ async fn message(state: &AppState, connection: &str, text: &str) -> Result<(), S
         return refusal.map_or(Ok(()), Err);
     };
     pusher.someone_connected();
-    let mut now = state
-        .store
-        .get_many(&visible)
-        .await
-        .map_err(|e| db_detail(&e))?;
-    for tag in &req.tags {
-        let filter = offload::store::ListFilter {
-            tag: Some(tag.clone()),
-            limit: 100,
-            ..Default::default()
-        };
-        let list = state
-            .store
-            .list(req.workspace, &filter)
-            .await
-            .map_err(|e| db_detail(&e))?;
-        now.extend(list.into_iter().filter(|j| viewer.sees(j)));
-    }
-    let mut sent: Vec<JobId> = Vec::new();
+    let now = realtime::current(&state.store, &viewer, req.workspace, &visible, &req.tags).await?;
     for job in &now {
-        if sent.contains(&job.id) {
-            continue;
-        }
-        sent.push(job.id);
         if pusher.send_job(connection, job).await? == Posted::Gone {
             let db = state.db().await.map_err(|e| db_detail(&e))?;
             let _ = realtime::disconnect(&**db, connection).await;

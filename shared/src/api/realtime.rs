@@ -45,7 +45,7 @@ use super::AppState;
 use crate::db::{self, DbError};
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::Job;
-use crate::realtime::{MAX_JOBS_PER_CONNECTION, MAX_TAGS_PER_CONNECTION};
+use crate::realtime::{db_detail, MAX_JOBS_PER_CONNECTION, MAX_TAGS_PER_CONNECTION};
 use crate::store::Store;
 
 /// How long the process's watch rows live past a round; extended each round.
@@ -176,25 +176,9 @@ pub async fn connect(
                 "no token: connect to /api/realtime?token=<a browser token, user token or API key>",
             )
         })?;
-    let bearer = if crate::browser_token::is_browser_token(&token) {
-        Bearer::Browser(Arc::new(browser_grant(&state, &token)?))
-    } else if crate::platform::is_platform_key(&token) {
-        return Err(ApiError::forbidden(
-            "a platform key opens no workspace's jobs",
-        ));
-    } else if crate::api_keys::is_api_key(&token) {
-        let conn = state.db().await?;
-        crate::api_keys::authenticate(&conn, &token)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("the API key is not valid"))?;
-        Bearer::Token(token)
-    } else {
-        state
-            .auth
-            .verify(&token)
-            .await
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-        Bearer::Token(token)
+    let bearer = match verify(&state, &token).await? {
+        crate::realtime::Bearer::Browser(g) => Bearer::Browser(Arc::new(g)),
+        _ => Bearer::Token(token),
     };
     let upgrade = upgrade.map_err(|e| {
         ApiError::new(
@@ -209,6 +193,40 @@ pub async fn connect(
         .max_message_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move { hub.serve(state, bearer, socket).await })
         .into_response())
+}
+
+/// Who a token for the realtime channel names, verified as the API
+/// verifies it: a browser token's grant, an API key, or a user; a platform
+/// key opens nothing here. The local channel and the AWS function both ask.
+pub async fn verify(state: &AppState, token: &str) -> Result<crate::realtime::Bearer, ApiError> {
+    use crate::realtime::Bearer as Verified;
+    if crate::browser_token::is_browser_token(token) {
+        return Ok(Verified::Browser(browser_grant(state, token)?));
+    }
+    if crate::platform::is_platform_key(token) {
+        return Err(ApiError::forbidden(
+            "a platform key opens no workspace's jobs",
+        ));
+    }
+    if crate::api_keys::is_api_key(token) {
+        let conn = state.db().await?;
+        let key = crate::api_keys::authenticate(&conn, token)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the API key is not valid"))?;
+        return Ok(Verified::ApiKey {
+            id: key.id,
+            workspace: key.workspace_id,
+        });
+    }
+    let who = state
+        .auth
+        .verify(token)
+        .await
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    Ok(Verified::User {
+        issuer: who.issuer,
+        subject: who.subject,
+    })
 }
 
 impl Realtime {
@@ -353,11 +371,6 @@ impl Realtime {
             return Ok(());
         }
         let viewer = self.viewer(state, bearer, conn, ws).await?;
-        if let Viewer::Browser(g) = &viewer {
-            if let Some(t) = msg.tags.iter().find(|t| !g.tags.contains(t)) {
-                return Err(format!("this browser token does not open the tag {t:?}"));
-            }
-        }
         {
             let subs = self.lock();
             let c = subs.conns.get(&conn).ok_or("the connection is closing")?;
@@ -378,59 +391,16 @@ impl Realtime {
                 ));
             }
         }
-        // The jobs as they are now; those the viewer may not see are
-        // refused as if they did not exist.
-        let found = self
-            .store
-            .get_many(&jobs)
-            .await
-            .map_err(|e| db_detail(&e))?;
-        let visible: HashMap<JobId, Job> = found
-            .into_iter()
-            .filter(|j| viewer.sees(j))
-            .map(|j| (j.id, j))
-            .collect();
-        // Those it may see are followed; the others are named in an error.
-        let refused: Vec<String> = jobs
-            .iter()
-            .filter(|j| !visible.contains_key(j))
-            .map(|j| j.to_string())
-            .collect();
-        let jobs: Vec<JobId> = jobs
-            .into_iter()
-            .filter(|j| visible.contains_key(j))
-            .collect();
+        let crate::realtime::Admitted { jobs, refusal } =
+            crate::realtime::admit(&self.store, &viewer, &msg).await?;
         // Registered first, then the rows, then the read: a change after
         // the row notifies, one before it is in the read.
         let (new_jobs, new_tags) = self.register(conn, ws, &jobs, &msg.tags, msg.stream);
         self.insert_rows(ws, &new_jobs, &new_tags)
             .await
             .map_err(|e| db_detail(&e))?;
-        let now = self
-            .store
-            .get_many(&jobs)
-            .await
-            .map_err(|e| db_detail(&e))?;
-        for job in now.iter().filter(|j| visible.contains_key(&j.id)) {
-            send_job(tx, job);
-        }
-        if !msg.tags.is_empty() {
-            // The tag's jobs as they are (the newest 100 of each tag).
-            for tag in &msg.tags {
-                let filter = crate::store::ListFilter {
-                    tag: Some(tag.clone()),
-                    limit: 100,
-                    ..Default::default()
-                };
-                let list = self
-                    .store
-                    .list(ws, &filter)
-                    .await
-                    .map_err(|e| db_detail(&e))?;
-                for job in list.iter().filter(|j| viewer.sees(j)) {
-                    send_job(tx, job);
-                }
-            }
+        for job in crate::realtime::current(&self.store, &viewer, ws, &jobs, &msg.tags).await? {
+            send_job(tx, &job);
         }
         if !jobs.is_empty() {
             let (hub, jobs, tx) = (self.clone(), jobs.clone(), tx.clone());
@@ -443,13 +413,7 @@ impl Realtime {
                 }
             });
         }
-        if !refused.is_empty() {
-            return Err(format!(
-                "no job {} in workspace {ws} for this token (the others are followed)",
-                refused.join(", ")
-            ));
-        }
-        Ok(())
+        refusal.map_or(Ok(()), Err)
     }
 
     /// The connection's viewer of `ws`, checked at each subscribe (a user's
@@ -933,13 +897,6 @@ impl Realtime {
 /// Queues a message for a connection without waiting; a connection whose
 /// queue is full is told to go (it reconnects and starts from the current
 /// state).
-/// What a client is told of a database failure: not the server's address
-/// or its message, which go to the log.
-fn db_detail(e: &DbError) -> String {
-    tracing::warn!(error = %e, "realtime: database error");
-    "the service is unavailable for a moment; subscribe again".into()
-}
-
 fn offer(tx: &Outbox, out: Out) {
     if let Err(mpsc::error::TrySendError::Full(_)) = tx.tx.try_send(out) {
         tx.close("this connection fell too far behind; reconnect and subscribe again");

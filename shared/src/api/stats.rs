@@ -135,8 +135,9 @@ pub async fn stats(
     }
 
     // Finished jobs, throughput and latencies from the per-minute rollups
-    // (V11) and the log rows the scheduler has not folded into them yet (a
-    // minute's worth): a day's window reads at most 1 440 minutes of rows,
+    // (V11, written by the statements that finish the jobs since V18) and
+    // the log rows the release before V18 wrote that the scheduler has not
+    // folded yet: a day's window reads at most 1 440 minutes of rows,
     // however many jobs ran in them. Whole minutes: the window starts at the
     // beginning of the minute `since` falls in.
     let since_minute = minute_floor(since);

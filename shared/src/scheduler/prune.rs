@@ -20,8 +20,8 @@ pub(super) async fn run(s: &Scheduler) -> Result<u64, DbError> {
     // cost is the rows it deletes, not the statement.
     let batch = s.config.batch_limit.saturating_mul(5);
     s.store.drop_expired_watches().await?;
-    // The stats log into its rollups first: it is what keeps the stats
-    // route's read small.
+    // The stats log (rows of the release before V18) into its rollups
+    // first: it is what keeps the stats route's read small.
     while s.store.fold_stats(batch).await? as i64 >= batch && tokio::time::Instant::now() < until {}
     s.store.sample_depth(s.clock.now()).await?;
     s.store

@@ -106,7 +106,9 @@ impl Store {
     }
 
     /// Folds up to `limit` rows of the stats log into the per-minute
-    /// rollups (V11), and says how many it folded. Each row is deleted as
+    /// rollups (V11), and says how many it folded. Since V18 the statements
+    /// that finish jobs write the rollups themselves; the log holds only
+    /// what workers of the release before wrote during a deploy. Each row is deleted as
     /// it is folded, so concurrent folds count it once; the rollups are
     /// written in key order, so they cannot deadlock.
     pub async fn fold_stats(&self, limit: i64) -> Result<u64, DbError> {

@@ -29,6 +29,7 @@ pub mod queue;
 pub mod ratelimit;
 pub mod realtime;
 pub mod redact;
+pub mod run_metrics;
 pub mod schedule;
 pub mod scheduler;
 pub mod secrets;

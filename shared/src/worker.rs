@@ -35,6 +35,7 @@ use crate::handlers::{JobContext, JobError, Outcome, Registry, WaitOn};
 use crate::ids::{JobId, WorkspaceId};
 use crate::job::{Job, JobMessage, JobStatus, Progress, QueueName};
 use crate::queue::{OutgoingMessage, Queue, QueueError, MAX_DELAY, MAX_VISIBILITY};
+use crate::run_metrics::RunMetrics;
 use crate::storage::Storage;
 use crate::store::{self, Lease, LogLine, Refill, Store};
 use crate::workspace::LimitCache;
@@ -226,6 +227,7 @@ impl Worker {
                     .unwrap_or(started),
             ),
             candidates: HashMap::new(),
+            metrics: RunMetrics::default(),
         };
         for (record, job) in runs {
             let lease = Lease {
@@ -236,6 +238,9 @@ impl Worker {
             inv.start(job, lease, Some(record));
         }
         inv.run().await;
+        for line in inv.metrics.take_lines(self.clock.now()) {
+            println!("{line}");
+        }
         // The jobs' ends, to whoever follows them over WebSockets (AWS).
         self.store.push_changes().await;
         response(inv.failures)
@@ -459,14 +464,6 @@ impl Worker {
             }
         }
     }
-
-    /// One CloudWatch Embedded Metric Format line per job run, on stdout
-    /// where Lambda sends it to CloudWatch Logs.
-    fn metric(&self, job: &Job, outcome: &str, run_time: Duration) {
-        if self.config.emit_metrics {
-            println!("{}", metric_line(job, outcome, run_time, self.clock.now()));
-        }
-    }
 }
 
 /// One invocation's running jobs, from the claim until the last outcome is
@@ -486,6 +483,9 @@ struct Invocation<'w> {
     /// The next parked ids of the workspaces this invocation takes from, in
     /// order, read ahead (see `store::refill`).
     candidates: HashMap<WorkspaceId, Vec<JobId>>,
+    /// What the invocation's runs ended with, printed as metrics at its end
+    /// (with `emit_metrics`).
+    metrics: RunMetrics,
 }
 
 impl Invocation<'_> {
@@ -565,13 +565,17 @@ impl Invocation<'_> {
                 Some(first) = self.tasks.join_next_with_id() => {
                     let mut done = vec![self.ran(first)];
                     // Handlers finishing at this instant (a batch of short
-                    // jobs) get the chance to join the group.
-                    for _ in 0..GROUP_YIELDS {
+                    // jobs) join the group, for as long as they keep
+                    // finishing: each group is a statement and a commit
+                    // that the workspace's other writers wait for.
+                    let mut quiet = 0;
+                    while quiet < GROUP_YIELDS {
                         tokio::task::yield_now().await;
-                    }
-                    // Whatever else finished meanwhile is written with it.
-                    while let Some(more) = self.tasks.try_join_next_with_id() {
-                        done.push(self.ran(more));
+                        let before = done.len();
+                        while let Some(more) = self.tasks.try_join_next_with_id() {
+                            done.push(self.ran(more));
+                        }
+                        quiet = if done.len() == before { quiet + 1 } else { 0 };
                     }
                     self.record(done).await;
                 }
@@ -777,9 +781,22 @@ impl Invocation<'_> {
                 }
                 (Action::Cancel(_), _) | (Action::Drop, _) => "cancelled",
             };
-            tracing::info!(job_id = %job.id, workspace_id = %job.workspace_id,
-                attempt = held.lease.attempt, job_type = %job.job_type, outcome, "job ended its run");
-            w.metric(job, outcome, ran.run_time);
+            // The outcome is on the job; a line per job in CloudWatch Logs
+            // would cost about what running it does, so only the rarer
+            // outcomes that want an operator's eye are logged at `info`.
+            match outcome {
+                "completed" | "waiting" | "snoozed" | "handed_off" => {
+                    tracing::debug!(job_id = %job.id, workspace_id = %job.workspace_id,
+                        attempt = held.lease.attempt, job_type = %job.job_type, outcome,
+                        "job ended its run")
+                }
+                _ => tracing::info!(job_id = %job.id, workspace_id = %job.workspace_id,
+                    attempt = held.lease.attempt, job_type = %job.job_type, outcome,
+                    "job ended its run"),
+            }
+            if w.config.emit_metrics {
+                self.metrics.add(job, outcome, ran.run_time);
+            }
         }
         // Parents whose last child (or, failing fast, a dead one) this group
         // finished were woken by the same commit: their messages go now (the
@@ -1097,9 +1114,9 @@ fn completed_result(a: &Action) -> Option<serde_json::Value> {
     }
 }
 
-/// Scheduler turns an outcome waits, before its group is written, for
-/// other handlers finishing at the same instant: no timer, so it costs
-/// microseconds, yet ten short jobs make one write instead of several.
+/// Scheduler turns in a row with no other handler finishing that an
+/// outcome waits before its group is written: no timer, so it costs
+/// microseconds, yet a batch of short jobs makes one write, not several.
 const GROUP_YIELDS: usize = 3;
 
 /// Pauses before the group write is tried again after a failure that is
@@ -1179,43 +1196,6 @@ fn parse_records(event: SqsEvent, failures: &mut Vec<String>) -> Vec<Record> {
         }
     }
     records
-}
-
-/// The Embedded Metric Format record of one job run: dimensions job type,
-/// queue and outcome; metrics count, wait time (created to started) and run
-/// time.
-pub fn metric_line(
-    job: &Job,
-    outcome: &str,
-    run_time: Duration,
-    now: DateTime<Utc>,
-) -> serde_json::Value {
-    let wait_ms = job
-        .started_at
-        .map(|s| (s - job.created_at).num_milliseconds().max(0))
-        .unwrap_or(0);
-    json!({
-        "_aws": {
-            "Timestamp": now.timestamp_millis(),
-            "CloudWatchMetrics": [{
-                "Namespace": "Offload",
-                "Dimensions": [["JobType", "Queue", "Outcome"]],
-                "Metrics": [
-                    {"Name": "Jobs", "Unit": "Count"},
-                    {"Name": "WaitTime", "Unit": "Milliseconds"},
-                    {"Name": "RunTime", "Unit": "Milliseconds"}
-                ]
-            }]
-        },
-        "JobType": job.job_type,
-        "Queue": job.queue.as_str(),
-        "Outcome": outcome,
-        "Jobs": 1,
-        "WaitTime": wait_ms,
-        "RunTime": run_time.as_millis() as u64,
-        "job_id": job.id,
-        "workspace_id": job.workspace_id,
-    })
 }
 
 fn response(failures: Vec<String>) -> SqsBatchResponse {

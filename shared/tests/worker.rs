@@ -540,12 +540,12 @@ async fn a_worker_that_lost_its_lease_cannot_complete_the_job() {
 }
 
 #[test]
-fn a_metric_line_is_embedded_metric_format() {
-    let job = offload::Job {
+fn metric_lines_are_embedded_metric_format_one_per_type_queue_and_outcome() {
+    let job = |job_type: &str, queue: QueueName| offload::Job {
         id: offload::JobId::new(),
         workspace_id: offload::WorkspaceId::new(),
-        job_type: "noop".into(),
-        queue: QueueName::High,
+        job_type: job_type.into(),
+        queue,
         priority: 0,
         status: JobStatus::Running,
         payload: json!({}),
@@ -573,29 +573,69 @@ fn a_metric_line_is_embedded_metric_format() {
         wait: None,
         child_index: None,
     };
-    let line = offload::worker::metric_line(
-        &job,
+    let mut m = offload::run_metrics::RunMetrics::default();
+    // 250 completed no-op runs on `high`, 3 dead ones, 1 completed `sleep`.
+    for i in 0..250 {
+        m.add(
+            &job("noop", QueueName::High),
+            "completed",
+            Duration::from_millis(i),
+        );
+    }
+    for _ in 0..3 {
+        m.add(
+            &job("noop", QueueName::High),
+            "dead",
+            Duration::from_millis(7),
+        );
+    }
+    m.add(
+        &job("sleep", QueueName::Default),
         "completed",
         Duration::from_millis(12),
-        chrono::Utc::now(),
     );
-    let m = &line["_aws"]["CloudWatchMetrics"][0];
-    assert_eq!(m["Namespace"], "Offload");
-    assert_eq!(m["Dimensions"], json!([["JobType", "Queue", "Outcome"]]));
-    for metric in m["Metrics"].as_array().unwrap() {
-        let name = metric["Name"].as_str().unwrap();
-        assert!(line.get(name).is_some(), "metric {name} has a value");
+    let lines = m.take_lines(chrono::Utc::now());
+    assert!(m.is_empty(), "taking the lines empties the set");
+    // 250 values take three lines (100 values a metric at most), the other
+    // two groups one each.
+    assert_eq!(lines.len(), 5);
+    for line in &lines {
+        let m = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(m["Namespace"], "Offload");
+        assert_eq!(m["Dimensions"], json!([["JobType", "Queue", "Outcome"]]));
+        for metric in m["Metrics"].as_array().unwrap() {
+            let name = metric["Name"].as_str().unwrap();
+            assert!(line.get(name).is_some(), "metric {name} has a value");
+        }
+        let n = line["Jobs"].as_u64().unwrap() as usize;
+        assert!(n <= 100);
+        assert_eq!(line["RunTime"].as_array().unwrap().len(), n);
+        assert_eq!(line["WaitTime"].as_array().unwrap().len(), n);
+        for w in line["WaitTime"].as_array().unwrap() {
+            assert!((35..=100).contains(&w.as_i64().unwrap()), "{line}");
+        }
     }
+    let count = |ty: &str, q: &str, outcome: &str| -> u64 {
+        lines
+            .iter()
+            .filter(|l| l["JobType"] == ty && l["Queue"] == q && l["Outcome"] == outcome)
+            .map(|l| l["Jobs"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(count("noop", "high", "completed"), 250);
+    assert_eq!(count("noop", "high", "dead"), 3);
+    assert_eq!(count("sleep", "default", "completed"), 1);
+    let run_times: Vec<u64> = lines
+        .iter()
+        .filter(|l| l["JobType"] == "noop" && l["Outcome"] == "completed")
+        .flat_map(|l| l["RunTime"].as_array().unwrap().clone())
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     assert_eq!(
-        (
-            line["JobType"].as_str(),
-            line["Queue"].as_str(),
-            line["Outcome"].as_str()
-        ),
-        (Some("noop"), Some("high"), Some("completed"))
+        run_times,
+        (0..250).collect::<Vec<u64>>(),
+        "every run time, in order"
     );
-    assert_eq!(line["RunTime"], 12);
-    assert!((35..=100).contains(&line["WaitTime"].as_i64().unwrap()));
 }
 
 /// Fails with, and logs, a message holding a URL with credentials and a

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::BenchDb;
 
 /// Where `cargo build --release --bins` put the function binaries.
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.with_file_name(name);
     anyhow::ensure!(
@@ -71,22 +71,32 @@ pub async fn measure(
 
 /// Warm invocations of the worker's release binary, each a batch of 10
 /// no-op jobs received from the queue as Lambda's event source mapping
-/// delivers them: the time from the invoke to the answer, ms (the duration
-/// Lambda bills, less its own overhead). The first invocation, which pays
-/// for the cold start, is left out. Sorted, ascending.
-pub async fn warm_worker(db: &BenchDb, batches: usize) -> anyhow::Result<Vec<f64>> {
+/// delivers them, with the template's settings (`RUST_LOG=info`, metrics
+/// on): the time from the invoke to the answer, ms (the duration Lambda
+/// bills, less its own overhead), sorted ascending; and the bytes the
+/// function printed per job (what CloudWatch Logs ingests, less Lambda's
+/// own lines). The first invocation, which pays for the cold start, is left
+/// out of both.
+pub async fn warm_worker(db: &BenchDb, batches: usize) -> anyhow::Result<(Vec<f64>, f64)> {
     use offload::event_source::to_event;
     use offload::job::QueueName;
     use offload::queue::{PgQueue, Queue};
     let q = PgQueue::new(db.pool.clone(), 5);
     db.seed(&q, (batches + 1) * 10, "noop").await?;
     let mut rt = LambdaRuntime::serve().await;
+    let out = std::env::temp_dir().join(format!("offload-bench-worker-{}.log", std::process::id()));
+    rt.capture_output(&out);
     rt.start(
         binary("worker")?.to_str().unwrap_or_default(),
         "offload-worker",
-        &[("DATABASE_URL", db.url.clone())],
+        &[
+            ("DATABASE_URL", db.url.clone()),
+            ("RUST_LOG", "info".into()),
+            ("OFFLOAD_EMIT_METRICS", "true".into()),
+        ],
     );
     let mut ms = Vec::with_capacity(batches);
+    let mut cold_bytes = 0;
     for i in 0..=batches {
         let msgs = q
             .receive(
@@ -109,23 +119,39 @@ pub async fn warm_worker(db: &BenchDb, batches: usize) -> anyhow::Result<Vec<f64
         );
         if i > 0 {
             ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        } else {
+            cold_bytes = std::fs::metadata(&out)?.len();
         }
     }
     ms.sort_by(f64::total_cmp);
-    Ok(ms)
+    let bytes = std::fs::metadata(&out)?.len().saturating_sub(cold_bytes);
+    let _ = std::fs::remove_file(&out);
+    Ok((ms, bytes as f64 / (batches * 10) as f64))
 }
+
+/// What Lambda itself writes to CloudWatch Logs per invocation: its START,
+/// END and REPORT lines (about 70, 50 and 135 bytes in the text format).
+const LAMBDA_PLATFORM_LOG_BYTES: f64 = 255.0;
 
 /// Dollars per million no-op jobs on Lambda (arm64) and SQS at list prices
 /// (us-east-1), created by batch creates of 1 000 and run in batches of 10
 /// that each take `batch_ms`: Lambda requests and GB-seconds of the worker
 /// (512 MB) and the API (256 MB, `create_ms` per batch create), SQS
 /// requests (a SendMessageBatch, a receive and a DeleteMessageBatch per 10
-/// jobs), API Gateway requests. The database, fixed per month, is not in it.
-pub fn cost_per_million(batch_ms: f64, create_ms: f64) -> Vec<(&'static str, f64)> {
+/// jobs), API Gateway requests, and CloudWatch Logs ingestion: the worker's
+/// `log_bytes_per_job` and Lambda's own lines per invocation (the API's
+/// per batch create are left out: under a byte a job). The database, fixed
+/// per month, is not in it.
+pub fn cost_per_million(
+    batch_ms: f64,
+    create_ms: f64,
+    log_bytes_per_job: f64,
+) -> Vec<(&'static str, f64)> {
     const LAMBDA_REQUEST: f64 = 0.20 / 1e6;
     const LAMBDA_GB_SECOND_ARM: f64 = 0.000_013_333_4;
     const SQS_REQUEST: f64 = 0.40 / 1e6;
     const HTTP_API_REQUEST: f64 = 1.00 / 1e6;
+    const LOGS_INGESTED_GB: f64 = 0.50;
     let jobs = 1e6;
     let worker_invocations = jobs / 10.0;
     let creates = jobs / 1000.0;
@@ -136,11 +162,14 @@ pub fn cost_per_million(batch_ms: f64, create_ms: f64) -> Vec<(&'static str, f64
     let api = creates * (LAMBDA_REQUEST + HTTP_API_REQUEST)
         + gb_s(creates, create_ms, 0.25) * LAMBDA_GB_SECOND_ARM;
     let sqs = jobs * 0.3 * SQS_REQUEST;
+    let log_bytes = jobs * log_bytes_per_job + worker_invocations * LAMBDA_PLATFORM_LOG_BYTES;
+    let logs = log_bytes / 1e9 * LOGS_INGESTED_GB;
     vec![
         ("worker", worker),
         ("api", api),
         ("sqs", sqs),
-        ("total", worker + api + sqs),
+        ("logs", logs),
+        ("total", worker + api + sqs + logs),
     ]
 }
 

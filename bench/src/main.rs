@@ -873,25 +873,10 @@ async fn stats_once(args: &Args, server: &str) -> anyhow::Result<Vec<(i64, Vec<f
             &[&db.ws.0],
         )
         .await?;
-        // What the scheduler does every minute: the history's log rows
-        // folded into the per-minute rollups the route reads.
-        let started = Instant::now();
-        let mut folded = 0;
-        loop {
-            let n = db.store.fold_stats(100_000).await?;
-            folded += n;
-            if n < 100_000 {
-                break;
-            }
-        }
-        println!(
-            "stats: {folded} log rows folded into the rollups in {:.1} s",
-            started.elapsed().as_secs_f64()
-        );
-        conn.batch_execute(
-            "VACUUM ANALYZE jobs, job_stats_log, job_stats_minutes, job_latency_minutes",
-        )
-        .await?;
+        // The history went into the per-minute rollups the route reads in
+        // the insert's own statement (V18).
+        conn.batch_execute("VACUUM ANALYZE jobs, job_stats_minutes, job_latency_minutes")
+            .await?;
     }
     let (app, token) = admin_router(&db).await?;
     let mut out = Vec::new();
@@ -976,10 +961,9 @@ async fn router_once(args: &Args, server: &str) -> anyhow::Result<Vec<f64>> {
     Ok(ms)
 }
 
-/// Jobs/s created over HTTP: `concurrency` clients doing single creates
-/// for a few seconds, then batch creates of 1000 (returns singles/s,
-/// batched jobs/s, batch p50 ms).
-async fn enqueue_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f64)> {
+/// Jobs/s created over HTTP by `concurrency` clients doing single creates
+/// for a few seconds.
+async fn enqueue_single_once(args: &Args, server: &str) -> anyhow::Result<f64> {
     let db = BenchDb::new(server, "enqueue").await?;
     let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
     let s = Arc::new(serve(&db, q).await?);
@@ -1008,28 +992,66 @@ async fn enqueue_once(args: &Args, server: &str) -> anyhow::Result<(f64, f64, f6
     for c in clients {
         singles += c.await??;
     }
-    let single_rate = singles as f64 / start.elapsed().as_secs_f64();
+    let rate = singles as f64 / start.elapsed().as_secs_f64();
+    s.server.abort();
+    db.drop_db().await?;
+    Ok(rate)
+}
 
-    let body = json!({ "jobs": (0..1000).map(|_| json!({"type": "noop"})).collect::<Vec<_>>() });
+/// Jobs/s of `batches` batch creates of 1000 no-op jobs over HTTP, one
+/// after another, into a workspace of `tier` (a limited one parks what it
+/// cannot start), each job with its own idempotency key when `keys`; and
+/// the median batch, ms. Checks that every job was made, once.
+async fn enqueue_batch_once(
+    args: &Args,
+    server: &str,
+    tier: Tier,
+    keys: bool,
+) -> anyhow::Result<(f64, f64)> {
+    let db = BenchDb::with_tier(server, "enqueue", tier).await?;
+    let q: Arc<dyn Queue> = Arc::new(PgQueue::new(db.pool.clone(), 5));
+    let s = Arc::new(serve(&db, q).await?);
+    let body = |b: usize| {
+        let jobs: Vec<serde_json::Value> = (0..1000)
+            .map(|i| match keys {
+                true => json!({"type": "noop", "idempotency_key": format!("bench-{b}-{i}")}),
+                false => json!({"type": "noop"}),
+            })
+            .collect();
+        json!({ "jobs": jobs })
+    };
+    let bodies: Vec<serde_json::Value> = (0..=args.batches).map(body).collect();
     let mut batch_ms = Vec::new();
-    let start = Instant::now();
-    for _ in 0..args.batches {
+    let mut start = Instant::now();
+    for (b, body) in bodies.iter().enumerate() {
+        // The first batch warms the connections and prepared statements.
+        if b == 1 {
+            start = Instant::now();
+        }
         let t = Instant::now();
         let r = s
             .client
             .post(format!("{}/jobs/batch", s.base))
             .bearer_auth(&s.token)
-            .json(&body)
+            .json(body)
             .send()
             .await?;
         anyhow::ensure!(r.status() == 202, "batch create answered {}", r.status());
         r.bytes().await?;
-        batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        if b > 0 {
+            batch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
     }
-    let batch_rate = (args.batches * 1000) as f64 / start.elapsed().as_secs_f64();
+    let rate = (args.batches * 1000) as f64 / start.elapsed().as_secs_f64();
+    let made = db.count("SELECT count(*) FROM jobs").await?;
+    anyhow::ensure!(
+        made as usize == (args.batches + 1) * 1000,
+        "{made} jobs made, not {}",
+        (args.batches + 1) * 1000
+    );
     s.server.abort();
     db.drop_db().await?;
-    Ok((single_rate, batch_rate, median(&mut batch_ms)))
+    Ok((rate, median(&mut batch_ms)))
 }
 
 /// Drains no-op jobs through an SQS API server (10 per receive, as SQS
@@ -1214,15 +1236,59 @@ where
     Ok((p50, p99))
 }
 
+/// Checks before the first figure what the wanted figures need, so a run
+/// does not stop halfway: the database must answer (else the run stops
+/// here); a figure whose tool is missing is dropped from `--only` with one
+/// line saying how to get it.
+async fn check_prerequisites(args: &mut Args, server: &str) -> anyhow::Result<()> {
+    db::connect(&with_db(server, "postgres"))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach PostgreSQL at DATABASE_URL ({}): {e}; start it with \
+             `source scripts/lib.sh && ensure_postgres`",
+                offload::redact::text(server)
+            )
+        })?;
+    let mut skip = Vec::new();
+    for figure in &args.only {
+        let missing = match figure.as_str() {
+            "email" => offload::testing::SmtpSink::missing(),
+            "coldstart" => ["api", "worker", "scheduler", "migrate"]
+                .into_iter()
+                .find_map(|b| coldstart::binary(b).err())
+                .map(|e| e.to_string()),
+            "sqs"
+                if args.sqs_endpoint.is_none()
+                    && std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").is_err() =>
+            {
+                Some(
+                    "no SQS API server: pass --sqs-endpoint or set OFFLOAD_TEST_SQS_ENDPOINT \
+                     (scripts/test.sh starts moto's)"
+                        .into(),
+                )
+            }
+            _ => None,
+        };
+        if let Some(why) = missing {
+            eprintln!("{figure}: skipped ({why})");
+            skip.push(figure.clone());
+        }
+    }
+    args.only.retain(|f| !skip.contains(f));
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     offload::telemetry::init(false);
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Some(url) = &args.realtime_client {
         return realtime::client_process(&args, url).await;
     }
     let server = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| offload::config::DEFAULT_DATABASE_URL.into());
+    check_prerequisites(&mut args, &server).await?;
     let mut figures: Vec<Figure> = Vec::new();
     let mut report = |name: &str, mut runs: Vec<f64>, unit: &str| {
         let value = median(&mut runs.clone());
@@ -1395,8 +1461,9 @@ async fn main() -> anyhow::Result<()> {
                 report(&format!("{name}_first_request"), first, "ms");
             }
         }
-        let warm = coldstart::warm_worker(&db, 100).await?;
+        let (warm, log_bytes) = coldstart::warm_worker(&db, 100).await?;
         let batch_ms = percentile(&warm, 0.5);
+        report("worker_log_bytes_per_job", vec![log_bytes], "bytes");
         report("worker_warm_batch_of_10_p50", vec![batch_ms], "ms");
         report(
             "worker_warm_batch_of_10_p99",
@@ -1412,7 +1479,7 @@ async fn main() -> anyhow::Result<()> {
             vec![percentile(&creates, 0.99)],
             "ms",
         );
-        for (part, usd) in coldstart::cost_per_million(batch_ms, create_ms) {
+        for (part, usd) in coldstart::cost_per_million(batch_ms, create_ms, log_bytes) {
             report(
                 &format!("cost_per_million_noop_jobs_{part}"),
                 vec![usd],
@@ -1541,18 +1608,34 @@ async fn main() -> anyhow::Result<()> {
         report("router_create_p99", p99, "ms");
     }
     if want("enqueue") {
-        eprintln!("enqueue: {} clients of single creates for {} s, then {} batch creates of 1000, {} runs", args.concurrency, args.api_secs, args.batches, args.repeat);
-        let (mut single, mut batch, mut batch_ms) = (Vec::new(), Vec::new(), Vec::new());
+        eprintln!(
+            "enqueue: {} clients of single creates for {} s; then {} batch creates of 1000 \
+             (unlimited; unlimited with an idempotency key per job; enterprise, which parks \
+             what it cannot start), {} runs",
+            args.concurrency, args.api_secs, args.batches, args.repeat
+        );
+        let mut single = Vec::new();
         for _ in 0..args.repeat {
-            let (a, b, c) = enqueue_once(&args, &server).await?;
-            eprintln!("  single {a:.0} jobs/s, batch {b:.0} jobs/s ({c:.1} ms per 1000)");
+            let a = enqueue_single_once(&args, &server).await?;
+            eprintln!("  single {a:.0} jobs/s");
             single.push(a);
-            batch.push(b);
-            batch_ms.push(c);
         }
         report("enqueue_single", single, "jobs/s");
-        report("enqueue_batch", batch, "jobs/s");
-        report("enqueue_batch_1000_p50", batch_ms, "ms");
+        for (name, tier, keys) in [
+            ("enqueue_batch", Tier::Unlimited, false),
+            ("enqueue_batch_keys", Tier::Unlimited, true),
+            ("enqueue_batch_enterprise", Tier::Enterprise, false),
+        ] {
+            let (mut rate, mut ms) = (Vec::new(), Vec::new());
+            for _ in 0..args.repeat {
+                let (r, m) = enqueue_batch_once(&args, &server, tier, keys).await?;
+                eprintln!("  {name} {r:.0} jobs/s ({m:.1} ms per 1000)");
+                rate.push(r);
+                ms.push(m);
+            }
+            report(name, rate, "jobs/s");
+            report(&format!("{name}_1000_p50"), ms, "ms");
+        }
     }
     if want("enrich") {
         eprintln!(

@@ -41,6 +41,8 @@ pub struct LambdaRuntime {
     inner: Arc<Inner>,
     child: Option<Child>,
     started: Option<Instant>,
+    /// Where the function's stdout and stderr go (see [`Self::capture_output`]).
+    output: Option<std::path::PathBuf>,
 }
 
 impl Drop for LambdaRuntime {
@@ -143,7 +145,14 @@ impl LambdaRuntime {
             inner,
             child: None,
             started: None,
+            output: None,
         }
+    }
+
+    /// Sends what the next started function prints (stdout and stderr, as
+    /// CloudWatch Logs receives them in Lambda) to the file at `path`.
+    pub fn capture_output(&mut self, path: &std::path::Path) {
+        self.output = Some(path.to_path_buf());
     }
 
     /// Starts `binary` as Lambda would for function `name`, with `env` on
@@ -165,6 +174,14 @@ impl LambdaRuntime {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if let Some(path) = &self.output {
+            let file = std::fs::File::create(path)
+                .unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+            let err = file
+                .try_clone()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            cmd.stdout(file).stderr(err);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

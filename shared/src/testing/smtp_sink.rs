@@ -22,12 +22,35 @@ impl Drop for SmtpSink {
     }
 }
 
+/// The virtualenv's Python that runs the sink.
+fn python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.local/venv/bin/python")
+}
+
 impl SmtpSink {
+    /// Why a sink cannot start here, saying how to fix it; `None` when it can.
+    pub fn missing() -> Option<String> {
+        let python = python();
+        let found = Command::new(&python)
+            .args(["-c", "import aiosmtpd"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!found).then(|| {
+            format!(
+                "aiosmtpd is not in {}: run scripts/test.sh once, or \
+                 `python3 -m venv .local/venv && .local/venv/bin/pip install aiosmtpd`",
+                python.display()
+            )
+        })
+    }
+
     /// Starts a sink on a free loopback port. Panics, saying what to do,
     /// when the venv with aiosmtpd is missing.
     pub fn start() -> SmtpSink {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let python = root.join(".local/venv/bin/python");
+        let python = python();
         assert!(
             python.exists(),
             "{} is missing: run scripts/test.sh once (it installs aiosmtpd for the SMTP sink)",

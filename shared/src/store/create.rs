@@ -268,7 +268,12 @@ impl Store {
 
     /// [`Store::expire_idempotency_key`] and [`Store::by_idempotency_key`]
     /// for many keys at once: forgets those used before `before`, then
-    /// returns the jobs the others name.
+    /// returns the jobs the others name. Each key is looked up by itself
+    /// (a join with the list, both columns of the unique index in its
+    /// condition): with `idempotency_key = ANY($2)` and statistics taken
+    /// while the workspace was small, the planner read every keyed job of
+    /// the workspace and tested each against the list (190 ms for 1 000
+    /// keys among 21 000 jobs).
     pub async fn by_idempotency_keys(
         &self,
         db: &impl GenericClient,
@@ -281,8 +286,8 @@ impl Store {
         }
         let expire = db
             .prepare_cached(
-                "UPDATE jobs SET idempotency_key = NULL \
-                 WHERE workspace_id = $1 AND idempotency_key = ANY($2) AND created_at < $3",
+                "UPDATE jobs SET idempotency_key = NULL FROM unnest($2::text[]) AS k(key) \
+                 WHERE workspace_id = $1 AND idempotency_key = k.key AND created_at < $3",
             )
             .await?;
         db.execute(&expire, &[&workspace.0, &keys, &before]).await?;
@@ -290,7 +295,8 @@ impl Store {
             .prepare_cached(concat!(
                 "SELECT ",
                 job_columns!(),
-                " FROM jobs WHERE workspace_id = $1 AND idempotency_key = ANY($2)"
+                " FROM unnest($2::text[]) AS k(key) \
+                   JOIN jobs ON workspace_id = $1 AND idempotency_key = k.key"
             ))
             .await?;
         let rows = db.query(&stmt, &[&workspace.0, &keys]).await?;

@@ -44,12 +44,16 @@ for ref in "${refs[@]}"; do
     say "worktree of $ref ($short) in $tree"
     git worktree add --detach --force "$tree" "$sha" >/dev/null
   fi
-  # Builds of the api binary embed the dashboard's build folder; the benchmark needs only
-  # that it exists.
-  mkdir -p "$tree/dashboard/dist"
-  say "building the benchmark of $ref ($short)"
-  (cd "$tree" && CARGO_TARGET_DIR="$work/target" cargo build -q --release --locked -p offload-bench)
-  cp "$work/target/release/offload-bench" "$work/offload-bench-$short"
+  # A commit's build never changes: one made by an earlier run is used as it is (the REFs
+  # share one build folder, so building them again would rebuild each in turn).
+  if [ ! -x "$work/offload-bench-$short" ]; then
+    # Builds of the api binary embed the dashboard's build folder; the benchmark needs only
+    # that it exists.
+    mkdir -p "$tree/dashboard/dist"
+    say "building the benchmark of $ref ($short)"
+    (cd "$tree" && CARGO_TARGET_DIR="$work/target" cargo build -q --release --locked -p offload-bench)
+    cp "$work/target/release/offload-bench" "$work/offload-bench-$short"
+  fi
   builds+=("$ref|$work/offload-bench-$short")
 done
 say "building the benchmark of the working tree"

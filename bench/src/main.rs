@@ -176,8 +176,8 @@ struct Args {
     /// How often the sustained load is sampled, s.
     #[arg(long, default_value_t = 10)]
     sustained_sample_secs: u64,
-    /// An SQS API server (moto); default OFFLOAD_TEST_SQS_ENDPOINT. Without one the SQS figure is skipped.
-    #[arg(long)]
+    /// An SQS API server (moto). Without one the SQS figure is skipped.
+    #[arg(long, env = "OFFLOAD_TEST_SQS_ENDPOINT")]
     sqs_endpoint: Option<String>,
 }
 
@@ -1258,16 +1258,11 @@ async fn check_prerequisites(args: &mut Args, server: &str) -> anyhow::Result<()
                 .into_iter()
                 .find_map(|b| coldstart::binary(b).err())
                 .map(|e| e.to_string()),
-            "sqs"
-                if args.sqs_endpoint.is_none()
-                    && std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").is_err() =>
-            {
-                Some(
-                    "no SQS API server: pass --sqs-endpoint or set OFFLOAD_TEST_SQS_ENDPOINT \
+            "sqs" if args.sqs_endpoint.is_none() => Some(
+                "no SQS API server: pass --sqs-endpoint or set OFFLOAD_TEST_SQS_ENDPOINT \
                      (scripts/test.sh starts moto's)"
-                        .into(),
-                )
-            }
+                    .into(),
+            ),
             _ => None,
         };
         if let Some(why) = missing {
@@ -1681,27 +1676,19 @@ async fn main() -> anyhow::Result<()> {
         report("bulk_export_xlsx", of(|r| r.xlsx), "rows/s");
         report("bulk_export_xlsx_rss_rise", of(|r| r.xlsx_rss), "MiB");
     }
-    if want("sqs") {
-        match args
-            .sqs_endpoint
-            .clone()
-            .or_else(|| std::env::var("OFFLOAD_TEST_SQS_ENDPOINT").ok())
-        {
-            None => eprintln!("sqs: skipped (no --sqs-endpoint or OFFLOAD_TEST_SQS_ENDPOINT)"),
-            Some(endpoint) => {
-                eprintln!(
-                    "sqs: {} jobs through the SQS API server at {endpoint} (bound by the emulator)",
-                    args.sqs_jobs
-                );
-                let mut r = Vec::new();
-                for _ in 0..args.repeat {
-                    let x = sqs_once(&args, &server, &endpoint).await?;
-                    eprintln!("  {x:.0} jobs/s");
-                    r.push(x);
-                }
-                report("drain_sqs_emulator_bound", r, "jobs/s");
-            }
+    // Without an endpoint the prerequisites took the figure out.
+    if let (true, Some(endpoint)) = (want("sqs"), &args.sqs_endpoint) {
+        eprintln!(
+            "sqs: {} jobs through the SQS API server at {endpoint} (bound by the emulator)",
+            args.sqs_jobs
+        );
+        let mut r = Vec::new();
+        for _ in 0..args.repeat {
+            let x = sqs_once(&args, &server, endpoint).await?;
+            eprintln!("  {x:.0} jobs/s");
+            r.push(x);
         }
+        report("drain_sqs_emulator_bound", r, "jobs/s");
     }
     if let Some(dir) = std::path::Path::new(&args.out).parent() {
         std::fs::create_dir_all(dir)?;
